@@ -1,0 +1,28 @@
+"""Model-agnostic token-reduction pipeline (torch only).
+
+    from pipeline import TokenBatch, build_pipeline
+    pipe = build_pipeline({"stages": [{"name": "sam"}, {"name": "fgcs", "retention_ratio": 0.25}]}, dim=64)
+    out = pipe(TokenBatch.from_tokens(torch.randn(2, 64, 64), layout=(1, 8, 8)))
+"""
+
+from . import stages as _stages  # noqa: F401  (registers every stage)
+from .batch import Modality, PrunedTokens, TokenBatch
+from .builder import Pipeline, build, build_pipeline
+from .config import PipelineConfigError, StageConfig, validate_config
+from .registry import UnknownStageError, get_stage, list_stages, register
+
+__all__ = [
+    "Modality",
+    "Pipeline",
+    "PipelineConfigError",
+    "PrunedTokens",
+    "StageConfig",
+    "TokenBatch",
+    "UnknownStageError",
+    "build",
+    "build_pipeline",
+    "get_stage",
+    "list_stages",
+    "register",
+    "validate_config",
+]
