@@ -1,0 +1,41 @@
+"""``random``: keep a uniformly random subset of each row (a strong baseline, per FastV/VisionZip tables)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..batch import TokenBatch
+from ..config import StageConfig
+from ..ops import select_topk
+from ..registry import register
+
+
+@register("random")
+class RandomReducer(nn.Module):
+    """Keep ``ceil(retention_ratio * n)`` random tokens per row, original order kept.
+
+    In eval the choice is a fixed function of ``seed`` (deterministic); in train it is fresh
+    each call.
+    """
+
+    class Config(StageConfig):
+        name: Literal["random"] = "random"
+        retention_ratio: float = Field(0.482, gt=0, le=1)
+        seed: int = 0
+
+    def __init__(self, dim: int, retention_ratio: float = 0.482, seed: int = 0):
+        super().__init__()
+        self.retention_ratio = retention_ratio
+        self.seed = seed
+
+    def forward(self, batch: TokenBatch) -> TokenBatch:
+        b, n = batch.mask.shape
+        gen = None
+        if not self.training:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        scores = torch.rand(b, n, generator=gen).to(batch.tokens.device)
+        return select_topk(batch, scores, self.retention_ratio, self.stage_name)
