@@ -84,3 +84,103 @@ def select_topk(batch: TokenBatch, scores: Tensor, ratio: float, stage: str) -> 
     """Keep ``budget(lengths, ratio)`` tokens per row by ``scores (B, N)``; original order kept."""
     keep = keep_mask_topk(scores.detach(), batch.mask, budget(batch.lengths, ratio))
     return split_by_mask(batch.replace(scores=scores), keep, stage)
+
+
+# ---------------------------------------------------------------------------------------- pooling
+def ceil_div(a: Tensor, b: Tensor | int) -> Tensor:
+    """``ceil(a / b)`` for positive integer tensors."""
+    return (a + b - 1) // b
+
+
+def pool_kernel(layout: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row window ``(kt, k)`` for grid pooling, each (B,) long.
+
+    ``k`` is the smallest square spatial kernel with ``T * ceil(H/k) * ceil(W/k) <= keep``.
+    When even one window per frame is too many (``T > keep``), ``k`` covers the whole frame
+    and ``kt = ceil(T / keep)`` frames are pooled together. Either way the number of windows of
+    the original ``(T, H, W)`` grid never exceeds ``keep``.
+
+    layout (B, 3) long ``(T, H, W)``; keep (B,) long.
+    """
+    t, h, w = layout.clamp(min=1).unbind(1)  # (B,) each; clamp keeps empty rows harmless
+    keep = keep.clamp(min=1)
+    full = torch.maximum(h, w)
+    ks = torch.arange(1, int(full.max()) + 1, device=layout.device)  # (K,) candidate kernels
+    cells = t[:, None] * ceil_div(h[:, None], ks) * ceil_div(w[:, None], ks)  # (B, K)
+    fits = cells <= keep[:, None]
+    spatial_ok = fits.any(1)
+    # argmax of a bool row is its first True: the smallest fitting kernel
+    k = torch.where(spatial_ok, fits.long().argmax(1) + 1, full)
+    kt = torch.where(spatial_ok, torch.ones_like(t), ceil_div(t, keep))
+    return kt, k
+
+
+def pool_cells(index: Tensor, layout: Tensor, kt: Tensor, k: Tensor) -> Tensor:
+    """Window id of each token, (B, N) long, row-major over the pooled grid.
+
+    A token at original position ``index = t*H*W + h*W + w`` falls in window
+    ``(t // kt, h // k, w // k)`` of the ``(ceil(T/kt), ceil(H/k), ceil(W/k))`` grid.
+    index (B, N) long; layout (B, 3); kt, k (B,).
+    """
+    _, h, w = layout.clamp(min=1).unbind(1)
+    hw = (h * w)[:, None]  # (B, 1)
+    t_i, rem = index // hw, index % hw  # (B, N)
+    h_i, w_i = rem // w[:, None], rem % w[:, None]  # (B, N)
+    ch, cw = ceil_div(h, k)[:, None], ceil_div(w, k)[:, None]  # (B, 1) pooled grid height, width
+    kt, k = kt[:, None], k[:, None]
+    return (t_i // kt) * (ch * cw) + (h_i // k) * cw + w_i // k
+
+
+def window_mean(x: Tensor, mask: Tensor, cell: Tensor, n_cells: int) -> Tensor:
+    """Masked mean of ``x (B, N, ...)`` over tokens sharing a window ``cell (B, N)``.
+
+    Returns ``(B, n_cells, ...)``; an empty window is 0. Padding (``mask`` False) contributes
+    nothing, whatever its value (it is zeroed before the sum, so inf/NaN padding is harmless).
+    """
+    b, n = mask.shape
+    tail = x.shape[2:]
+    m = mask.view(b, n, *([1] * len(tail)))
+    values = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    cell = torch.where(mask, cell, torch.zeros_like(cell))
+    sums = x.new_zeros(b, n_cells, *tail).scatter_add(
+        1, cell.view(b, n, *([1] * len(tail))).expand_as(values), values
+    )  # (B, C, ...)
+    counts = x.new_zeros(b, n_cells).scatter_add(1, cell, mask.to(x.dtype))  # (B, C)
+    return sums / counts.clamp(min=1).view(b, n_cells, *([1] * len(tail)))
+
+
+def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
+    """Average-pool each row on its original grid so it keeps at most ``budget(lengths, ratio)`` tokens.
+
+    Each row's window is chosen by :func:`pool_kernel` from its own layout (rows with different
+    grids share one batch). An output token is the masked mean of the real tokens present in
+    its window (tokens an earlier reducer removed are simply absent); its ``index`` is the
+    smallest original index in the window, and outputs are in ascending ``index``. The
+    window's other tokens go to ``pruned`` unchanged, so kept ∪ pruned covers every input
+    token by index. ``features`` and ``scores`` are pooled like the tokens.
+
+    Windows are counted on the full original grid, so after an earlier reducer a row may end
+    up with fewer tokens than the budget (never more).
+    """
+    keep = budget(batch.lengths, ratio)
+    kt, k = pool_kernel(batch.layout, keep)
+    n = batch.mask.shape[1]  # windows <= keep <= N, so N cells always suffice
+    cell = torch.where(batch.mask, pool_cells(batch.index, batch.layout, kt, k), 0)  # (B, N)
+    key = sort_key(batch.index, batch.mask)
+    first = torch.full_like(key, torch.iinfo(torch.long).max).scatter_reduce(
+        1, cell, key, reduce="amin"
+    )  # (B, N) smallest original index per window
+    representative = batch.mask & (batch.index == first.gather(1, cell))
+    out = split_by_mask(batch, representative, stage)
+
+    out_cell = torch.where(out.mask, pool_cells(out.index, batch.layout, kt, k), 0)  # (B, K)
+
+    def pooled(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return gather_rows(window_mean(x, batch.mask, cell, n), out_cell)
+
+    out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores))
+    out.stats[stage]["kernel"] = float(k.float().mean())
+    out.stats[stage]["time_kernel"] = float(kt.float().mean())
+    return out
