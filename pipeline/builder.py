@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -45,6 +46,12 @@ class Pipeline(nn.Module):
                 found = True
         if not found:
             raise ValueError(f"no stage of pipeline {self.names} has a retention_ratio to set")
+        if self.config is not None:  # keep ``config`` describing what runs (it is written into run folders)
+            stages = [
+                s.model_copy(update={"retention_ratio": float(ratio)}) if "retention_ratio" in type(s).model_fields else s
+                for s in self.config.stages
+            ]
+            self.config = self.config.model_copy(update={"stages": stages})
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -53,14 +60,23 @@ class Pipeline(nn.Module):
 def build_pipeline(config: str | Path | dict | list | BaseModel | None, dim: int) -> Pipeline:
     """Validate ``config`` (YAML path, dict, list of stages or validated model) and build it.
 
-    ``dim`` is the token width ``D`` of the batches the pipeline will see.
+    ``dim`` is the token width ``D`` of the batches the pipeline will see. Every stage is
+    built as ``cls(dim=dim, **options)``. Feature widths flow forward: a stage that writes
+    ``batch.features`` says its width in an instance attribute ``feature_dim_out``; a later
+    stage whose ``__init__`` has a ``feature_dim`` parameter receives the latest such width
+    (``None`` when no earlier stage writes features, e.g. ``fgcs`` without ``sam``).
     """
     cfg = validate_config(config)
     stages = []
+    feature_dim: int | None = None
     for stage_cfg in cfg.stages:
         cls = get_stage(stage_cfg.name)
         kwargs = stage_cfg.model_dump(exclude={"name"})
-        stages.append(cls(dim=dim, **kwargs))
+        if "feature_dim" in inspect.signature(cls.__init__).parameters:
+            kwargs["feature_dim"] = feature_dim
+        stage = cls(dim=dim, **kwargs)
+        feature_dim = getattr(stage, "feature_dim_out", feature_dim)
+        stages.append(stage)
     return Pipeline(stages, cfg, dim)
 
 

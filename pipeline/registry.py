@@ -4,6 +4,15 @@ A stage is an ``nn.Module`` with ``forward(TokenBatch) -> TokenBatch`` and a nes
 ``Config`` class (``extra="forbid"``, frozen, defaults = the seed's) whose ``name`` field is a
 ``Literal`` of the registered name.  ``build`` constructs it from a validated config plus the
 token width ``dim`` that the caller knows.
+
+Optional attributes a stage may declare (read by the builder, ``Pipeline`` and the contract test):
+
+- ``retention_ratio`` (instance): the stage reduces each row to at most ``ceil(ratio * n)``
+  tokens; ``Pipeline.set_retention`` sets it.
+- ``selects_tokens`` (class, bool): True when every output token is an input row at its
+  ``index`` (selectors keep exactly the budget); False for mergers such as ``pool``.
+- ``feature_dim_out`` (instance, int): width ``S`` of the ``batch.features`` the stage writes;
+  later stages with a ``feature_dim`` constructor argument receive it from the builder.
 """
 
 from __future__ import annotations

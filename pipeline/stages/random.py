@@ -19,15 +19,17 @@ class RandomReducer(nn.Module):
     """Keep ``ceil(retention_ratio * n)`` random tokens per row, original order kept.
 
     In eval the choice is a fixed function of ``seed`` (deterministic); in train it is fresh
-    each call.
+    each call. ``dim`` is accepted for a uniform builder call and unused.
     """
+
+    selects_tokens = True  # kept tokens are input rows
 
     class Config(StageConfig):
         name: Literal["random"] = "random"
         retention_ratio: float = Field(0.482, gt=0, le=1)
         seed: int = 0
 
-    def __init__(self, dim: int, retention_ratio: float = 0.482, seed: int = 0):
+    def __init__(self, dim: int | None = None, retention_ratio: float = 0.482, seed: int = 0):
         super().__init__()
         self.retention_ratio = retention_ratio
         self.seed = seed
