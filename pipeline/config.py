@@ -9,6 +9,7 @@ with its path, e.g. ``stages.1.fgcs.retention_ratoi: Extra inputs are not permit
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -34,7 +35,12 @@ class PipelineConfigError(ValueError):
 
 
 def _union_model() -> type[BaseModel]:
-    configs = tuple(cls.Config for cls in _STAGES.values())
+    return _union_model_of(tuple(cls.Config for cls in _STAGES.values()))
+
+
+@functools.lru_cache(maxsize=None)
+def _union_model_of(configs: tuple[type[StageConfig], ...]) -> type[BaseModel]:
+    """One model class per set of registered stages, so two validations of a config compare equal."""
     if len(configs) == 1:
         stage_t: Any = configs[0]
     else:
