@@ -1,0 +1,139 @@
+"""The contract every registered stage honours, one test over ``list_stages()`` (STYLE §2).
+
+A stage registered tomorrow is covered the day it registers: it runs on a tiny ragged batch
+(B=2, N=64, D=32; row 0 has 64 real tokens on an 8x8 grid, row 1 has 48 on a 6x8 grid).
+What a stage declares (``retention_ratio``, ``selects_tokens``) decides which checks apply;
+see ``pipeline/registry.py``.
+"""
+
+import pytest
+import torch
+
+from pipeline import TokenBatch, build_pipeline, get_stage, list_stages
+from pipeline.ops import budget, gather_rows
+
+D = 32
+RATIO = 0.25
+LAYOUT = torch.tensor([[1, 8, 8], [1, 6, 8]])
+
+
+def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
+    tokens = torch.randn(2, 64, D, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, 48:] = False
+    pad = pad_scale * torch.randn(2, 64, D, generator=torch.Generator().manual_seed(pad_seed))
+    tokens = torch.where(mask.unsqueeze(-1), tokens, pad)
+    return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT)
+
+
+def build_one(name: str):
+    cfg = {"name": name}
+    if "retention_ratio" in get_stage(name).Config.model_fields:
+        cfg["retention_ratio"] = RATIO
+    torch.manual_seed(0)
+    return build_pipeline([cfg], dim=D)
+
+
+def real_outputs(out: TokenBatch) -> dict[str, torch.Tensor]:
+    """Everything a later stage or the LLM reads, restricted to real tokens."""
+    res = {"mask": out.mask, "index": out.index[out.mask], "tokens": out.tokens[out.mask]}
+    if out.features is not None:
+        res["features"] = out.features[out.mask]
+    if out.scores is not None:
+        res["scores"] = out.scores[out.mask]
+    if out.pruned is not None:
+        res["pruned_index"] = out.pruned.index[out.pruned.mask]
+        res["pruned_tokens"] = out.pruned.tokens[out.pruned.mask]
+    return res
+
+
+def check_output(stage, batch: TokenBatch, out: TokenBatch) -> None:
+    kept = out.mask.sum(1)
+    if hasattr(stage, "retention_ratio"):
+        limit = budget(batch.lengths, stage.retention_ratio)
+        assert (kept <= limit).all(), f"{kept.tolist()} tokens kept, budget {limit.tolist()}"
+        if stage.selects_tokens:
+            assert torch.equal(kept, limit), f"top-k selector kept {kept.tolist()}, budget {limit.tolist()}"
+    else:
+        assert torch.equal(kept, batch.lengths), "a non-reducing stage must keep every real token"
+
+    # real tokens first, padding last
+    assert torch.equal(out.mask, torch.arange(out.mask.shape[1]) < kept[:, None])
+    # original positions: in range, strictly ascending, never a padding slot of the input
+    length = batch.layout.prod(1)[:, None]
+    assert ((out.index >= 0) & (out.index < length))[out.mask].all()
+    both = out.mask[:, 1:] & out.mask[:, :-1]
+    assert (out.index[:, 1:] > out.index[:, :-1])[both].all(), "index must ascend over real tokens"
+    safe = torch.where(out.mask, out.index, 0)
+    assert batch.mask.gather(1, safe)[out.mask].all(), "a padding token was kept"
+
+    if stage.selects_tokens:
+        assert torch.equal(out.tokens[out.mask], gather_rows(batch.tokens, safe)[out.mask])
+
+    if out.pruned is not None:
+        # kept and pruned partition the input's real tokens (by original index)
+        for b in range(batch.mask.shape[0]):
+            have = torch.cat([out.index[b][out.mask[b]], out.pruned.index[b][out.pruned.mask[b]]])
+            assert torch.equal(have.sort().values, batch.index[b][batch.mask[b]])
+
+    for value in [out.tokens, out.features, out.scores, *out.losses.values()]:
+        if value is not None:
+            assert not torch.isnan(value).any()
+
+
+@pytest.mark.parametrize("name", list_stages())
+def test_stage_contract(name):
+    pipe = build_one(name)
+    stage = pipe.stages[0]
+    batch = ragged_batch()
+
+    pipe.eval()
+    with torch.no_grad():
+        out = pipe(batch)
+        again = pipe(batch)
+        repadded = pipe(ragged_batch(pad_scale=1e3, pad_seed=7))
+    check_output(stage, batch, out)
+    expected = real_outputs(out)
+    for key, value in real_outputs(again).items():
+        assert torch.equal(value, expected[key]), f"{name} is not deterministic in eval ({key})"
+    for key, value in real_outputs(repadded).items():
+        torch.testing.assert_close(value, expected[key], msg=lambda m: f"padding changed {key}: {m}")
+
+    pipe.train()
+    batch.tokens.requires_grad_(True)
+    out = pipe(batch)
+    check_output(stage, batch, out)
+    weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(3))
+    loss = (out.tokens * weights * out.mask.unsqueeze(-1)).sum()
+    if out.features is not None:
+        loss = loss + (out.features * out.mask.unsqueeze(-1)).pow(2).sum()
+    loss = loss + sum(out.losses.values(), torch.zeros(()))
+    loss.backward()
+    grad = batch.tokens.grad
+    assert grad[~batch.mask].abs().sum() == 0, "padding must not influence the output"
+    assert grad[batch.mask].abs().sum() > 0, "no gradient reaches the input tokens"
+    for pname, p in pipe.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: parameter {pname} gets no gradient"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_composed_pipeline_partitions_tokens(train):
+    torch.manual_seed(0)
+    pipe = build_pipeline(
+        [{"name": "sam"}, {"name": "fgcs", "retention_ratio": 0.5}, {"name": "random", "retention_ratio": 0.5}], dim=D
+    ).train(train)
+    batch = ragged_batch()
+    out = pipe(batch)
+
+    assert out.mask.sum(1).tolist() == [16, 12]  # ceil(ceil(n / 2) / 2)
+    assert out.pruned.mask.sum(1).tolist() == [48, 36]
+    for b in range(2):
+        kept_i = out.index[b][out.mask[b]]
+        pruned_i = out.pruned.index[b][out.pruned.mask[b]]
+        assert torch.equal(torch.cat([kept_i, pruned_i]).sort().values, torch.arange(int(batch.lengths[b])))
+        assert torch.equal(pruned_i, pruned_i.sort().values), "pruned must stay in original order"
+        # kept and pruned carry the input values (the training gate changes gradients, not values)
+        assert torch.equal(out.tokens[b][out.mask[b]], batch.tokens[b, kept_i])
+        assert torch.equal(out.pruned.tokens[b][out.pruned.mask[b]], batch.tokens[b, pruned_i])
+    assert list(out.stats) == ["fgcs", "random"]
