@@ -39,5 +39,5 @@ class SemanticAbstraction(nn.Module):
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
         features = self.mlp(batch.tokens)  # (B, N, S)
-        features = torch.where(batch.mask.unsqueeze(-1), features, torch.zeros((), dtype=features.dtype))
+        features = torch.where(batch.mask.unsqueeze(-1), features, features.new_zeros(()))
         return batch.replace(features=features)
