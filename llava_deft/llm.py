@@ -1,0 +1,344 @@
+"""Decoder LLM wrapper whose layer loop we own, and generation from embeddings with a KV cache.
+
+The HF causal LM (Llama, Qwen2, Qwen3) is used piece by piece -- ``embed_tokens``, ``layers``,
+``rotary_emb``, ``norm``, ``lm_head`` and transformers' own mask builders -- so that later in-LLM
+stages (pruning at layer K, pair-compressed layers, TOVA eviction) act inside a loop we control,
+without monkey-patching transformers and without forcing eager attention.
+
+Two things differ from ``hf_model(...)`` on purpose:
+
+- RoPE positions are OURS: ``position_ids`` may have gaps (pruned media tokens keep their original
+  positions, see ``TokenBatch.index``). The mask builders get ``position_ids=None`` so transformers
+  never reads a gap as a packed-sequence boundary; padding comes only from the 2D ``attention_mask``.
+- generation starts from ``inputs_embeds`` (text embeddings with media spliced in), left-padded.
+
+Reference for the parity tests: litgpt ``tests/test_model.py::test_against_hf_llama_2_and_3``.
+Run the tests: ``OMP_NUM_THREADS=1 .venv/bin/pytest -p no:xdist -q tests/test_llm.py``.
+
+Imports only torch and transformers, so it runs on a bare GPU box (see eval/bench_layer_loop.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TINY_LLM",
+    "DecoderLM",
+    "LayerHook",
+    "build_llm",
+    "generate_from_embeds",
+]
+
+# Families whose HF implementation has the layout the loop relies on: model.{embed_tokens, layers,
+# rotary_emb, norm}, lm_head, decoder layers called as layer(h, attention_mask=, position_embeddings=,
+# past_key_values=, ...), and optional per-layer "sliding_attention" in config.layer_types.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+# Tiny default LLM: trains on CPU in minutes. vocab_size is a placeholder; pass the tokenizer's
+# size to build_llm(vocab_size=...).
+TINY_LLM: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 384,
+    "max_position_embeddings": 2048,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+
+_SLIDING = "sliding_attention"
+_FULL = "full_attention"
+
+# (layer_idx, hidden_states (B, L, D), attention_mask (B, past+L) bool, position_ids (B, L)) -> None
+# to observe, or a (B, L, D) tensor that replaces the hidden states fed to the next layer.
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def _check_model_type(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported LLM model_type {model_type!r} ({where}); supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def build_llm(
+    spec: Mapping[str, Any] | str | os.PathLike,
+    vocab_size: int | None = None,
+    torch_dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Build an HF causal LM from a config dict (random init) or load one from a local directory.
+
+    Args:
+        spec: either a dict of an HF config with ``model_type`` in ``SUPPORTED_MODEL_TYPES`` (e.g.
+            ``TINY_LLM``), or the path of a directory written by ``save_pretrained`` (config.json +
+            safetensors; loaded with ``local_files_only=True``, never from a hub).
+        vocab_size: overrides the config's vocabulary size; for a loaded checkpoint the token
+            embeddings and lm_head are resized (new rows initialised by transformers).
+        torch_dtype: parameter dtype (default: the config's, else float32).
+        attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ...
+
+    Raises:
+        FileNotFoundError: ``spec`` is a path that is not an existing directory.
+        ValueError: unsupported ``model_type``.
+    """
+    dtype_kw = {} if torch_dtype is None else {"dtype": torch_dtype}
+    if isinstance(spec, Mapping):
+        cfg = dict(spec)
+        model_type = cfg.pop("model_type", None)
+        _check_model_type(model_type, "config dict")
+        if vocab_size is not None:
+            cfg["vocab_size"] = int(vocab_size)
+        config = AutoConfig.for_model(model_type, **cfg)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **dtype_kw)
+
+    path = os.fspath(spec)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"LLM directory {path!r} does not exist (expected a save_pretrained folder)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _check_model_type(getattr(config, "model_type", None), f"config.json in {path!r}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, attn_implementation=attn_implementation, **dtype_kw
+    )
+    if vocab_size is not None and int(vocab_size) != model.config.vocab_size:
+        model.resize_token_embeddings(int(vocab_size))
+    return model
+
+
+def _slice_last(hidden_states: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    # 0 keeps every position (HF's convention for logits_to_keep).
+    return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:, :]
+
+
+class DecoderLM(nn.Module):
+    """A stock HF decoder LM (held as ``self.hf``) run through our own layer loop.
+
+    ``forward`` takes embeddings, a 2D padding mask over cache + new tokens, and our own RoPE
+    positions, and returns ``(logits, past_key_values)``. The HF modules are used unchanged, so
+    ``DecoderLM(hf).state_dict()`` is ``hf.state_dict()`` with an ``hf.`` prefix.
+    """
+
+    def __init__(self, hf_model: PreTrainedModel):
+        super().__init__()
+        model_type = getattr(hf_model.config, "model_type", None)
+        _check_model_type(model_type, type(hf_model).__name__)
+        self.hf = hf_model
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: (B, L) long -> (B, L, D)."""
+        return self.hf.model.embed_tokens(input_ids)
+
+    def layer_types(self) -> list[str]:
+        """Per-layer attention type, "full_attention" or "sliding_attention"."""
+        types = getattr(self.hf.config, "layer_types", None)
+        return list(types) if types is not None else [_FULL] * self.num_layers
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        past_key_values: DynamicCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        layer_hooks: Mapping[int, LayerHook] | None = None,
+    ) -> tuple[torch.Tensor, DynamicCache | None]:
+        """Run the decoder on embeddings.
+
+        Args:
+            inputs_embeds: (B, L, D) new tokens' embeddings.
+            attention_mask: (B, past+L), 1 for real tokens, 0 for padding (left padding in
+                generation); None means no padding at all.
+            position_ids: (B, L) long RoPE positions; may have gaps and need not start at 0.
+            past_key_values: a ``DynamicCache`` from a previous call, or None.
+            use_cache: create (if None) and fill a cache, and return it.
+            logits_to_keep: 0 for logits at every position, k for the last k only.
+            layer_hooks: ``{layer_idx: hook}``; each hook is called after that layer as
+                ``hook(layer_idx, hidden_states, attention_mask_2d, position_ids)`` and may return a
+                tensor of the same shape that replaces the hidden states (or None to only observe).
+
+        Returns:
+            logits (B, L', V) with L' = L or ``logits_to_keep``; the cache (None if not used).
+        """
+        bsz, q_len, _ = inputs_embeds.shape
+        if position_ids.shape != (bsz, q_len):
+            raise ValueError(
+                f"position_ids must have shape (B, L) = {(bsz, q_len)}, got {tuple(position_ids.shape)}"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.hf.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and attention_mask.shape != (bsz, past_len + q_len):
+            raise ValueError(
+                f"attention_mask must have shape (B, past+L) = {(bsz, past_len + q_len)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        hooks = dict(layer_hooks or {})
+        bad = sorted(i for i in hooks if not 0 <= i < self.num_layers)
+        if bad:
+            raise ValueError(f"layer_hooks for layers {bad}; the model has layers 0..{self.num_layers - 1}")
+
+        hf_model = self.hf.model
+        types = self.layer_types()
+        # position_ids=None: our positions are RoPE positions, never packing information.
+        mask_kwargs = dict(
+            config=self.hf.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=None,
+        )
+        masks = {_FULL: create_causal_mask(**mask_kwargs)}
+        if _SLIDING in types:
+            masks[_SLIDING] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = hf_model.rotary_emb(hidden_states, position_ids)  # (cos, sin), (B, L, head_dim)
+        for i, layer in enumerate(hf_model.layers[: self.num_layers]):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+            if i in hooks:
+                out = hooks[i](i, hidden_states, attention_mask, position_ids)
+                if out is not None:
+                    if out.shape != hidden_states.shape:
+                        raise ValueError(
+                            f"layer hook at layer {i} returned shape {tuple(out.shape)}; "
+                            f"it must keep {tuple(hidden_states.shape)}"
+                        )
+                    hidden_states = out
+        hidden_states = hf_model.norm(hidden_states)
+        logits = self.hf.lm_head(_slice_last(hidden_states, logits_to_keep))  # (B, L', V)
+        return logits, (past_key_values if use_cache else None)
+
+
+def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    if not do_sample:
+        return LogitsProcessorList()
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    return warpers
+
+
+@torch.no_grad()
+def generate_from_embeds(
+    lm: DecoderLM,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate from left-padded prompt embeddings with a KV cache.
+
+    Args:
+        inputs_embeds: (B, P, D) prompts, LEFT-padded.
+        attention_mask: (B, P), 0 on the left padding, 1 elsewhere.
+        position_ids: (B, P) RoPE positions of the prompt tokens (may have gaps); row b's first new
+            token gets ``position_ids[b, -1] + 1``, and so on.
+        max_new_tokens: at most this many new tokens per row.
+        eos_token_id: one id or several; a row stops after producing one of them.
+        pad_token_id: written after a row has stopped.
+        do_sample: greedy (False) or sampling with ``temperature``, ``top_k`` (0 = off) and
+            ``top_p`` (1 = off) through transformers' logits warpers; ``generator`` makes it
+            reproducible.
+
+    Returns:
+        (B, T) long new tokens, T <= max_new_tokens; generation stops once every row has hit EOS.
+    """
+    bsz, prompt_len, _ = inputs_embeds.shape
+    if attention_mask.shape != (bsz, prompt_len) or position_ids.shape != (bsz, prompt_len):
+        raise ValueError(
+            f"attention_mask and position_ids must be (B, P) = {(bsz, prompt_len)}, got "
+            f"{tuple(attention_mask.shape)} and {tuple(position_ids.shape)}"
+        )
+    if not bool(attention_mask[:, -1].all()):
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"prompts must be LEFT-padded; rows {rows} end with padding")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = inputs_embeds.device
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
+    warpers = _warpers(do_sample, temperature, top_k, top_p)
+
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    next_pos = position_ids[:, -1:].to(device=device, dtype=torch.long) + 1  # (B, 1)
+    cache = DynamicCache(config=lm.config)
+    logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1)
+
+    tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    ones = torch.ones(bsz, 1, dtype=attention_mask.dtype, device=device)
+    for step in range(max_new_tokens):
+        scores = logits[:, -1, :].float()  # (B, V)
+        if do_sample:
+            probs = torch.softmax(warpers(tokens, scores), dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(dim=-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        finished |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, ones], dim=1)
+        step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
+        logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1)
+        next_pos = next_pos + 1
+    return tokens
