@@ -1,0 +1,431 @@
+"""Datasets (easy-VQA, LLaVA conversation JSON) and the multimodal collator.
+
+A sample is a plain dict::
+
+    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "images": [PIL.Image (RGB), ...]}
+
+with one ``<image>`` placeholder in the text per image, in order. ``MultimodalCollator`` turns a list
+of samples into padded tensors; labels come from the chat template's assistant mask (never from
+re-tokenising with offsets, the cause of LLaVA's "tokenization mismatch" zero losses).
+
+    ds = EasyVQADataset("train", limit=8)
+    batch = MultimodalCollator(load_tokenizer(), transform, media_tokens_per_image=16, max_length=256)(
+        [ds[i] for i in range(4)])
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import easy_vqa
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from llava_deft.errors import (
+    DatasetFormatError,
+    EmptyLabelsError,
+    MediaCountMismatchError,
+    MediaFileError,
+    SampleTooLongError,
+)
+from llava_deft.tokenizer import MEDIA_TOKENS, check_tokenizer, media_token_ids
+
+IGNORE_INDEX = -100
+"""Label value of tokens that carry no loss (prompt, placeholders, padding)."""
+
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+"""LLaVA JSON ``from`` value → chat-template role."""
+
+MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+"""Modality → the sample key holding its media list."""
+
+EASYVQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
+"""The shape words among easy-VQA's answers; the other non yes/no answers are colours."""
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    """Decode an image file fully (so decoding errors surface here) as RGB."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------- easy-VQA
+
+
+def easyvqa_question_types(answers: Sequence[str]) -> dict[str, str]:
+    """Map each answer of the easy-VQA vocabulary to its question type: "yes/no", "shape" or "color"."""
+    types = {}
+    for answer in answers:
+        if answer in ("yes", "no"):
+            types[answer] = "yes/no"
+        elif answer in EASYVQA_SHAPES:
+            types[answer] = "shape"
+        else:
+            types[answer] = "color"
+    return types
+
+
+def _easyvqa_split(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"easy-VQA split must be 'train' or 'test', got {split!r}")
+    return list(questions), list(answers), [int(i) for i in image_ids], dict(paths)
+
+
+def _easyvqa_messages(question: str, answer: str) -> list[dict[str, str]]:
+    return [
+        {"role": "user", "content": f"{MEDIA_TOKENS['image']}\n{question}"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+class EasyVQADataset(Dataset):
+    """The easy-VQA dataset shipped in the ``easy_vqa`` package (38,575 train / 9,673 test questions on
+    4,000 / 1,000 64×64 images). Items are samples plus ``question_type`` ("shape", "color", "yes/no").
+
+    Decoded images are cached in memory on first use (at most 5,000 small PNGs).
+    """
+
+    def __init__(self, split: str = "train", limit: int | None = None):
+        questions, answers, image_ids, self._paths = _easyvqa_split(split)
+        if limit is not None:
+            questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
+        self.split = split
+        self.questions, self.targets, self.image_ids = questions, answers, image_ids
+        self.answers: list[str] = list(easy_vqa.get_answers())
+        """The answer vocabulary (13 words)."""
+        types = easyvqa_question_types(self.answers)
+        self.question_types: list[str] = [types[a] for a in answers]
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def image(self, image_id: int) -> Image.Image:
+        """The decoded RGB image ``image_id`` (cached; a copy is returned so callers may modify it)."""
+        if image_id not in self._cache:
+            self._cache[image_id] = _load_rgb(Path(self._paths[image_id]))
+        return self._cache[image_id].copy()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for easy-VQA {self.split} ({len(self)} items)")
+        index %= len(self)
+        return {
+            "id": f"easyvqa-{self.split}-{index}",
+            "messages": _easyvqa_messages(self.questions[index], self.targets[index]),
+            "images": [self.image(self.image_ids[index])],
+            "question_type": self.question_types[index],
+        }
+
+
+def export_easyvqa(out_dir: str | Path, split: str = "train", limit: int | None = None) -> Path:
+    """Write easy-VQA ``split`` as LLaVA conversation JSON: ``{out_dir}/{split}.json`` with images
+    copied to ``{out_dir}/images/{split}/``. Returns the JSON path; load it with
+    ``LlavaJsonDataset(path, Path(out_dir) / "images")`` (same ids and messages as ``EasyVQADataset``).
+    """
+    out_dir = Path(out_dir)
+    questions, answers, image_ids, paths = _easyvqa_split(split)
+    if limit is not None:
+        questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for image_id in sorted(set(image_ids)):
+        shutil.copyfile(paths[image_id], image_dir / f"{image_id}.png")
+    records = [
+        {
+            "id": f"easyvqa-{split}-{i}",
+            "image": f"{split}/{image_id}.png",
+            "conversations": [
+                {"from": "human", "value": f"{MEDIA_TOKENS['image']}\n{q}"},
+                {"from": "gpt", "value": a},
+            ],
+        }
+        for i, (q, a, image_id) in enumerate(zip(questions, answers, image_ids))
+    ]
+    json_path = out_dir / f"{split}.json"
+    json_path.write_text(json.dumps(records, ensure_ascii=False))
+    return json_path
+
+
+# --------------------------------------------------------------------------------------------- LLaVA JSON
+
+
+def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], list[str]]:
+    """Validate one LLaVA record; return (id, messages, relative image paths)."""
+
+    def fail(what: str, sample_id: Any = None) -> DatasetFormatError:
+        who = f"record {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
+        return DatasetFormatError(f"{json_path}: {who}: {what}")
+
+    if not isinstance(record, dict):
+        raise fail(f"expected an object with 'id' and 'conversations', got {type(record).__name__}")
+    if "id" not in record:
+        raise fail("key 'id' is missing")
+    sample_id = record["id"]
+    if not isinstance(sample_id, (str, int)) or isinstance(sample_id, bool):
+        raise fail(f"key 'id' must be a string or integer, got {type(sample_id).__name__}")
+    sample_id = str(sample_id)
+    if "conversations" not in record:
+        raise fail("key 'conversations' is missing", sample_id)
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise fail("key 'conversations' must be a non-empty list of turns", sample_id)
+    messages = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise fail(f"conversations[{j}] must be an object with 'from' and 'value'", sample_id)
+        for key in ("from", "value"):
+            if key not in turn:
+                raise fail(f"key 'conversations[{j}].{key}' is missing", sample_id)
+        if turn["from"] not in LLAVA_ROLES:
+            raise fail(
+                f"key 'conversations[{j}].from' has unknown role {turn['from']!r}; "
+                f"expected one of {sorted(LLAVA_ROLES)}",
+                sample_id,
+            )
+        if not isinstance(turn["value"], str):
+            raise fail(f"key 'conversations[{j}].value' must be a string", sample_id)
+        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
+    images = record.get("image", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise fail("key 'image' must be a path string or a list of path strings", sample_id)
+    return sample_id, messages, images
+
+
+class LlavaJsonDataset(Dataset):
+    """LLaVA's conversation JSON: a list of ``{"id", "image" (str | list, optional), "conversations":
+    [{"from": "human"|"gpt"|"system", "value": str}]}`` with image paths relative to ``image_folder``.
+
+    The file and every record are validated here (``DatasetFormatError`` naming the file, the record
+    index and id, and the key); images are loaded lazily in ``__getitem__`` (``MediaFileError`` naming
+    the image, the sample id and the JSON file when one is missing or cannot be decoded). JSON only:
+    nothing is ever unpickled.
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None):
+        self.json_path = Path(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
+        if not self.json_path.is_file():
+            raise FileNotFoundError(f"LLaVA JSON file '{self.json_path}' does not exist")
+        try:
+            data = json.loads(self.json_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetFormatError(f"{self.json_path}: not valid JSON ({err})") from err
+        if not isinstance(data, list):
+            raise DatasetFormatError(
+                f"{self.json_path}: expected a JSON list of records, got {type(data).__name__}"
+            )
+        self.records = [_parse_llava_record(r, i, self.json_path) for i, r in enumerate(data)]
+        if any(images for _, _, images in self.records) and not self.image_folder.is_dir():
+            raise MediaFileError(
+                f"image folder '{self.image_folder}' (for {self.json_path}) does not exist"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample_id, messages, image_paths = self.records[index]
+        return {
+            "id": sample_id,
+            "messages": [dict(m) for m in messages],
+            "images": [self._load_image(p, sample_id) for p in image_paths],
+        }
+
+    def _load_image(self, relative: str, sample_id: str) -> Image.Image:
+        path = self.image_folder / relative
+        where = f"(sample {sample_id!r} of {self.json_path})"
+        if not path.is_file():
+            raise MediaFileError(f"image '{path}' {where} does not exist")
+        try:
+            return _load_rgb(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise MediaFileError(f"image '{path}' {where} cannot be decoded: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------- collator
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ragged id lists into ``(B, L)`` long tensors on ``side``; returns (values, mask).
+
+    Filled with one boolean-mask assignment: the mask's True cells, in row-major order, are exactly
+    the concatenated sequences.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # (B,)
+    width = int(lengths.max()) if len(seqs) else 0
+    positions = torch.arange(width).unsqueeze(0)  # (1, L)
+    if side == "right":
+        mask = positions < lengths.unsqueeze(1)  # (B, L)
+    else:
+        mask = positions >= (width - lengths).unsqueeze(1)  # (B, L)
+    values = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    flat = [t for s in seqs for t in s]
+    values[mask] = torch.tensor(flat, dtype=torch.long)
+    return values, mask.long()
+
+
+class MultimodalCollator:
+    """Collate samples into model inputs.
+
+    Training (``generation=False``, right padding): every sample needs an assistant turn; labels are
+    ``input_ids`` where the chat template's assistant mask is 1 (the answer and its eos), else -100.
+    Generation (``generation=True``, use ``padding_side="left"``): a trailing assistant turn is dropped
+    (returned as ``references``), the prompt ends with the template's generation prompt, no labels.
+
+    Per sample, refused with a typed error (never truncated): placeholders ≠ media
+    (``MediaCountMismatchError``), no assistant token to learn from (``EmptyLabelsError``), and
+    ``len(ids) - n_images + n_images * media_tokens_per_image > max_length`` (``SampleTooLongError``).
+
+    Returns ``input_ids (B, L)`` long, ``attention_mask (B, L)`` long, ``labels (B, L)`` long (training
+    only), ``pixel_values (M, 3, H, W)`` float (images of the batch in sample order, ``None`` when
+    M == 0), ``media_counts (B,)`` long, ``ids`` list[str], and in generation ``references``
+    list[str | None].
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        media_tokens_per_image: int,
+        max_length: int,
+        padding_side: str = "right",
+        generation: bool = False,
+    ):
+        check_tokenizer(tokenizer)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if media_tokens_per_image < 1:
+            raise ValueError(f"media_tokens_per_image must be >= 1, got {media_tokens_per_image}")
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.media_tokens_per_image = int(media_tokens_per_image)
+        self.max_length = int(max_length)
+        self.padding_side = padding_side
+        self.generation = generation
+        self.media_ids = media_token_ids(tokenizer)
+
+    def encode(self, sample: dict[str, Any]) -> tuple[list[int], list[int] | None, str | None]:
+        """Tokenise one sample: (input ids, labels or None in generation, reference answer or None)."""
+        sample_id = str(sample["id"])
+        messages = list(sample["messages"])
+        reference = None
+        if self.generation:
+            if messages and messages[-1]["role"] == "assistant":
+                reference = messages.pop()["content"]
+            enc = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=True
+            )
+        else:
+            enc = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        ids = list(enc["input_ids"])
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        self._check_media(sample, sample_id, ids_t)
+
+        n_images = len(sample.get("images") or [])
+        seen = len(ids) - n_images + n_images * self.media_tokens_per_image
+        if seen > self.max_length:
+            raise SampleTooLongError(
+                f"sample {sample_id!r} is {seen} tokens long once its {n_images} image(s) become "
+                f"{self.media_tokens_per_image} tokens each ({len(ids)} text ids), over "
+                f"max_length={self.max_length}; samples are refused, never cut (raise max_length or "
+                f"drop the sample)"
+            )
+        if self.generation:
+            return ids, None, reference
+
+        assistant = torch.tensor(enc["assistant_masks"], dtype=torch.bool)  # (T,)
+        if not assistant.any():
+            has_turn = any(m["role"] == "assistant" for m in messages)
+            reason = (
+                "the chat template marks no assistant tokens ({% generation %} block missing)"
+                if has_turn
+                else "it has no assistant turn"
+            )
+            raise EmptyLabelsError(sample_id, reason)
+        labels = torch.where(assistant, ids_t, torch.full_like(ids_t, IGNORE_INDEX))
+        return ids, labels.tolist(), None
+
+    def _check_media(self, sample: dict[str, Any], sample_id: str, ids: torch.Tensor) -> None:
+        for modality, token_id in self.media_ids.items():
+            n_placeholders = int((ids == token_id).sum())
+            n_media = len(sample.get(MEDIA_KEYS[modality]) or [])
+            if n_placeholders != n_media:
+                raise MediaCountMismatchError(sample_id, MEDIA_TOKENS[modality], n_placeholders, n_media)
+            if modality != "image" and n_media:
+                raise ValueError(
+                    f"sample {sample_id!r} has {modality} media; MultimodalCollator collates images only"
+                )
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        encoded = [self.encode(s) for s in samples]
+        input_ids, attention_mask = pad_sequences(
+            [ids for ids, _, _ in encoded], self.tokenizer.pad_token_id, self.padding_side
+        )
+        images = [img for s in samples for img in (s.get("images") or [])]
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.stack([self.image_transform(img) for img in images]).float()
+            if images
+            else None,
+            "media_counts": torch.tensor([len(s.get("images") or []) for s in samples], dtype=torch.long),
+            "ids": [str(s["id"]) for s in samples],
+        }
+        if self.generation:
+            batch["references"] = [ref for _, _, ref in encoded]
+        else:
+            batch["labels"], _ = pad_sequences(
+                [labels for _, labels, _ in encoded], IGNORE_INDEX, self.padding_side
+            )
+        return batch
+
+
+def build_generation_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[Image.Image]],
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    media_tokens_per_image: int,
+    max_length: int,
+    system: str | None = None,
+) -> dict[str, Any]:
+    """Left-padded generation batch for user ``prompts`` (each with one ``<image>`` per image in
+    ``images[i]``): the ``MultimodalCollator(generation=True)`` output, ids ``prompt-{i}``.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(images)} image lists; give one list per prompt"
+        )
+    prefix = [{"role": "system", "content": system}] if system is not None else []
+    samples = [
+        {"id": f"prompt-{i}", "messages": prefix + [{"role": "user", "content": p}], "images": list(imgs)}
+        for i, (p, imgs) in enumerate(zip(prompts, images))
+    ]
+    collator = MultimodalCollator(
+        tokenizer, image_transform, media_tokens_per_image, max_length, padding_side="left", generation=True
+    )
+    return collator(samples)
