@@ -1,0 +1,146 @@
+"""Model config: one pydantic model, validated whole before any weight is touched.
+
+    vision:    image encoder (timm ViT name or open_clip model name) + its kwargs / local weights
+    projector: "linear" | "mlp2x_gelu"
+    llm:       an HF config dict (llama / qwen2 / qwen3 ...) or a local directory
+    pipeline:  reduction stages (see ``pipeline.validate_config``), or a YAML path
+    tokenizer: None for the committed tiny tokenizer, else a local directory
+
+Every key is read by ``LlavaDeftForCausalLM``; unknown keys are errors that list the allowed keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import PipelineConfigError, validate_config
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VisionConfig(_Strict):
+    backend: Literal["timm", "open_clip"] = "timm"
+    name: str = "vit_tiny_patch16_224"
+    # constructor overrides (timm: create_model kwargs; open_clip: model kwargs such as vision_cfg)
+    kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4}
+    )
+    weights: str | None = None  # local .safetensors with the encoder's state dict
+    feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
+    freeze: bool = False
+
+
+class ProjectorConfig(_Strict):
+    type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+
+
+class LLMConfig(_Strict):
+    """Exactly one of ``config`` (HF config dict with ``model_type``) or ``path`` (local directory)."""
+
+    config: dict[str, Any] | None = None
+    path: str | None = None
+    freeze: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @field_validator("config")
+    @classmethod
+    def _has_model_type(cls, v):
+        if v is not None and "model_type" not in v:
+            raise ValueError("an HF config dict needs 'model_type' (e.g. 'llama', 'qwen2', 'qwen3')")
+        return v
+
+
+class ModelConfig(_Strict):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    pipeline: dict[str, Any] | list | str | None = None
+    tokenizer: str | None = None
+    max_length: int = Field(512, gt=0)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _valid_pipeline(cls, v):
+        try:
+            cfg = validate_config(v)
+        except PipelineConfigError as e:
+            raise ValueError("; ".join(f"pipeline.{x}" for x in e.errors)) from None
+        return cfg.model_dump()
+
+
+def _format_errors(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            model = ModelConfig
+            for part in err["loc"][:-1]:
+                field = model.model_fields.get(str(part))
+                ann = field.annotation if field else None
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if model is None:
+                    break
+            if model is not None:
+                msg = f"{msg} (allowed keys: {sorted(model.model_fields)})"
+        out.append(f"{path}: {msg}")
+    return out
+
+
+def load_model_config(source: str | Path | dict | ModelConfig | None = None, overrides: list[str] | None = None) -> ModelConfig:
+    """Validate a model config from YAML path / dict (``None`` = the tiny default).
+
+    ``overrides`` are ``a.b=value`` strings (value parsed as YAML) applied on top.
+    Raises :class:`ConfigError` listing every problem with its path.
+    """
+    if isinstance(source, ModelConfig) and not overrides:
+        return source
+    desc = "model config"
+    if isinstance(source, ModelConfig):
+        data = source.model_dump()
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file '{path}' does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        desc = f"model config '{path}'"
+        if isinstance(data, dict) and isinstance(data.get("pipeline"), str):
+            p = Path(data["pipeline"])
+            data["pipeline"] = str(p if p.is_absolute() or p.exists() else path.parent / p)
+    else:
+        data = dict(source or {})
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as e:
+        errs = _format_errors(e)
+        raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict copy."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"override {item!r}: '{p}' is not a mapping")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data

@@ -1,0 +1,259 @@
+"""LlavaDeftForCausalLM: image encoder -> projector -> reduction pipeline -> splice -> decoder LLM.
+
+    model = LlavaDeftForCausalLM(load_model_config())           # tiny random-initialised default
+    out = model(**batch)                                         # batch from MultimodalCollator
+    model.save_pretrained("ckpt"); LlavaDeftForCausalLM.from_pretrained("ckpt")
+
+A checkpoint directory holds ``config.json`` (the validated model config, with the LLM's HF config
+embedded), ``model.safetensors`` and ``tokenizer/``.  Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pipeline import Modality, TokenBatch, build_pipeline
+
+from .config import ModelConfig, load_model_config
+from .encoders import build_image_encoder, build_projector
+from .errors import CheckpointError, MediaCountMismatchError
+from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
+from .splice import IGNORE_INDEX, splice_media
+from .tokenizer import load_tokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class LlavaDeftOutput:
+    loss: Tensor | None
+    logits: Tensor | None
+    lm_loss: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_tokens: Tensor | None = None  # (B,) tokens the LLM saw per sample
+
+
+class LlavaDeftForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig | dict | str | None = None, tokenizer=None):
+        super().__init__()
+        self.config = load_model_config(config)
+        cfg = self.config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.vision, self.image_transform = build_image_encoder(cfg.vision)
+        llm_spec = cfg.llm.path if cfg.llm.path is not None else (cfg.llm.config or TINY_LLM)
+        hf = build_llm(llm_spec, vocab_size=len(self.tokenizer), attn_implementation=cfg.llm.attn_implementation)
+        self.llm = DecoderLM(hf)
+        self.projector = build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
+        self.pipeline = build_pipeline(cfg.pipeline, dim=self.llm.hidden_size)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.media_tokens_per_image = self.vision.grid[0] * self.vision.grid[1]
+        self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
+
+    # ------------------------------------------------------------------ training set-up
+    def apply_freeze(self, vision: bool, llm: bool) -> None:
+        """LLaVA stages: stage 1 freezes LLM (and encoder), stage 2 trains the LLM too."""
+        self.vision.requires_grad_(not vision)
+        self.llm.requires_grad_(not llm)
+        self.projector.requires_grad_(True)
+        self.pipeline.requires_grad_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector_dtype()
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    # ------------------------------------------------------------------ media path
+    def encode_images(self, pixel_values: Tensor) -> TokenBatch:
+        """pixels (M, 3, H, W) -> TokenBatch of projected patch tokens (M, gh*gw, D) on grid (1, gh, gw)."""
+        feats = self.vision(pixel_values.to(self.projector_dtype()))  # (M, N, Dv)
+        tokens = self.projector(feats)  # (M, N, D)
+        gh, gw = self.vision.grid
+        return TokenBatch.from_tokens(tokens, modality=Modality.IMAGE, layout=(1, gh, gw))
+
+    def _media(self, pixel_values: Tensor | None, batch_size: int):
+        """Encode + reduce every image of the batch.
+
+        With no image at all, a blank image still runs through encoder, projector and pipeline and
+        enters the graph with weight 0: every rank then runs the same modules, which ZeRO-3 needs
+        (a rank skipping the encoder while another gathers its parameters hangs).
+        """
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            h, w = self.vision.image_size
+            blank = torch.zeros(1, 3, h, w, device=self.device, dtype=self.projector_dtype())
+            out = self.pipeline(self.encode_images(blank))
+            zero = sum(t.sum() for t in [out.tokens, *out.losses.values()]) * 0.0
+            return None, zero, {}, {}
+        out = self.pipeline(self.encode_images(pixel_values))
+        return out, None, out.losses, out.stats
+
+    def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, media_counts: Tensor | None, n_media: int, ids=None):
+        per_sample = ((input_ids == self.image_token_id) & attention_mask.bool()).sum(1)
+        counts = media_counts if media_counts is not None else torch.zeros_like(per_sample)
+        bad = (per_sample != counts.to(per_sample.device)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            name = ids[i] if ids is not None else f"#{i} of the batch"
+            raise MediaCountMismatchError(str(name), "<image>", int(per_sample[i]), int(counts[i]))
+        if int(counts.sum()) != n_media:
+            raise MediaCountMismatchError(
+                "<batch>", "<image>", int(counts.sum()), n_media
+            )
+
+    def prepare_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        media_counts: Tensor | None = None,
+        labels: Tensor | None = None,
+        padding_side: str = "right",
+        ids: list[str] | None = None,
+    ):
+        n_media = 0 if pixel_values is None else int(pixel_values.shape[0])
+        self._check_counts(input_ids, attention_mask, media_counts, n_media, ids)
+        media, zero, losses, stats = self._media(pixel_values, input_ids.shape[0])
+        text = self.llm.embed(input_ids)
+        if zero is not None:
+            text = text + zero.to(text.dtype)
+        is_ph = input_ids == self.image_token_id
+        if media is None:
+            d = text.shape[-1]
+            empty = text.new_zeros(0, 1, d)
+            m_mask = torch.zeros(0, 1, dtype=torch.bool, device=text.device)
+            m_idx = torch.zeros(0, 1, dtype=torch.long, device=text.device)
+            orig = torch.zeros(0, dtype=torch.long, device=text.device)
+            spliced = splice_media(input_ids, attention_mask, text, is_ph, empty, m_mask, m_idx, orig, labels, padding_side)
+        else:
+            spliced = splice_media(
+                input_ids, attention_mask, text, is_ph,
+                media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
+            )
+        return spliced, losses, stats
+
+    # ------------------------------------------------------------------ forward / loss
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        media_counts: Tensor | None = None,
+        labels: Tensor | None = None,
+        ids: list[str] | None = None,
+        **unused,
+    ) -> LlavaDeftOutput:
+        sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, pixel_values, media_counts, labels, ids=ids)
+        logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids)
+        loss = lm_loss = None
+        if sp.labels is not None:
+            # predict token t+1 from t; loss in fp32
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), sp.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+            loss = lm_loss + sum(aux.values(), torch.zeros((), device=lm_loss.device))
+        return LlavaDeftOutput(loss, logits, lm_loss, aux, stats, sp.attention_mask.sum(1))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        media_counts: Tensor | None = None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        ids: list[str] | None = None,
+        **unused,
+    ) -> Tensor:
+        """Left-padded prompts -> new token ids (B, T), padded with the pad id after EOS."""
+        sp, _, _ = self.prepare_inputs(
+            input_ids, attention_mask, pixel_values, media_counts, padding_side="left", ids=ids
+        )
+        return generate_from_embeds(
+            self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write config.json + model.safetensors + tokenizer/ (encoder weights live in the safetensors)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.model_dump()
+        cfg["vision"]["weights"] = None
+        cfg["llm"] = {**cfg["llm"], "path": None, "config": self.llm.config.to_diff_dict()}
+        cfg["llm"]["config"]["model_type"] = self.llm.config.model_type
+        cfg["tokenizer"] = TOKENIZER_DIR
+        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
+        state = state_dict if state_dict is not None else self.state_dict()
+        # safetensors refuses shared storage (tied embeddings): store contiguous clones
+        state = {k: v.detach().contiguous().clone().cpu() for k, v in state.items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, pipeline: dict | list | str | None = None, **overrides) -> "LlavaDeftForCausalLM":
+        """Load a directory written by :meth:`save_pretrained` (or a training export).
+
+        ``pipeline`` replaces the saved reduction pipeline (e.g. a training-free sweep); weights of
+        stages that exist in the checkpoint are loaded, new stages keep their init.
+        """
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"checkpoint '{path}' has no {CONFIG_NAME}; is it a llava-deft model directory?")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"checkpoint '{path}' has no {WEIGHTS_NAME}")
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+        cfg["tokenizer"] = str(path / TOKENIZER_DIR)
+        if pipeline is not None:
+            cfg["pipeline"] = pipeline
+        for k, v in overrides.items():
+            cfg[k] = v
+        model = cls(cfg)
+        state = load_file(str(path / WEIGHTS_NAME))
+        own = model.state_dict()
+        if pipeline is not None:  # stages may differ from the checkpoint's
+            state = {k: v for k, v in state.items() if not k.startswith("pipeline.") or (k in own and own[k].shape == v.shape)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (pipeline is not None and k.startswith("pipeline."))]
+        missing = [k for k in missing if k not in _tied_keys(model)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that alias another parameter (e.g. tied lm_head); they need not be stored twice."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            tied.add(k)
+        seen[id(v)] = k
+    return tied

@@ -1,0 +1,98 @@
+"""Training recipe config (pydantic, validated whole): model, data, LLaVA stages, optimisation.
+
+Precedence: defaults < YAML file < command-line flags < ``a.b=value`` overrides.  The resolved
+config is written into the run folder as ``train_config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import apply_overrides
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    """``easyvqa`` (the bundled dataset) or ``llava_json`` (LLaVA conversation JSON + image folder)."""
+
+    type: Literal["easyvqa", "llava_json"] = "easyvqa"
+    split: Literal["train", "test"] = "train"
+    path: str | None = None
+    image_folder: str | None = None
+    limit: int | None = Field(None, gt=0)
+
+
+class StageSpec(_Strict):
+    """One LLaVA training stage. Stage 1 ("align"): LLM and encoder frozen, projector and pipeline
+    train; stage 2 ("finetune"): the LLM trains too."""
+
+    name: str = "finetune"
+    freeze_vision: bool = False
+    freeze_llm: bool = False
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    model: dict[str, Any] | str | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec()], min_length=1)
+    per_device_batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_clipping: float = Field(1.0, ge=0)
+    bf16: Literal["auto"] | bool = "auto"
+    seed: int = 0
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    log_steps: int = Field(10, gt=0)
+    num_workers: int = Field(0, ge=0)
+    output_dir: str = "runs/default"
+    deepspeed: str = "configs/deepspeed/zero2.json"
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict = {}
+    desc = "train config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"train config file '{p}' does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        desc = f"train config '{p}'"
+        if isinstance(data.get("model"), str):  # model config paths are relative to the train config
+            m = Path(data["model"])
+            data["model"] = str(m if m.is_absolute() or m.exists() else p.parent / m)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        errs = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+
+
+def build_dataset(spec: DataSpec):
+    """The dataset a :class:`DataSpec` names."""
+    from .data import EasyVQADataset, LlavaJsonDataset
+
+    if spec.type == "easyvqa":
+        return EasyVQADataset(split=spec.split, limit=spec.limit)
+    if spec.path is None or spec.image_folder is None:
+        raise ConfigError("data.type 'llava_json' needs data.path (the JSON file) and data.image_folder")
+    ds = LlavaJsonDataset(spec.path, spec.image_folder)
+    if spec.limit is not None and spec.limit < len(ds):
+        from torch.utils.data import Subset
+
+        ds = Subset(ds, range(spec.limit))
+    return ds
