@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "bench_layer_loop",
         "device": device_name(device),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if (status := git("status", "--porcelain")) is None else bool(status),
+        "git_commit": (commit := git("rev-parse", "HEAD")),
+        # a copied tree may sit in a commit-less repo: dirtiness only means something with a commit
+        "git_dirty": None if commit is None else bool(git("status", "--porcelain")),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
