@@ -39,6 +39,8 @@ class TimmViTEncoder(ImageEncoder):
         if not -depth <= feature_layer < depth:
             raise ValueError(f"feature_layer {feature_layer} out of range for {name!r} with {depth} blocks")
         self.layer = feature_layer % depth
+        # drop the blocks after the feature layer, the final norm and the head: never used, never trained
+        self.model.prune_intermediate_layers([self.layer], prune_norm=True, prune_head=True)
         self.width = self.model.embed_dim
         self.grid = tuple(self.model.patch_embed.grid_size)
         self.image_size = tuple(self.model.patch_embed.img_size)
