@@ -1,0 +1,104 @@
+"""Every shipped config validates, and every model-config key changes what is built (none is ignored)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_deft.config import ModelConfig, load_model_config
+from llava_deft.errors import ConfigError
+from llava_deft.model import LlavaDeftForCausalLM
+from llava_deft.train_config import TrainConfig, load_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_config_validates():
+    models = sorted((ROOT / "configs" / "model").rglob("*.yaml"))
+    trains = sorted((ROOT / "configs" / "train").rglob("*.yaml"))
+    ds = sorted((ROOT / "configs" / "deepspeed").rglob("*.json"))
+    assert len(models) >= 1 and len(trains) >= 1 and len(ds) == 3
+    for p in models:
+        load_model_config(p)
+    for p in trains:
+        cfg = load_train_config(p)
+        load_model_config(cfg.model)
+        assert (ROOT / cfg.deepspeed).is_file(), f"{p}: deepspeed config {cfg.deepspeed} missing"
+    for p in ds:
+        zero = json.loads(p.read_text())["zero_optimization"]
+        assert zero["stage"] in (2, 3)
+
+
+def test_train_config_errors_by_message(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.0.lr: Input should be greater than 0"):
+        load_train_config(None, ["stages=[{lr: 0}]"])
+    with pytest.raises(ConfigError, match=r"per_device_batch_sise: Extra inputs are not permitted"):
+        load_train_config(None, ["per_device_batch_sise=4"])
+    with pytest.raises(FileNotFoundError, match="train config file 'x.yaml' does not exist"):
+        load_train_config("x.yaml")
+    assert isinstance(load_train_config(None), TrainConfig)
+
+
+def _describe(m: LlavaDeftForCausalLM) -> dict:
+    """What a model config can change, as comparable values."""
+    return {
+        "encoder": type(m.vision).__name__,
+        "vision_params": sum(p.numel() for p in m.vision.parameters()),
+        "vision_layer": getattr(m.vision, "layer", None),
+        "transform": repr(m.image_transform),
+        "vision_trainable": any(p.requires_grad for p in m.vision.parameters()),
+        "projector": repr(m.projector),
+        "llm_hidden": m.llm.hidden_size,
+        "llm_trainable": any(p.requires_grad for p in m.llm.parameters()),
+        "attn": m.llm.config._attn_implementation,
+        "pipeline": m.pipeline.names,
+        "vocab": len(m.tokenizer),
+        "max_length": m.config.max_length,
+    }
+
+
+def _changes(tmp_path):
+    from llava_deft.llm import build_llm
+    from llava_deft.tokenizer import load_tokenizer
+
+    llm_dir = tmp_path / "llm"
+    tok = load_tokenizer()
+    build_llm({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 1}, vocab_size=len(tok)).save_pretrained(llm_dir)
+    tok_dir = tmp_path / "tok"
+    tok.add_tokens(["<extra_word>"])
+    tok.save_pretrained(tok_dir)
+    clip = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    return {
+        "vision.backend": ({"vision": {"backend": "open_clip", "name": "ViT-B-32", "kwargs": clip}}, "encoder"),
+        "vision.name": ({"vision": {"name": "deit_tiny_patch16_224"}}, "transform"),
+        "vision.kwargs": ({"vision": {"kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}}}, "vision_params"),
+        "vision.feature_layer": ({"vision": {"feature_layer": -2}}, "vision_layer"),
+        "vision.freeze": ({"vision": {"freeze": True}}, "vision_trainable"),
+        "projector.type": ({"projector": {"type": "linear"}}, "projector"),
+        "llm.config": ({"llm": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                           "num_hidden_layers": 1, "num_attention_heads": 2}}}, "llm_hidden"),
+        "llm.path": ({"llm": {"path": str(llm_dir)}}, "llm_hidden"),
+        "llm.freeze": ({"llm": {"freeze": True}}, "llm_trainable"),
+        "llm.attn_implementation": ({"llm": {"attn_implementation": "eager"}}, "attn"),
+        "pipeline": ({"pipeline": [{"name": "random"}]}, "pipeline"),
+        "tokenizer": ({"tokenizer": str(tok_dir)}, "vocab"),
+        "max_length": ({"max_length": 64}, "max_length"),
+    }
+
+
+def test_every_model_config_key_changes_the_model(tmp_path):
+    """Each leaf key of ModelConfig (vision.weights is covered in test_model) changes what is built."""
+    changes = _changes(tmp_path)
+    leaves = {f"{k}.{s}" for k, f in ModelConfig.model_fields.items()
+              for s in (getattr(f.annotation, "model_fields", None) or {})} | {
+        k for k, f in ModelConfig.model_fields.items() if not hasattr(f.annotation, "model_fields")}
+    assert leaves - {"vision.weights"} == set(changes), "a config key has no behaviour test (or a test has no key)"
+    torch.manual_seed(0)
+    base = _describe(LlavaDeftForCausalLM())
+    for key, (override, field) in changes.items():
+        torch.manual_seed(0)
+        changed = _describe(LlavaDeftForCausalLM(override))
+        assert changed[field] != base[field], f"{key} did not change {field}"
