@@ -39,8 +39,11 @@ class TimmViTEncoder(ImageEncoder):
         if not -depth <= feature_layer < depth:
             raise ValueError(f"feature_layer {feature_layer} out of range for {name!r} with {depth} blocks")
         self.layer = feature_layer % depth
-        # drop the blocks after the feature layer, the final norm and the head: never used, never trained
-        self.model.prune_intermediate_layers([self.layer], prune_norm=True, prune_head=True)
+        # the last block's tokens go through the ViT's final norm (its usual output); an earlier block's
+        # tokens are taken raw, as LLaVA takes CLIP's penultimate layer. Blocks after the feature layer,
+        # the head (and the norm when unused) are dropped: never run, never trained.
+        self.use_norm = self.layer == depth - 1
+        self.model.prune_intermediate_layers([self.layer], prune_norm=not self.use_norm, prune_head=True)
         self.width = self.model.embed_dim
         self.grid = tuple(self.model.patch_embed.grid_size)
         self.image_size = tuple(self.model.patch_embed.img_size)
@@ -48,7 +51,7 @@ class TimmViTEncoder(ImageEncoder):
     def forward(self, pixels: Tensor) -> Tensor:
         # (M, gh*gw, width), prefix (cls/register) tokens dropped by timm
         return self.model.forward_intermediates(
-            pixels, indices=[self.layer], output_fmt="NLC", intermediates_only=True, norm=False
+            pixels, indices=[self.layer], output_fmt="NLC", intermediates_only=True, norm=self.use_norm
         )[0]
 
     def transform(self) -> Callable:
