@@ -107,14 +107,8 @@ def load_model_config(source: str | Path | dict | ModelConfig | None = None, ove
     if isinstance(source, ModelConfig):
         data = source.model_dump()
     elif isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config file '{path}' does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        desc = f"model config '{path}'"
-        if isinstance(data, dict) and isinstance(data.get("pipeline"), str):
-            p = Path(data["pipeline"])
-            data["pipeline"] = str(p if p.is_absolute() or p.exists() else path.parent / p)
+        data = read_model_config_file(source)
+        desc = f"model config '{source}'"
     else:
         data = dict(source or {})
     data = apply_overrides(data, overrides or [])
@@ -123,6 +117,20 @@ def load_model_config(source: str | Path | dict | ModelConfig | None = None, ove
     except ValidationError as e:
         errs = _format_errors(e)
         raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+
+
+def read_model_config_file(path: str | Path) -> dict:
+    """A model YAML as a dict; a ``pipeline:`` path in it is resolved relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config file '{path}' does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config '{path}' must be a mapping, got {type(data).__name__}")
+    if isinstance(data.get("pipeline"), str):
+        p = Path(data["pipeline"])
+        data["pipeline"] = str(p if p.is_absolute() or p.exists() else path.parent / p)
+    return data
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

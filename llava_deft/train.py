@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from .config import apply_overrides, read_model_config_file  # noqa: E402
 from .data import MultimodalCollator  # noqa: E402
 from .model import LlavaDeftForCausalLM  # noqa: E402
 from .train_config import StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
@@ -83,7 +84,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
     base = load_train_config(args.config)
     for flag, (key, _) in LLAVA_FLAGS.items():
         val = getattr(args, flag)
-        if val is None:
+        if val is None or flag == "model_config":
             continue
         if key.startswith("stages.*."):
             for i in range(len(base.stages)):
@@ -95,6 +96,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
     if args.bf16 is not None:
         flag_over.append(f"bf16={str(args.bf16).lower()}")
     data = base.model_dump()
+    if args.model_config is not None:
+        data["model"] = read_model_config_file(args.model_config)
     stages = data.pop("stages")
     # list items are addressed as stages.<i>.<key>: apply them on the list directly
     stage_over = [o for o in flag_over + overrides if o.startswith("stages.")]
@@ -103,8 +106,6 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
         key, val = o.split("=", 1)
         _, idx, field = key.split(".", 2)
         stages[int(idx)][field] = yaml.safe_load(val)
-    from .config import apply_overrides
-
     data = apply_overrides(data, other)
     data["stages"] = stages
     return TrainConfig.model_validate(data)

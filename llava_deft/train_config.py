@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import apply_overrides
+from .config import apply_overrides, read_model_config_file
 from .errors import ConfigError
 
 
@@ -74,6 +74,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if isinstance(data.get("model"), str):  # model config paths are relative to the train config
             m = Path(data["model"])
             data["model"] = str(m if m.is_absolute() or m.exists() else p.parent / m)
+    if isinstance(data.get("model"), str):  # embed the model YAML: the run's config is self-contained
+        data["model"] = read_model_config_file(data["model"])
     data = apply_overrides(data, overrides or [])
     try:
         return TrainConfig.model_validate(data)
