@@ -95,10 +95,15 @@ class EasyVQADataset(Dataset):
     """The easy-VQA dataset shipped in the ``easy_vqa`` package (38,575 train / 9,673 test questions on
     4,000 / 1,000 64×64 images). Items are samples plus ``question_type`` ("shape", "color", "yes/no").
 
+    ``group_by_image=True`` makes one multi-turn conversation per image (its questions in a fixed
+    shuffled order, the image once in the first turn), as LLaVA's instruction data is: the image is
+    encoded once for all its questions, which makes an epoch several times cheaper. Items then carry
+    ``question_type`` "mixed". Evaluation uses the default, one question per item.
+
     Decoded images are cached in memory on first use (at most 5,000 small PNGs).
     """
 
-    def __init__(self, split: str = "train", limit: int | None = None):
+    def __init__(self, split: str = "train", limit: int | None = None, group_by_image: bool = False, seed: int = 0):
         questions, answers, image_ids, self._paths = _easyvqa_split(split)
         if limit is not None:
             questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
@@ -109,9 +114,19 @@ class EasyVQADataset(Dataset):
         types = easyvqa_question_types(self.answers)
         self.question_types: list[str] = [types[a] for a in answers]
         self._cache: dict[int, Image.Image] = {}
+        self.group_by_image = group_by_image
+        self.groups: list[list[int]] = []
+        if group_by_image:
+            by_image: dict[int, list[int]] = {}
+            for q, img in enumerate(image_ids):
+                by_image.setdefault(img, []).append(q)
+            g = torch.Generator().manual_seed(seed)
+            self.groups = [
+                [qs[j] for j in torch.randperm(len(qs), generator=g).tolist()] for _, qs in sorted(by_image.items())
+            ]
 
     def __len__(self) -> int:
-        return len(self.questions)
+        return len(self.groups) if self.group_by_image else len(self.questions)
 
     def image(self, image_id: int) -> Image.Image:
         """The decoded RGB image ``image_id`` (cached; a copy is returned so callers may modify it)."""
@@ -123,6 +138,17 @@ class EasyVQADataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for easy-VQA {self.split} ({len(self)} items)")
         index %= len(self)
+        if self.group_by_image:
+            qs = self.groups[index]
+            messages = _easyvqa_messages(self.questions[qs[0]], self.targets[qs[0]])
+            for q in qs[1:]:
+                messages += [{"role": "user", "content": self.questions[q]}, {"role": "assistant", "content": self.targets[q]}]
+            return {
+                "id": f"easyvqa-{self.split}-image{self.image_ids[qs[0]]}",
+                "messages": messages,
+                "images": [self.image(self.image_ids[qs[0]])],
+                "question_type": "mixed",
+            }
         return {
             "id": f"easyvqa-{self.split}-{index}",
             "messages": _easyvqa_messages(self.questions[index], self.targets[index]),

@@ -28,6 +28,7 @@ class DataSpec(_Strict):
     path: str | None = None
     image_folder: str | None = None
     limit: int | None = Field(None, gt=0)
+    group_by_image: bool = False  # easyvqa: one multi-turn conversation per image (LLaVA-style)
 
 
 class StageSpec(_Strict):
@@ -89,7 +90,9 @@ def build_dataset(spec: DataSpec):
     from .data import EasyVQADataset, LlavaJsonDataset
 
     if spec.type == "easyvqa":
-        return EasyVQADataset(split=spec.split, limit=spec.limit)
+        return EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
+    if spec.group_by_image:
+        raise ConfigError("data.group_by_image applies to data.type 'easyvqa' only")
     if spec.path is None or spec.image_folder is None:
         raise ConfigError("data.type 'llava_json' needs data.path (the JSON file) and data.image_folder")
     ds = LlavaJsonDataset(spec.path, spec.image_folder)

@@ -7,6 +7,7 @@ interrupted, resumes from the checkpoint, exports, and the export loads through 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,17 @@ def mixed_dataset(tmp_path_factory):
     return js, root / "images"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(args: list[str], out: Path) -> str:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "llava_deft.train", *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, f"training failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return res.stdout + res.stderr
@@ -61,7 +68,7 @@ def test_zero_train_checkpoint_resume_export_load(zero, mixed_dataset, tmp_path)
     out = tmp_path / zero
     common = ["--data_path", str(js), "--image_folder", str(images), "--output_dir", str(out),
               "--deepspeed", f"configs/deepspeed/{zero}.json", "--per_device_train_batch_size", "1",
-              "--save_steps", "2", "model.pipeline.stages=[{name: sam, semantic_dim: 32}, {name: fgcs, retention_ratio: 0.25, hidden_dim: 32}]"]
+              "--save_steps", "2", "--logging_steps", "1", "model.pipeline.stages=[{name: sam, semantic_dim: 32}, {name: fgcs, retention_ratio: 0.25, hidden_dim: 32}]"]
     log1 = launch([*common, "--max_steps", "4"], out)
     assert "stage 0 (finetune): 4 steps" in log1
     stage = out / "stage0_finetune"
@@ -74,7 +81,7 @@ def test_zero_train_checkpoint_resume_export_load(zero, mixed_dataset, tmp_path)
     log2 = launch([*common, "--max_steps", "6", "--resume"], out)
     assert "resumed at step 4/6" in log2
     steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
-    assert 5 in steps and 6 in steps
+    assert steps == [1, 2, 3, 4, 5, 6]  # run 1 logged 1-4, the resumed run 5-6
     assert (stage / "export" / "model.safetensors").read_bytes() != first_export
 
     import llava_deft
