@@ -86,7 +86,7 @@ class LlavaDeftForCausalLM(nn.Module):
         gh, gw = self.vision.grid
         return TokenBatch.from_tokens(tokens, modality=Modality.IMAGE, layout=(1, gh, gw))
 
-    def _media(self, pixel_values: Tensor | None, batch_size: int):
+    def _media(self, pixel_values: Tensor | None):
         """Encode + reduce every image of the batch.
 
         With no image at all, a blank image still runs through encoder, projector and pipeline and
@@ -111,9 +111,7 @@ class LlavaDeftForCausalLM(nn.Module):
             name = ids[i] if ids is not None else f"#{i} of the batch"
             raise MediaCountMismatchError(str(name), "<image>", int(per_sample[i]), int(counts[i]))
         if int(counts.sum()) != n_media:
-            raise MediaCountMismatchError(
-                "<batch>", "<image>", int(counts.sum()), n_media
-            )
+            raise MediaCountMismatchError("<batch>", "<image>", int(counts.sum()), n_media)
 
     def prepare_inputs(
         self,
@@ -127,23 +125,23 @@ class LlavaDeftForCausalLM(nn.Module):
     ):
         n_media = 0 if pixel_values is None else int(pixel_values.shape[0])
         self._check_counts(input_ids, attention_mask, media_counts, n_media, ids)
-        media, zero, losses, stats = self._media(pixel_values, input_ids.shape[0])
+        media, zero, losses, stats = self._media(pixel_values)
         text = self.llm.embed(input_ids)
         if zero is not None:
             text = text + zero.to(text.dtype)
-        is_ph = input_ids == self.image_token_id
-        if media is None:
+        if media is None:  # no media rows: an empty (0, 1, D) batch keeps one splice path
             d = text.shape[-1]
-            empty = text.new_zeros(0, 1, d)
-            m_mask = torch.zeros(0, 1, dtype=torch.bool, device=text.device)
-            m_idx = torch.zeros(0, 1, dtype=torch.long, device=text.device)
-            orig = torch.zeros(0, dtype=torch.long, device=text.device)
-            spliced = splice_media(input_ids, attention_mask, text, is_ph, empty, m_mask, m_idx, orig, labels, padding_side)
-        else:
-            spliced = splice_media(
-                input_ids, attention_mask, text, is_ph,
-                media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
+            media = TokenBatch(
+                tokens=text.new_zeros(0, 1, d),
+                mask=torch.zeros(0, 1, dtype=torch.bool, device=text.device),
+                index=torch.zeros(0, 1, dtype=torch.long, device=text.device),
+                modality=torch.zeros(0, dtype=torch.long, device=text.device),
+                layout=torch.zeros(0, 3, dtype=torch.long, device=text.device),
             )
+        spliced = splice_media(
+            input_ids, attention_mask, text, input_ids == self.image_token_id,
+            media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
+        )
         return spliced, losses, stats
 
     # ------------------------------------------------------------------ forward / loss

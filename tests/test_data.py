@@ -95,6 +95,25 @@ def test_easyvqa_item(test_split):
         EasyVQADataset("val")
 
 
+def test_easyvqa_grouped_by_image(test_split):
+    """One multi-turn conversation per image covering each question of that image exactly once."""
+    grouped = EasyVQADataset("test", group_by_image=True)
+    assert len(grouped) == 1_000
+    seen = []
+    for i in (0, 1, 999):
+        item = grouped[i]
+        msgs = item["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        assert msgs[0]["content"].startswith("<image>\n") and len(item["images"]) == 1
+        assert all("<image>" not in m["content"] for m in msgs[1:])
+        qs = grouped.groups[i]
+        assert {test_split.image_ids[q] for q in qs} == {test_split.image_ids[qs[0]]}
+        assert [m["content"] for m in msgs[1::2]] == [test_split.targets[q] for q in qs]
+    for g in grouped.groups:
+        seen += g
+    assert sorted(seen) == list(range(9_673))
+
+
 def test_export_round_trip(tmp_path):
     ds = EasyVQADataset("test", limit=12)
     json_path = export_easyvqa(tmp_path, "test", limit=12)

@@ -169,3 +169,19 @@ def test_inference_api(tiny_model, tmp_path):
         model.generate("q", images=[tmp_path / "nope.png"])
     with pytest.raises(MediaCountMismatchError, match="2 <image> placeholder"):
         model.generate("<image><image> q", images=[tmp_path / "x.png"])
+
+
+def test_nothing_reads_the_network(tmp_path, monkeypatch):
+    """Building, saving, loading and generating never open a connection (no hub on these machines)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    model = LlavaDeftForCausalLM({"pipeline": TINY_PIPE}).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = LlavaDeftForCausalLM.from_pretrained(tmp_path / "m").eval()
+    out = loaded.generate(**collate(loaded, samples(), generation=True), max_new_tokens=2)
+    assert out.shape[0] == 3
