@@ -55,14 +55,13 @@ def evaluate(model: LlavaDeftForCausalLM, dataset, batch_size: int, max_new_toke
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda s: (collate(s), s))
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    kept_tokens = []
+    media_tokens, n_images = 0, 0
     t0 = time.perf_counter()
     for batch, samples in tqdm(loader, desc=desc, dynamic_ncols=True):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if batch["pixel_values"] is not None:
-            media = model.pipeline(model.encode_images(batch["pixel_values"]))
-            kept_tokens.append(media.mask.sum(1).float())
-        out = model.generate(**batch, max_new_tokens=max_new_tokens)
+        out, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True)
+        media_tokens += int(n_media.sum())
+        n_images += int(batch["media_counts"].sum())
         preds = model.tokenizer.batch_decode(out, skip_special_tokens=True)
         for pred, ref, s in zip(preds, batch["references"], samples):
             qtype = s.get("question_type", "all")
@@ -71,7 +70,7 @@ def evaluate(model: LlavaDeftForCausalLM, dataset, batch_size: int, max_new_toke
                 correct[key] += ok
                 total[key] += 1
     seconds = time.perf_counter() - t0
-    kept = float(torch.cat(kept_tokens).mean()) if kept_tokens else 0.0
+    kept = media_tokens / max(1, n_images)
     return {
         "accuracy": {k: correct[k] / total[k] for k in total},
         "counts": dict(total),

@@ -40,7 +40,6 @@ class LlavaDeftOutput:
     lm_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
-    n_tokens: Tensor | None = None  # (B,) tokens the LLM saw per sample
 
 
 class LlavaDeftForCausalLM(nn.Module):
@@ -70,10 +69,6 @@ class LlavaDeftForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.projector_dtype()
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
@@ -164,7 +159,7 @@ class LlavaDeftForCausalLM(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), sp.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
             loss = lm_loss + sum(aux.values(), torch.zeros((), device=lm_loss.device))
-        return LlavaDeftOutput(loss, logits, lm_loss, aux, stats, sp.attention_mask.sum(1))
+        return LlavaDeftOutput(loss, logits, lm_loss, aux, stats)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -181,19 +176,24 @@ class LlavaDeftForCausalLM(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         ids: list[str] | None = None,
+        return_media_tokens: bool = False,
         **unused,
-    ) -> Tensor:
-        """Left-padded prompts -> new token ids (B, T), padded with the pad id after EOS."""
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Left-padded prompts -> new token ids (B, T), padded with the pad id after EOS.
+
+        With ``return_media_tokens`` also the number of media tokens each prompt gave the LLM (B,).
+        """
         sp, _, _ = self.prepare_inputs(
             input_ids, attention_mask, pixel_values, media_counts, padding_side="left", ids=ids
         )
-        return generate_from_embeds(
+        out = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
         )
+        return (out, sp.media_positions.sum(1)) if return_media_tokens else out
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:

@@ -1,0 +1,34 @@
+"""eval/easyvqa.py end to end on a few questions: sweep rows, token accounting, files, last line."""
+
+import json
+import re
+
+import pytest
+
+from eval import easyvqa
+from tests.conftest import TINY_PIPE
+
+
+def test_retention_sweep_writes_table_json_and_plot(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    rows = easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "24", "--batch-size", "12",
+                         "--retention", "1", "0.25", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert [r["retention"] for r in rows] == [1.0, 0.25]
+    assert [r["tokens_per_image"] for r in rows] == [64.0, 16.0]  # ceil(ratio * 64) kept per image
+    for r in rows:
+        assert sum(r["counts"][k] for k in r["counts"] if k != "all") == r["counts"]["all"] == 24
+        assert 0.0 <= r["accuracy"]["all"] <= 1.0
+    saved = json.loads((tmp_path / "out" / "easyvqa_test.json").read_text())
+    assert saved["pipeline"] == ["sam", "fgcs"] and {"device", "date", "commit"} <= set(saved)
+    assert (tmp_path / "out" / "easyvqa_test.png").stat().st_size > 0
+    assert "| 0.25 | 16.0 |" in (tmp_path / "out" / "easyvqa_test.md").read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"easy-VQA test accuracy: \d+\.\d%", last)
+
+
+def test_retention_without_a_reducer_is_refused(tmp_path):
+    from llava_deft.model import LlavaDeftForCausalLM
+
+    LlavaDeftForCausalLM().save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match="has none; add --pipeline configs/pipeline/fgcs.yaml"):
+        easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "4", "--retention", "0.5", "--out", str(tmp_path)])
