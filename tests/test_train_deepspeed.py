@@ -93,3 +93,29 @@ def test_zero_train_checkpoint_resume_export_load(zero, mixed_dataset, tmp_path)
     # the export holds every trained parameter at full size (ZeRO-3 partitions were gathered)
     for name, p in model.model.named_parameters():
         assert p.numel() > 0 and torch.isfinite(p).all(), name
+
+
+def test_two_llava_stages_freeze_then_finetune(mixed_dataset, tmp_path):
+    """Stage 1 (align) leaves LLM and encoder at their init; stage 2 starts from stage 1 and trains them."""
+    from safetensors.torch import load_file
+
+    from llava_deft.model import LlavaDeftForCausalLM
+    from llava_deft.train_config import load_train_config
+
+    js, images = mixed_dataset
+    out = tmp_path / "two"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "llava_deft.train", "--config", "configs/train/easyvqa_two_stage.yaml",
+           "--data_path", str(js), "--image_folder", str(images), "--output_dir", str(out),
+           "--per_device_train_batch_size", "2", "--max_steps", "2"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    torch.manual_seed(load_train_config(ROOT / "configs/train/easyvqa_two_stage.yaml").seed)
+    init = LlavaDeftForCausalLM(load_train_config(ROOT / "configs/train/easyvqa_two_stage.yaml").model).state_dict()
+    s1 = load_file(str(out / "stage0_align" / "export" / "model.safetensors"))
+    s2 = load_file(str(out / "stage1_finetune" / "export" / "model.safetensors"))
+    frozen = [k for k in s1 if k.startswith(("llm.", "vision."))]
+    assert frozen and all(torch.equal(s1[k], init[k]) for k in frozen)
+    assert not torch.equal(s1["projector.0.weight"], init["projector.0.weight"])
+    assert any(not torch.equal(s2[k], s1[k]) for k in frozen if k.startswith("llm."))
+    assert (out / "final" / "model.safetensors").read_bytes() == (out / "stage1_finetune" / "export" / "model.safetensors").read_bytes()
