@@ -158,16 +158,17 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(lms, model_type):
     lm = lms[model_type]
     ids, mask, pos = _left_padded([10, 4, 7], seed=3)
     kw = dict(max_new_tokens=8, pad_token_id=0)
-    # pick an EOS that row 0 really emits at step 2, so stopping and pad-filling are exercised
-    first = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=[], **kw)
-    eos = int(first[0, 2])
+    # pick an EOS that row 0 first emits at step j >= 1, so stopping and pad-filling are exercised
+    first = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=[], **kw)[0].tolist()
+    j = next(j for j in range(1, len(first) - 1) if first[j] not in first[:j])
+    eos = first[j]
     batched = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=eos, **kw)
     single = _one_at_a_time(lm, ids, mask, pos, eos_token_id=eos, **kw)
     for b, row in enumerate(batched.tolist()):
         gen = _strip(row, eos, 0)
         assert gen == _strip(single[b], eos, 0)
         assert all(t == 0 for t in row[len(gen) :])  # finished rows are padded
-    assert batched[0, 2] == eos and batched[0, 3:].eq(0).all()
+    assert batched[0, j] == eos and batched[0, j + 1 :].eq(0).all()
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
