@@ -24,6 +24,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import argparse  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -180,22 +181,18 @@ def lr_lambda(total: int, warmup: int, min_ratio: float):
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full fp32-or-bf16 state dict on rank 0 (gathers ZeRO-3 partitions); None on other ranks."""
+    """Full state dict (floats in fp32) on rank 0 (gathers ZeRO-3 partitions); None on other ranks."""
     module = engine.module
     params = list(module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if engine.zero_optimization_stage() == 3 else _null()
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if engine.zero_optimization_stage() == 3 else nullcontext()
     with ctx:
         if dist.get_rank() == 0:
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            # floats exported as fp32 (bf16 training included); integer buffers keep their dtype
+            return {
+                k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()
+            }
     return None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
