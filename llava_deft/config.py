@@ -134,7 +134,10 @@ def read_model_config_file(path: str | Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict copy."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested copy of ``data``.
+
+    A numeric part indexes a list (``stages.1.lr=1e-4``); missing mapping levels are created.
+    """
     import copy
 
     data = copy.deepcopy(data)
@@ -144,11 +147,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {} if node.get(p) is None else node[p]
-                if not isinstance(node[p], dict):
-                    raise ConfigError(f"override {item!r}: '{p}' is not a mapping")
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
+        for depth, p in enumerate(parts):
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {item!r}: '{p}' is not an index of a list of {len(node)}")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: cannot go into '{p}', its parent is not a mapping or list")
+            if depth == len(parts) - 1:
+                break
+            if isinstance(node, dict) and node.get(p) is None:
+                node[p] = {}
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = yaml.safe_load(raw)
     return data

@@ -99,17 +99,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
     data = base.model_dump()
     if args.model_config is not None:
         data["model"] = read_model_config_file(args.model_config)
-    stages = data.pop("stages")
-    # list items are addressed as stages.<i>.<key>: apply them on the list directly
-    stage_over = [o for o in flag_over + overrides if o.startswith("stages.")]
-    other = [o for o in flag_over + overrides if not o.startswith("stages.")]
-    for o in stage_over:
-        key, val = o.split("=", 1)
-        _, idx, field = key.split(".", 2)
-        stages[int(idx)][field] = yaml.safe_load(val)
-    data = apply_overrides(data, other)
-    data["stages"] = stages
-    return TrainConfig.model_validate(data)
+    return TrainConfig.model_validate(apply_overrides(data, flag_over + overrides))
 
 
 # ---------------------------------------------------------------------------------- distributed
