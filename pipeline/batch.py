@@ -37,23 +37,35 @@ class Modality(enum.IntEnum):
 class PrunedTokens:
     """Tokens a reducer removed, kept so that a recovery stage (RTD) can bring some back.
 
-    tokens (B, P, D); mask (B, P) bool; index (B, P) long (original positions, ascending).
+    tokens (B, P, D); mask (B, P) bool; index (B, P) long (original positions, ascending);
+    scores (B, P) float or None: the ``batch.scores`` the reducer had for each token when it
+    pruned it (None when it had none, e.g. ``pool`` as the first stage). Tokens pruned by
+    different stages carry different stages' scores, so compare them across stages with care.
     """
 
     tokens: Tensor
     mask: Tensor
     index: Tensor
+    scores: Tensor | None = None
 
     def cat(self, other: "PrunedTokens") -> "PrunedTokens":
-        """Concatenate along P and re-sort each row by original index (padding last)."""
+        """Concatenate along P and re-sort each row by original index (padding last).
+
+        ``scores`` is kept only when both sides have it: a token without a score cannot be
+        ranked against the others, so the result has ``scores=None`` if either side lacks it.
+        """
         tokens = torch.cat([self.tokens, other.tokens], dim=1)
         mask = torch.cat([self.mask, other.mask], dim=1)
         index = torch.cat([self.index, other.index], dim=1)
         order = sort_key(index, mask).argsort(dim=1)
+        scores = None
+        if self.scores is not None and other.scores is not None:
+            scores = torch.cat([self.scores, other.scores], dim=1).gather(1, order)
         return PrunedTokens(
             tokens=tokens.gather(1, order.unsqueeze(-1).expand_as(tokens)),
             mask=mask.gather(1, order),
             index=index.gather(1, order),
+            scores=scores,
         )
 
 

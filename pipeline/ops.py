@@ -42,7 +42,8 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
     """Keep the tokens where ``keep (B, N)`` is True, in original order; move the rest to ``pruned``.
 
     The output length is the largest number kept in any row; shorter rows are padded and masked.
-    Row-aligned tensors (``scores``, ``features``) follow the kept tokens.
+    Row-aligned tensors (``scores``, ``features``) follow the kept tokens; the dropped tokens'
+    ``scores`` go to ``pruned.scores`` (None when the batch has no scores).
     """
     keep = keep & batch.mask
     drop = batch.mask & ~keep
@@ -60,6 +61,7 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
         tokens=gather_rows(batch.tokens, d_idx),
         mask=d_mask,
         index=batch.index.gather(1, d_idx),
+        scores=None if batch.scores is None else batch.scores.gather(1, d_idx),
     )
     pruned = dropped if batch.pruned is None else batch.pruned.cat(dropped)
     out = batch.replace(

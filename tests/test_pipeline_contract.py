@@ -3,7 +3,9 @@
 A stage registered tomorrow is covered the day it registers: it runs on a tiny ragged batch
 (B=2, N=64, D=32; row 0 has 64 real tokens on an 8x8 grid, row 1 has 48 on a 6x8 grid).
 What a stage declares (``retention_ratio``, ``selects_tokens``) decides which checks apply;
-see ``pipeline/registry.py``.
+see ``pipeline/registry.py``. A stage that acts on what reducers removed declares the class
+attribute ``needs_pruned = True`` (e.g. ``rtd``); it is tested after ``REDUCER``, with the
+checks made against its own input (the reducer's output) and the original batch.
 """
 
 import pytest
@@ -15,6 +17,7 @@ from pipeline.ops import budget, gather_rows
 D = 32
 RATIO = 0.25
 LAYOUT = torch.tensor([[1, 8, 8], [1, 6, 8]])
+REDUCER = {"name": "random", "retention_ratio": RATIO}  # runs before stages that need ``pruned``
 
 
 def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
@@ -27,11 +30,20 @@ def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
 
 
 def build_one(name: str):
+    """The stage alone, or after ``REDUCER`` when it declares ``needs_pruned``; it is the last stage."""
     cfg = {"name": name}
     if "retention_ratio" in get_stage(name).Config.model_fields:
         cfg["retention_ratio"] = RATIO
+    before = [REDUCER] if getattr(get_stage(name), "needs_pruned", False) else []
     torch.manual_seed(0)
-    return build_pipeline([cfg], dim=D)
+    return build_pipeline([*before, cfg], dim=D)
+
+
+def run_split(pipe, batch: TokenBatch) -> tuple[TokenBatch, TokenBatch]:
+    """(input of the last stage, its output), from one pass (train-mode reducers are random)."""
+    for stage in pipe.stages[:-1]:
+        batch = stage(batch)
+    return batch, pipe.stages[-1](batch)
 
 
 def real_outputs(out: TokenBatch) -> dict[str, torch.Tensor]:
@@ -47,7 +59,8 @@ def real_outputs(out: TokenBatch) -> dict[str, torch.Tensor]:
     return res
 
 
-def check_output(stage, batch: TokenBatch, out: TokenBatch) -> None:
+def check_output(stage, batch: TokenBatch, out: TokenBatch, original: TokenBatch) -> None:
+    """``batch``: the stage's input; ``original``: the pipeline's input (``index`` = arange)."""
     kept = out.mask.sum(1)
     if hasattr(stage, "retention_ratio"):
         limit = budget(batch.lengths, stage.retention_ratio)
@@ -60,21 +73,24 @@ def check_output(stage, batch: TokenBatch, out: TokenBatch) -> None:
     # real tokens first, padding last
     assert torch.equal(out.mask, torch.arange(out.mask.shape[1]) < kept[:, None])
     # original positions: in range, strictly ascending, never a padding slot of the input
-    length = batch.layout.prod(1)[:, None]
+    length = original.layout.prod(1)[:, None]
     assert ((out.index >= 0) & (out.index < length))[out.mask].all()
     both = out.mask[:, 1:] & out.mask[:, :-1]
     assert (out.index[:, 1:] > out.index[:, :-1])[both].all(), "index must ascend over real tokens"
     safe = torch.where(out.mask, out.index, 0)
-    assert batch.mask.gather(1, safe)[out.mask].all(), "a padding token was kept"
+    assert original.mask.gather(1, safe)[out.mask].all(), "a padding token was kept"
 
     if stage.selects_tokens:
-        assert torch.equal(out.tokens[out.mask], gather_rows(batch.tokens, safe)[out.mask])
+        assert torch.equal(out.tokens[out.mask], gather_rows(original.tokens, safe)[out.mask])
 
     if out.pruned is not None:
-        # kept and pruned partition the input's real tokens (by original index)
+        # kept and pruned partition the input's real tokens, its own pruned ones included (by index)
         for b in range(batch.mask.shape[0]):
             have = torch.cat([out.index[b][out.mask[b]], out.pruned.index[b][out.pruned.mask[b]]])
-            assert torch.equal(have.sort().values, batch.index[b][batch.mask[b]])
+            want = batch.index[b][batch.mask[b]]
+            if batch.pruned is not None:
+                want = torch.cat([want, batch.pruned.index[b][batch.pruned.mask[b]]])
+            assert torch.equal(have.sort().values, want.sort().values)
 
     for value in [out.tokens, out.features, out.scores, *out.losses.values()]:
         if value is not None:
@@ -84,7 +100,7 @@ def check_output(stage, batch: TokenBatch, out: TokenBatch) -> None:
 @pytest.mark.parametrize("name", list_stages())
 def test_stage_contract(name):
     pipe = build_one(name)
-    stage = pipe.stages[0]
+    stage = pipe.stages[-1]
     batch = ragged_batch()
 
     pipe.eval()
@@ -92,7 +108,7 @@ def test_stage_contract(name):
         out = pipe(batch)
         again = pipe(batch)
         repadded = pipe(ragged_batch(pad_scale=1e3, pad_seed=7))
-    check_output(stage, batch, out)
+        check_output(stage, *run_split(pipe, batch), batch)
     expected = real_outputs(out)
     for key, value in real_outputs(again).items():
         assert torch.equal(value, expected[key]), f"{name} is not deterministic in eval ({key})"
@@ -101,8 +117,8 @@ def test_stage_contract(name):
 
     pipe.train()
     batch.tokens.requires_grad_(True)
-    out = pipe(batch)
-    check_output(stage, batch, out)
+    stage_in, out = run_split(pipe, batch)
+    check_output(stage, stage_in, out, batch)
     weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(3))
     loss = (out.tokens * weights * out.mask.unsqueeze(-1)).sum()
     if out.features is not None:
