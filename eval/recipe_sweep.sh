@@ -10,9 +10,9 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 run() {
   local name=$1; shift
-  timeout 900 $PY -m llava_deft.train --config configs/train/easyvqa_tiny.yaml --output_dir "$OUT/$name" \
+  timeout ${TRAIN_TIMEOUT:-900} $PY -m llava_deft.train --config configs/train/easyvqa_tiny.yaml --output_dir "$OUT/$name" \
       bf16=false log_steps=25 "$@" > "$OUT/$name.train.log" 2>&1 \
-    && timeout 600 $PY eval/easyvqa.py --model "$OUT/$name/final" --limit "$LIMIT" --out "$OUT/$name/eval" > "$OUT/$name.eval.log" 2>&1
+    && timeout ${EVAL_TIMEOUT:-600} $PY eval/easyvqa.py --model "$OUT/$name/final" --limit "$LIMIT" --out "$OUT/$name/eval" > "$OUT/$name.eval.log" 2>&1
   local row; row=$(grep '^| 1 ' "$OUT/$name/eval/"*.md 2>/dev/null || echo "| failed (see $OUT/$name.*.log) |")
   echo "| $name | $* $row" >> "$OUT/rows.txt"
 }
