@@ -192,7 +192,7 @@ def test_sam_then_fgcs_scores_semantic_features():
     batch = sam(TokenBatch.from_tokens(torch.randn(2, 10, 8, generator=gen(2))))
     assert batch.features.shape == (2, 10, 6)
     expected = fgcs.saliency(batch.features).squeeze(-1)
-    torch.testing.assert_close(fgcs.score(batch), expected)
+    torch.testing.assert_close(fgcs.saliency_logits(batch), expected)
     out = fgcs(batch)
     assert out.features.shape == (2, 5, 6)
     with pytest.raises(ValueError, match="has no `features`; put a feature stage such as 'sam' before it"):

@@ -1,10 +1,28 @@
-"""``fgcs``: DeFT's Feedback-Guided Compression and Selection, semantic-saliency scoring.
+"""``fgcs``: DeFT's Feedback-Guided Compression and Selection.
 
 Reference: Liu & Yu, "DeFT: Decoupled and Feedback-Guided Tokenization for Efficient Multimodal
 Long-Context Modeling", ICML 2025 (New In ML), https://dev.icml.cc/virtual/2025/50483 .
 
-This stage implements the learned saliency term of the paper's hybrid score; the gradient
-feedback term and group-aware (per-modality neighbourhood) scoring are separate additions.
+Three signals decide which tokens stay:
+
+1. **semantic saliency** ``s``: a 3-layer MLP on the ``sam`` features (or on the tokens without
+   ``sam``), one logit per token;
+2. **group-aware scoring** ``g``: the mean saliency of the token's group, chosen by modality
+   (image 8-connected neighbours, video ±2 frames, text top-5 semantic neighbours; see
+   :mod:`pipeline.group`). The selection score is ``semantic_weight * s + group_weight * g``;
+3. **feedback-aware importance** (training only): in the SAME backward pass that trains the model,
+   the task loss's gradient with respect to the kept tokens gives each its gradient × input
+   importance ``|sum_d dL/dx_d * x_d|``, normalised per row to [0, 1] by the row's maximum. It is
+   the target that teaches the saliency head: ``feedback_weight * (mean (sigmoid(s) - t)^2 +
+   alpha_var * var(sigmoid(s) - t))`` per row over the kept tokens. The variance term penalises a fit
+   that is good on average but uneven across a row's tokens. Pruned tokens never reach the loss, so
+   they have no feedback and are left out of this loss (at retention 1.0 every token has one).
+   No second backward runs: an identity autograd function on the tokens receives their gradient,
+   computes the target and returns the saliency loss's gradient to ``s`` on the way back.
+
+Selection is a hard top-k (ties: earlier token wins) in train and eval. In training the kept tokens
+pass a straight-through gate so the task loss also reaches the scorer directly:
+``x + x * (sigmoid(score) - sigmoid(score).detach())``, equal to ``x`` in value.
 """
 
 from __future__ import annotations
@@ -13,38 +31,116 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from ..batch import TokenBatch
 from ..config import StageConfig
-from ..ops import select_topk
+from ..group import group_mean, group_neighbours
+from ..ops import budget, keep_mask_topk, split_by_mask
 from ..registry import register
+
+
+def feedback_importance(grad: Tensor, tokens: Tensor) -> Tensor:
+    """Gradient × input importance ``|sum_d grad[..., d] * tokens[..., d]|``: (B, N, D) x2 -> (B, N) fp32."""
+    return (grad.float() * tokens.float()).sum(-1).abs()
+
+
+def normalise_importance(importance: Tensor, valid: Tensor) -> Tensor:
+    """Scale each row's importance to [0, 1] by its maximum over ``valid`` tokens (0 elsewhere)."""
+    imp = torch.where(valid, importance, torch.zeros_like(importance))
+    top = imp.amax(dim=1, keepdim=True)
+    return torch.where(top > 0, imp / top.clamp(min=torch.finfo(imp.dtype).tiny), torch.zeros_like(imp))
+
+
+def feedback_loss(logits: Tensor, target: Tensor, valid: Tensor, alpha_var: float) -> Tensor:
+    """Mean over rows with a valid token of ``mean((p - t)^2) + alpha_var * var(p - t)``, ``p = sigmoid(logits)``."""
+    w = valid.float()
+    n = w.sum(1)  # (B,)
+    r = (torch.sigmoid(logits.float()) - target) * w
+    mse = (r * r).sum(1) / n.clamp(min=1)
+    mean_r = r.sum(1) / n.clamp(min=1)
+    var = (((r - mean_r[:, None]) * w) ** 2).sum(1) / n.clamp(min=1)
+    per_row = mse + alpha_var * var
+    rows = (n > 0).float()
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+class _FeedbackTap(torch.autograd.Function):
+    """Identity on ``tokens``; its backward turns their gradient into the saliency head's target.
+
+    forward(tokens (B, N, D), logits (B, N), valid (B, N), stage) -> tokens. backward: returns the
+    incoming gradient unchanged to ``tokens`` and ``feedback_weight * d(feedback_loss)/d logits``
+    to ``logits``. The stage keeps the last target and loss in ``stage.last_feedback`` (monitoring).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, logits, valid, stage):
+        ctx.save_for_backward(tokens, logits, valid)
+        ctx.stage = stage
+        return tokens.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        tokens, logits, valid = ctx.saved_tensors
+        stage = ctx.stage
+        importance = feedback_importance(grad, tokens)
+        target = normalise_importance(importance, valid)
+        with torch.enable_grad():
+            s = logits.detach().requires_grad_(True)
+            loss = feedback_loss(s, target, valid, stage.alpha_var)
+            (g_s,) = torch.autograd.grad(loss * stage.feedback_weight, s)
+        stage.last_feedback = {"importance": importance.detach(), "target": target, "loss": loss.detach()}
+        return grad, g_s.to(logits.dtype), None, None
 
 
 @register("fgcs")
 class FGCS(nn.Module):
-    """Score tokens with a 3-layer saliency MLP, keep the top ``ceil(retention_ratio * n)`` per row.
+    """Score tokens by saliency + group, keep the top ``ceil(retention_ratio * n)`` per row; learn from feedback.
 
-    Input: ``batch.features (B, N, S)`` when the pipeline has a feature stage (``sam``) before
-    this one (the builder passes ``feature_dim=S``), otherwise ``batch.tokens (B, N, D)``.
-    Output: the kept tokens in original order, ``scores (B, K)``, the rest in ``pruned``.
-
-    Selection is a hard, deterministic top-k (ties: earlier token wins) in train and eval. In
-    training the kept tokens pass through a straight-through gate so the task loss reaches the
-    saliency MLP: ``x * (1 + s - s.detach())`` with ``s = sigmoid(score)``, computed as
-    ``x + x * (s - s.detach())`` so the forward value is bit-identical to ``x``.
+    Input: ``batch.features (B, N, S)`` when the pipeline has a feature stage (``sam``) before this one
+    (the builder passes ``feature_dim=S``), otherwise ``batch.tokens (B, N, D)``.
+    Output: the kept tokens in original order, ``scores (B, K)`` (the combined score), the rest in
+    ``pruned``. ``stats["fgcs"]["feedback_loss"]`` is the feedback loss of the previous backward.
+    ``feedback_weight=0`` switches the feedback signal off (the ablation); ``group_weight=0`` the
+    group term.
     """
 
-    selects_tokens = True  # kept tokens are input rows (the gate leaves their values unchanged)
+    selects_tokens = True  # kept tokens are input rows (the gates leave their values unchanged)
 
     class Config(StageConfig):
         name: Literal["fgcs"] = "fgcs"
         retention_ratio: float = Field(0.482, gt=0, le=1)
         hidden_dim: int = Field(256, gt=0)
+        semantic_weight: float = Field(1.0, ge=0)
+        group_weight: float = Field(0.5, ge=0)
+        feedback_weight: float = Field(1.0, ge=0)
+        alpha_var: float = Field(0.1, ge=0)
+        text_k: int = Field(5, ge=0)
+        video_radius: int = Field(2, ge=0)
 
-    def __init__(self, dim: int, retention_ratio: float = 0.482, hidden_dim: int = 256, feature_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        retention_ratio: float = 0.482,
+        hidden_dim: int = 256,
+        semantic_weight: float = 1.0,
+        group_weight: float = 0.5,
+        feedback_weight: float = 1.0,
+        alpha_var: float = 0.1,
+        text_k: int = 5,
+        video_radius: int = 2,
+        feature_dim: int | None = None,
+    ):
         super().__init__()
+        if semantic_weight == 0 and group_weight == 0:
+            raise ValueError("fgcs needs semantic_weight > 0 or group_weight > 0 (both are 0: every score would tie)")
         self.retention_ratio = retention_ratio
+        self.semantic_weight = semantic_weight
+        self.group_weight = group_weight
+        self.feedback_weight = feedback_weight
+        self.alpha_var = alpha_var
+        self.text_k = text_k
+        self.video_radius = video_radius
         self.use_features = feature_dim is not None
         in_dim = feature_dim if feature_dim is not None else dim
         self.saliency = nn.Sequential(
@@ -54,22 +150,62 @@ class FGCS(nn.Module):
             nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
+        self.last_feedback: dict[str, Tensor] = {}
 
-    def score(self, batch: TokenBatch) -> torch.Tensor:
-        """Saliency logits (B, N); higher = keep."""
-        if self.use_features:
-            if batch.features is None:
-                raise ValueError(
-                    "fgcs was built to score semantic features (feature_dim was given) but the batch "
-                    "has no `features`; put a feature stage such as 'sam' before it"
-                )
-            x = batch.features  # (B, N, S)
-        else:
-            x = batch.tokens  # (B, N, D)
-        return self.saliency(x).squeeze(-1)  # (B, N)
+    def _inputs(self, batch: TokenBatch) -> Tensor:
+        if not self.use_features:
+            return batch.tokens  # (B, N, D)
+        if batch.features is None:
+            raise ValueError(
+                "fgcs was built to score semantic features (feature_dim was given) but the batch "
+                "has no `features`; put a feature stage such as 'sam' before it"
+            )
+        return batch.features  # (B, N, S)
+
+    def saliency_logits(self, batch: TokenBatch) -> Tensor:
+        """Semantic saliency logits ``s`` (B, N); higher = keep."""
+        return self.saliency(self._inputs(batch)).squeeze(-1)
+
+    def combine(self, batch: TokenBatch, logits: Tensor) -> Tensor:
+        """Selection score ``semantic_weight * s + group_weight * mean(s over the token's group)``, (B, N)."""
+        score = self.semantic_weight * logits
+        if self.group_weight > 0:
+            pos, valid = group_neighbours(
+                batch.index, batch.mask, batch.modality, batch.layout, self._inputs(batch).detach(),
+                self.text_k, self.video_radius,
+            )
+            score = score + self.group_weight * group_mean(logits, pos, valid)
+        return score
+
+    def score(self, batch: TokenBatch) -> Tensor:
+        """The selection score (B, N)."""
+        return self.combine(batch, self.saliency_logits(batch))
+
+    def feedback_loss_from(self, task_loss: Tensor, tokens: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+        """Explicit feedback (the seed API's ``task_loss``): target from ``d task_loss / d tokens``.
+
+        ``tokens (B, N, D)`` must be in ``task_loss``'s graph (e.g. the loss of a pass that saw every
+        token). Returns ``feedback_weight * feedback_loss`` on ``logits (B, N)`` over real tokens;
+        the caller adds it to its loss. Uses ``torch.autograd.grad`` (the graph is retained).
+        """
+        if not tokens.requires_grad:
+            raise ValueError("task_loss feedback needs tokens that require grad and were used to compute task_loss")
+        (grad,) = torch.autograd.grad(task_loss, tokens, retain_graph=True, allow_unused=True)
+        if grad is None:
+            raise ValueError("task_loss does not depend on the tokens given to DeFT; pass the tokens its graph used")
+        target = normalise_importance(feedback_importance(grad, tokens.detach()), mask)
+        return self.feedback_weight * feedback_loss(logits, target, mask, self.alpha_var)
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
-        out = select_topk(batch, self.score(batch), self.retention_ratio, self.stage_name)
+        logits = self.saliency_logits(batch)  # (B, N)
+        score = self.combine(batch, logits)
+        keep = keep_mask_topk(score.detach(), batch.mask, budget(batch.lengths, self.retention_ratio))
+        tokens = batch.tokens
+        if self.training and self.feedback_weight > 0 and torch.is_grad_enabled() and tokens.requires_grad:
+            tokens = _FeedbackTap.apply(tokens, logits, keep & batch.mask, self)
+        out = split_by_mask(batch.replace(tokens=tokens, scores=score), keep, self.stage_name)
+        if "loss" in self.last_feedback:
+            out.stats[self.stage_name]["feedback_loss"] = float(self.last_feedback["loss"])
         if not self.training:
             return out
         s = torch.sigmoid(out.scores) * out.mask  # (B, K); padding slots get no gate

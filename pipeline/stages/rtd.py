@@ -128,7 +128,7 @@ class RTD(nn.Module):
     scores. In ``hybrid``/``adaptive`` ``features`` is set to None (pruned tokens' features are
     not stored; rtd is the last stage before the LLM); ``fast`` leaves it as is.
 
-    Training: ``losses["rtd_recon"] = recon_weight * MSE(reconstruct(compress(x)), x.detach())``
+    Training: ``losses["rtd_recon"] = recon_weight * MSE(reconstruct(compress(x)), x)`` with ``x`` detached
     over the real pruned tokens (0, still attached to the parameters, when a batch pruned
     nothing). ``stats["rtd"]``: ``tokens_in``, ``tokens_out`` (mean per row), ``recovered``
     (mean recovered tokens per row), ``recovered_rows`` (fraction of rows that got at least one
@@ -211,7 +211,8 @@ class RTD(nn.Module):
         losses = dict(batch.losses)
         rebuilt = None
         if self.training:
-            rebuilt = self.reconstruct(self.compress(x))  # (B, P, D)
+            # the input is detached too: the loss trains the bottleneck, never reshapes the tokens upstream
+            rebuilt = self.reconstruct(self.compress(x.detach()))  # (B, P, D)
             err = (rebuilt - x.detach()).pow(2).mean(-1)  # (B, P)
             err = torch.where(pruned.mask, err, torch.zeros_like(err))
             loss = self.recon_weight * err.sum() / pruned.mask.sum().clamp(min=1)

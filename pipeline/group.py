@@ -1,0 +1,118 @@
+"""Group-aware neighbourhoods for DeFT's scoring: which tokens each token is judged together with.
+
+DeFT scores a token together with its group, chosen by modality:
+
+- image (layout ``(1, H, W)``): the 8-connected spatial neighbours on the patch grid;
+- video (layout ``(T, H, W)``): the 8 spatial neighbours in the same frame plus the token at the same
+  ``(h, w)`` in frames ``t-2 .. t+2`` (±``video_radius`` frames); audio rows (layout ``(T, 1, 1)``)
+  use the same rule, so their neighbours are the ±2 surrounding time steps;
+- text: the ``text_k`` (default 5) most similar tokens of the row by cosine similarity of their
+  semantic features (all the other tokens when the row has fewer than ``text_k + 1``).
+
+Neighbours are found by ORIGINAL position (``batch.index`` decoded on the row's ``layout``), so they
+stay right after an earlier reducer; a neighbour an earlier reducer removed, or one outside the grid,
+is simply absent. Everything is batched: no loop over rows or tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch import Modality
+
+SPATIAL_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
+"""The 8-connected neighbourhood on a patch grid, as (dh, dw)."""
+
+
+def grid_neighbours(index: Tensor, mask: Tensor, layout: Tensor, video_radius: int = 2) -> tuple[Tensor, Tensor]:
+    """Spatial (8-connected) and temporal (±``video_radius`` frames, same h, w) neighbours.
+
+    index, mask (B, N); layout (B, 3) ``(T, H, W)``. Returns ``(pos, valid)``, each (B, N, K) with
+    ``K = 8 + 2 * video_radius``: ``pos`` is the neighbour's position along N in the current batch
+    (0 where invalid), ``valid`` says the neighbour exists (inside the grid, present, real).
+    Temporal slots are valid only when ``T > 1`` (an image has none).
+    """
+    b, n = mask.shape
+    dev = index.device
+    t_len, h_len, w_len = layout.clamp(min=1).unbind(1)  # (B,)
+    hw = (h_len * w_len)[:, None]  # (B, 1)
+    t, rem = index // hw, index % hw  # (B, N)
+    h, w = rem // w_len[:, None], rem % w_len[:, None]
+
+    offsets = [(0, dh, dw) for dh, dw in SPATIAL_OFFSETS]
+    offsets += [(dt, 0, 0) for dt in range(-video_radius, video_radius + 1) if dt != 0]
+    off = torch.tensor(offsets, dtype=torch.long, device=dev)  # (K, 3)
+    nt = t[..., None] + off[:, 0]  # (B, N, K)
+    nh = h[..., None] + off[:, 1]
+    nw = w[..., None] + off[:, 2]
+    inside = (
+        (nt >= 0) & (nt < t_len[:, None, None]) & (nh >= 0) & (nh < h_len[:, None, None])
+        & (nw >= 0) & (nw < w_len[:, None, None])
+    )
+    orig = nt * hw[..., None] + nh * w_len[:, None, None] + nw  # (B, N, K) original index of the neighbour
+
+    # original index -> current position (-1 when absent: pruned earlier, or padding); padding is
+    # scattered into an extra dump column L that is never read
+    # (rows whose real tokens are not a prefix may carry indices past T*H*W: make room for them too)
+    length = max(int(layout.prod(1).max()), int(torch.where(mask, index + 1, 0).max())) if b and n else 0
+    where = torch.full((b, length + 1), -1, dtype=torch.long, device=dev)
+    slot = torch.where(mask, index, torch.full_like(index, length))
+    where.scatter_(1, slot, torch.arange(n, device=dev).expand(b, n).contiguous())
+    where = where[:, :length]
+    pos = where.gather(1, torch.where(inside, orig, 0).flatten(1)).view(b, n, -1) if length else orig.new_full(orig.shape, -1)
+    valid = inside & (pos >= 0) & mask[..., None]
+    return pos.clamp(min=0), valid
+
+
+def text_neighbours(features: Tensor, mask: Tensor, k: int = 5) -> tuple[Tensor, Tensor]:
+    """The ``k`` most cosine-similar other real tokens of each token's row. (B, N, k') each, k' = min(k, N-1)."""
+    b, n, _ = features.shape
+    kk = max(0, min(k, n - 1))
+    if kk == 0:
+        empty = torch.zeros(b, n, 0, dtype=torch.long, device=features.device)
+        return empty, empty.bool()
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    sim = f @ f.transpose(1, 2)  # (B, N, N)
+    eye = torch.eye(n, dtype=torch.bool, device=features.device)
+    allowed = mask[:, None, :] & mask[:, :, None] & ~eye
+    sim = sim.masked_fill(~allowed, float("-inf"))
+    val, pos = sim.topk(kk, dim=-1)  # ties: lowest position first (topk on CPU/GPU is stable enough; see test)
+    return pos, torch.isfinite(val)
+
+
+def group_neighbours(
+    index: Tensor,
+    mask: Tensor,
+    modality: Tensor,
+    layout: Tensor,
+    features: Tensor | None,
+    text_k: int = 5,
+    video_radius: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """Each token's group by its row's modality (see the module doc). ``(pos, valid)``, (B, N, K).
+
+    Image, video and audio rows use :func:`grid_neighbours`; text rows :func:`text_neighbours` on
+    ``features`` (the token values when a row has no semantic features). Rows of different
+    modalities share one batch: both neighbour sets are computed and each row keeps its own.
+    """
+    pos, valid = grid_neighbours(index, mask, layout, video_radius)
+    is_text = modality == int(Modality.TEXT)  # (B,)
+    valid = valid & ~is_text[:, None, None]
+    if bool(is_text.any()) and features is not None:
+        tpos, tvalid = text_neighbours(features, mask, text_k)
+        tvalid = tvalid & is_text[:, None, None]
+        pos, valid = torch.cat([pos, tpos], -1), torch.cat([valid, tvalid], -1)
+    return pos, valid
+
+
+def group_mean(scores: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+    """Mean score of each token's valid neighbours, (B, N); a token without neighbours keeps its own."""
+    b, n, k = pos.shape
+    if k == 0:
+        return scores
+    nb = scores.gather(1, pos.flatten(1)).view(b, n, k)
+    w = valid.to(scores.dtype)
+    count = w.sum(-1)
+    mean = (nb * w).sum(-1) / count.clamp(min=1)
+    return torch.where(count > 0, mean, scores)
