@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import PipelineConfigError, validate_config
 
@@ -65,6 +65,40 @@ class ModelConfig(_Strict):
     pipeline: dict[str, Any] | list | str | None = None
     tokenizer: str | None = None
     max_length: int = Field(512, gt=0)
+    # the DeFT seed's switches: use_deft builds `sam -> fgcs [-> rtd]` (pipeline.deft_pipeline_config)
+    # instead of `pipeline`; the deft_* knobs need use_deft: true
+    use_deft: bool = False
+    deft_semantic_dim: int = Field(512, gt=0)
+    deft_retention_ratio: float = Field(0.482, gt=0, le=1)
+    deft_enable_rtd: bool = True
+    deft_alpha_var: float = Field(0.1, ge=0)
+    deft_rtd_bottleneck_ratio: int = Field(4, gt=1)
+
+    @model_validator(mode="after")
+    def _deft_switches(self):
+        if self.use_deft:
+            if (self.pipeline or {}).get("stages"):
+                raise ValueError("use_deft builds the DeFT pipeline itself: remove `pipeline` or set use_deft: false")
+        else:
+            set_knobs = [k for k in DEFT_KEYS if getattr(self, k) != type(self).model_fields[k].default]
+            if set_knobs:
+                raise ValueError(f"{set_knobs} take effect only with use_deft: true (or use configs/pipeline/deft.yaml)")
+        return self
+
+    def pipeline_config(self) -> dict[str, Any] | None:
+        """The reduction pipeline to build: the DeFT stages when ``use_deft``, else ``pipeline``."""
+        if not self.use_deft:
+            return self.pipeline
+        from pipeline import deft_pipeline_config
+
+        return deft_pipeline_config(
+            semantic_dim=self.deft_semantic_dim,
+            retention_ratio=self.deft_retention_ratio,
+            enable_rtd=self.deft_enable_rtd,
+            alpha_var=self.deft_alpha_var,
+            rtd_bottleneck_ratio=self.deft_rtd_bottleneck_ratio,
+        )
+
 
     @field_validator("pipeline")
     @classmethod
@@ -74,6 +108,9 @@ class ModelConfig(_Strict):
         except PipelineConfigError as e:
             raise ValueError("; ".join(f"pipeline.{x}" for x in e.errors)) from None
         return cfg.model_dump()
+
+
+DEFT_KEYS = ("deft_semantic_dim", "deft_retention_ratio", "deft_enable_rtd", "deft_alpha_var", "deft_rtd_bottleneck_ratio")
 
 
 def _format_errors(e: ValidationError) -> list[str]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pipeline import Modality, TokenBatch, build_pipeline
 
-from .config import ModelConfig, load_model_config
+from .config import DEFT_KEYS, ModelConfig, load_model_config
 from .encoders import build_image_encoder, build_projector
 from .errors import CheckpointError, MediaCountMismatchError
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
@@ -53,7 +53,7 @@ class LlavaDeftForCausalLM(nn.Module):
         hf = build_llm(llm_spec, vocab_size=len(self.tokenizer), attn_implementation=cfg.llm.attn_implementation)
         self.llm = DecoderLM(hf)
         self.projector = build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
-        self.pipeline = build_pipeline(cfg.pipeline, dim=self.llm.hidden_size)
+        self.pipeline = build_pipeline(cfg.pipeline_config(), dim=self.llm.hidden_size)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self.media_tokens_per_image = self.vision.grid[0] * self.vision.grid[1]
         self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
@@ -229,6 +229,8 @@ class LlavaDeftForCausalLM(nn.Module):
         cfg["tokenizer"] = str(path / TOKENIZER_DIR)
         if pipeline is not None:
             cfg["pipeline"] = pipeline
+            for key in ("use_deft", *DEFT_KEYS):  # the given pipeline replaces the DeFT switches too
+                cfg.pop(key, None)
         for k, v in overrides.items():
             cfg[k] = v
         model = cls(cfg)

@@ -8,10 +8,12 @@
 from . import stages as _stages  # noqa: F401  (registers every stage)
 from .batch import Modality, PrunedTokens, TokenBatch
 from .builder import Pipeline, build, build_pipeline
+from .deft import DeFTModule, deft_pipeline_config
 from .config import PipelineConfigError, StageConfig, validate_config
 from .registry import UnknownStageError, get_stage, list_stages, register
 
 __all__ = [
+    "DeFTModule",
     "Modality",
     "Pipeline",
     "PipelineConfigError",
@@ -21,6 +23,7 @@ __all__ = [
     "UnknownStageError",
     "build",
     "build_pipeline",
+    "deft_pipeline_config",
     "get_stage",
     "list_stages",
     "register",

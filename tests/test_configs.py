@@ -53,6 +53,7 @@ def _describe(m: LlavaDeftForCausalLM) -> dict:
         "llm_trainable": any(p.requires_grad for p in m.llm.parameters()),
         "attn": m.llm.config._attn_implementation,
         "pipeline": m.pipeline.names,
+        "pipeline_config": repr(m.pipeline.config),
         "vocab": len(m.tokenizer),
         "max_length": m.config.max_length,
     }
@@ -86,6 +87,13 @@ def _changes(tmp_path):
         "pipeline": ({"pipeline": [{"name": "random"}]}, "pipeline"),
         "tokenizer": ({"tokenizer": str(tok_dir)}, "vocab"),
         "max_length": ({"max_length": 64}, "max_length"),
+        "use_deft": ({"use_deft": True}, "pipeline"),
+        # the deft_* knobs need use_deft: each is compared with use_deft alone
+        "deft_semantic_dim": ({"use_deft": True, "deft_semantic_dim": 64}, "pipeline_config", {"use_deft": True}),
+        "deft_retention_ratio": ({"use_deft": True, "deft_retention_ratio": 0.25}, "pipeline_config", {"use_deft": True}),
+        "deft_enable_rtd": ({"use_deft": True, "deft_enable_rtd": False}, "pipeline", {"use_deft": True}),
+        "deft_alpha_var": ({"use_deft": True, "deft_alpha_var": 0.5}, "pipeline_config", {"use_deft": True}),
+        "deft_rtd_bottleneck_ratio": ({"use_deft": True, "deft_rtd_bottleneck_ratio": 8}, "pipeline_config", {"use_deft": True}),
     }
 
 
@@ -96,9 +104,19 @@ def test_every_model_config_key_changes_the_model(tmp_path):
               for s in (getattr(f.annotation, "model_fields", None) or {})} | {
         k for k, f in ModelConfig.model_fields.items() if not hasattr(f.annotation, "model_fields")}
     assert leaves - {"vision.weights"} == set(changes), "a config key has no behaviour test (or a test has no key)"
-    torch.manual_seed(0)
-    base = _describe(LlavaDeftForCausalLM())
-    for key, (override, field) in changes.items():
+    for key, (override, field, *base_override) in changes.items():
+        torch.manual_seed(0)
+        base = _describe(LlavaDeftForCausalLM(base_override[0] if base_override else None))
         torch.manual_seed(0)
         changed = _describe(LlavaDeftForCausalLM(override))
         assert changed[field] != base[field], f"{key} did not change {field}"
+
+
+def test_deft_switches_conflicts_are_errors():
+    with pytest.raises(ConfigError, match=r"\['deft_alpha_var'\] take effect only with use_deft: true"):
+        load_model_config({"deft_alpha_var": 0.2})
+    with pytest.raises(ConfigError, match="use_deft builds the DeFT pipeline itself: remove `pipeline`"):
+        load_model_config({"use_deft": True, "pipeline": [{"name": "random"}]})
+    cfg = load_model_config({"use_deft": True, "deft_retention_ratio": 0.11, "deft_enable_rtd": False})
+    assert cfg.pipeline_config() == {"stages": [
+        {"name": "sam", "semantic_dim": 512}, {"name": "fgcs", "retention_ratio": 0.11, "alpha_var": 0.1}]}
