@@ -13,6 +13,8 @@ Optional attributes a stage may declare (read by the builder, ``Pipeline`` and t
   ``index`` (selectors keep exactly the budget); False for mergers such as ``pool``.
 - ``feature_dim_out`` (instance, int): width ``S`` of the ``batch.features`` the stage writes;
   later stages with a ``feature_dim`` constructor argument receive it from the builder.
+- ``needs_pruned`` (class, bool): the stage acts on ``batch.pruned`` (e.g. ``rtd``), so it only
+  makes sense after a reducer; the contract test runs it after one.
 """
 
 from __future__ import annotations
