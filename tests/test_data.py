@@ -14,6 +14,7 @@ from llava_deft.data import (
     IGNORE_INDEX,
     EasyVQADataset,
     LlavaJsonDataset,
+    LRUCache,
     MultimodalCollator,
     build_generation_inputs,
     export_easyvqa,
@@ -90,6 +91,7 @@ def test_easyvqa_item(test_split):
     (img,) = item["images"]
     assert img.mode == "RGB" and img.size == (64, 64)
     assert item["question_type"] in {"shape", "color", "yes/no"}
+    assert item["image_keys"] == [f"easyvqa/test/{test_split.image_ids[0]}"]
     assert len(EasyVQADataset("test", limit=5)) == 5
     with pytest.raises(ValueError, match="'train' or 'test'"):
         EasyVQADataset("val")
@@ -105,6 +107,7 @@ def test_easyvqa_grouped_by_image(test_split):
         msgs = item["messages"]
         assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
         assert msgs[0]["content"].startswith("<image>\n") and len(item["images"]) == 1
+        assert item["image_keys"] == [f"easyvqa/test/{test_split.image_ids[grouped.groups[i][0]]}"]
         assert all("<image>" not in m["content"] for m in msgs[1:])
         qs = grouped.groups[i]
         assert {test_split.image_ids[q] for q in qs} == {test_split.image_ids[qs[0]]}
@@ -309,6 +312,146 @@ def test_build_generation_inputs(tok):
     assert tok.decode(batch["input_ids"][0]).startswith("<s>Be brief.\nUSER: <image>\nwhat color")
     with pytest.raises(MediaCountMismatchError, match="prompt-0"):
         build_generation_inputs(tok, ["no placeholder"], [[solid(5)]], transform, 4, 64)
+
+
+# ------------------------------------------------------------------------------------------- caches
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k  # bit for bit
+        else:
+            assert a[k] == b[k], k
+
+
+def count_template_calls(monkeypatch, tok) -> list:
+    calls = []
+    real = tok.apply_chat_template
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", spy)
+    return calls
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_cached_batches_equal_uncached_over_two_passes(tok, test_split, monkeypatch, generation):
+    """Easy-VQA repeats conversations and images; the second pass is served from the caches alone."""
+    items = [test_split[i] for i in range(48)]
+    n_conv = len({tuple(m["content"] for m in it["messages"]) for it in items})
+    n_img = len({k for it in items for k in it["image_keys"]})
+    assert n_conv < len(items) and n_img < len(items)  # the first pass already hits
+    side = "left" if generation else "right"
+    cached = collator(tok, generation=generation, padding_side=side)
+    plain = collator(tok, generation=generation, padding_side=side, cache_size=0)
+    batches = [items[i : i + 16] for i in range(0, len(items), 16)]
+    expected = [plain(b) for b in batches]
+    calls = count_template_calls(monkeypatch, tok)
+    for b, want in zip(batches, expected):  # cold
+        assert_batches_equal(cached(b), want)
+    assert len(calls) == n_conv and len(cached.token_cache) == n_conv and len(cached.image_cache) == n_img
+    assert cached.token_cache.hits == len(items) - n_conv and cached.image_cache.hits == len(items) - n_img
+    del calls[:]
+    for b, want in zip(batches, expected):  # warm
+        assert_batches_equal(cached(b), want)
+    assert calls == []
+    assert cached.token_cache.hits == 2 * len(items) - n_conv
+    assert cached.image_cache.hits == 2 * len(items) - n_img
+    assert plain.token_cache.hits == plain.image_cache.hits == len(plain.token_cache) == len(plain.image_cache) == 0
+
+
+def test_cache_hands_out_copies(tok, test_split):
+    items = [test_split[i] for i in range(4)]
+    c, plain = collator(tok), collator(tok, cache_size=0)
+    ids, labels, _ = c.encode(items[0])
+    ids[:] = [0] * len(ids)
+    labels.append(7)
+    batch = c(items)
+    batch["pixel_values"].zero_()
+    batch["input_ids"].zero_()
+    image_hits = c.image_cache.hits
+    assert_batches_equal(c(items), plain(items))
+    assert c.token_cache.hits >= 1 + len(items) and c.image_cache.hits == image_hits + len(items)
+
+
+def test_cache_size_bounds_both_caches(tok):
+    c = collator(tok, cache_size=3)
+    samples = [sample(f"s{i}", f"<image>\nquestion {i}?", images=[solid(i)]) for i in range(5)]
+    for s, key in zip(samples, "abcde"):
+        s["image_keys"] = [key]
+    c(samples)
+    assert len(c.token_cache) == 3 and len(c.image_cache) == 3
+    assert ["a" in c.image_cache, "e" in c.image_cache] == [False, True]  # oldest dropped first
+    with pytest.raises(ValueError, match="cache size must be >= 0, got -1"):
+        collator(tok, cache_size=-1)
+
+
+def test_lru_cache_drops_least_recently_used():
+    cache = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3
+    assert cache.get("b", "none") == "none"
+    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
+    off = LRUCache(0)
+    off.put("a", 1)
+    assert len(off) == 0 and off.get("a") is None
+
+
+@pytest.mark.parametrize(
+    "bad, error, pattern",
+    [
+        (sample("{sid}", "hi", answer=None), EmptyLabelsError, r"sample '{sid}' has no assistant tokens"),
+        (sample("{sid}", "<image><image>\nq", images=[solid(0)]), MediaCountMismatchError, r"sample '{sid}'.* 2 <image>"),
+        (sample("{sid}", "<image>\n" + "very " * 200 + "long", images=[solid(0)]), SampleTooLongError, r"sample '{sid}' is"),
+    ],
+)
+def test_bad_sample_raises_every_time(tok, bad, error, pattern):
+    c = collator(tok)
+    for sid in ("first", "again", "renamed"):  # same conversation; the error names the sample at hand
+        s = dict(bad, id=sid if sid != "again" else "first")
+        with pytest.raises(error, match=pattern.format(sid=s["id"])):
+            c([sample("fine", "<image>\nq", images=[solid(1)]), s])
+
+
+def test_cached_conversation_still_checks_media_count(tok):
+    """The token cache is keyed by messages alone: a cached conversation with the wrong media still fails."""
+    c = collator(tok)
+    c([sample("ok", "<image>\nq", images=[solid(1)])])
+    with pytest.raises(MediaCountMismatchError, match=r"sample 'no-image'.* 1 <image> placeholder\(s\) but 0 media"):
+        c([sample("no-image", "<image>\nq")])
+    assert c.token_cache.hits == 1
+
+
+def test_image_keys_are_not_confused(tok):
+    c, plain = collator(tok), collator(tok, cache_size=0)
+    a = dict(sample("a", "<image>\nq", images=[solid(10)]), image_keys=["img/a"])
+    b = dict(sample("b", "<image>\nq", images=[solid(200)]), image_keys=["img/b"])
+    two = dict(sample("ab", "<image><image>\nq", images=[solid(200), solid(10)]), image_keys=["img/b", "img/a"])
+    for batch in ([a, b], [b, a, two], [two, b, a]):
+        assert_batches_equal(c(batch), plain(batch))
+    assert c.image_cache.hits == 0 + 4 + 4 and len(c.image_cache) == 2
+    # a key names a picture: a different image under a cached key is not transformed again
+    stale = dict(sample("a2", "<image>\nq", images=[solid(99)]), image_keys=["img/a"])
+    assert torch.equal(c([stale])["pixel_values"], plain([a])["pixel_values"])
+    keyless = sample("k", "<image>\nq", images=[solid(99)])
+    assert torch.equal(c([keyless])["pixel_values"], plain([keyless])["pixel_values"])
+    with pytest.raises(ValueError, match=r"sample 'bad' has image_keys \['x'\] for 2 image\(s\)"):
+        c([dict(sample("bad", "<image><image>", images=[solid(1), solid(2)]), image_keys=["x"])])
+
+
+def test_unhashable_messages_are_tokenised_uncached(tok):
+    s = sample("meta", "hi")
+    s["messages"][0]["meta"] = ["unhashable"]
+    c = collator(tok)
+    assert_batches_equal(c([s]), collator(tok, cache_size=0)([s]))
+    assert len(c.token_cache) == 0
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
