@@ -575,6 +575,11 @@ class Launcher:
         # N concurrent runs must not each take every core (the GPU box has 16 cores for 13 runs)
         self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, min(n_runs, args.parallel)))))
         self.n_stages = len(_load_recipe(args.train_config).stages)
+        # runs are spread round-robin over the visible GPUs (one process each, no communication)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.gpus = (visible.split(",") if visible else [str(i) for i in range(n_gpus)])[:n_gpus] if n_gpus else []
+        self.launched = 0
         self.bar = tqdm(total=n_runs, desc="training runs finished", dynamic_ncols=True, disable=n_runs == 0)
 
     def command(self, run: Run) -> list[str]:
@@ -591,7 +596,14 @@ class Launcher:
         with run.log.open("a") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
+            with self.lock:
+                env = dict(self.env)
+                if len(self.gpus) > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = self.gpus[self.launched % len(self.gpus)]
+                    fh.write(f"# CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}\n")
+                    fh.flush()
+                self.launched += 1
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             with self.lock:
                 self.procs.add(proc)
             rc = proc.wait()

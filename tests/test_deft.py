@@ -23,8 +23,11 @@ def slow_feedback_loss(logits, target, valid, alpha_var):
         idx = [i for i in range(logits.shape[1]) if valid[b, i]]
         if not idx:
             continue
-        r = torch.stack([torch.sigmoid(logits[b, i]) - target[b, i] for i in idx])
-        rows.append((r**2).mean() + alpha_var * ((r - r.mean()) ** 2).mean())
+        p = torch.stack([torch.sigmoid(logits[b, i]) for i in idx])
+        t = torch.stack([target[b, i] for i in idx])
+        bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+        r = p - t
+        rows.append(bce.mean() + alpha_var * ((r - r.mean()) ** 2).mean())
     return torch.stack(rows).mean()
 
 
@@ -73,6 +76,15 @@ def test_feedback_gradient_reaches_saliency_head_in_the_same_backward(alpha_var)
     for name, p in stage.named_parameters():
         torch.testing.assert_close(with_fb[name] - without[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert any(p.grad.abs().sum() > 0 for p in stage.parameters())
+
+
+def test_feedback_loss_does_not_vanish_when_saliency_saturates():
+    logits = torch.full((1, 4), -60.0, requires_grad=True)
+    target = torch.tensor([[1.0, 0.5, 0.0, 0.2]])
+    from pipeline.stages.fgcs import feedback_loss
+
+    feedback_loss(logits, target, torch.ones(1, 4, dtype=torch.bool), 0.1).backward()
+    assert (logits.grad[0, [0, 1, 3]] < -0.01).all()  # pulls the important tokens' logits up
 
 
 def test_feedback_off_in_eval_and_without_grad():

@@ -13,9 +13,12 @@ Three signals decide which tokens stay:
 3. **feedback-aware importance** (training only): in the SAME backward pass that trains the model,
    the task loss's gradient with respect to the kept tokens gives each its gradient × input
    importance ``|sum_d dL/dx_d * x_d|``, normalised per row to [0, 1] by the row's maximum. It is
-   the target that teaches the saliency head: ``feedback_weight * (mean (sigmoid(s) - t)^2 +
-   alpha_var * var(sigmoid(s) - t))`` per row over the kept tokens. The variance term penalises a fit
-   that is good on average but uneven across a row's tokens. Pruned tokens never reach the loss, so
+   the target that teaches the saliency head: ``feedback_weight * (mean BCE(s, t) +
+   alpha_var * var(sigmoid(s) - t))`` per row over the kept tokens. Binary cross-entropy on the
+   logits keeps its gradient ``sigmoid(s) - t`` when the saliency saturates (a squared error on
+   ``sigmoid(s)`` does not: the straight-through gate alone drove the logits to -30..-200 in an H100
+   run, where that gradient vanished). The variance term penalises a fit that is good on average but
+   uneven across a row's tokens. Pruned tokens never reach the loss, so
    they have no feedback and are left out of this loss (at retention 1.0 every token has one).
    No second backward runs: an identity autograd function on the tokens receives their gradient,
    computes the target and returns the saliency loss's gradient to ``s`` on the way back.
@@ -53,14 +56,15 @@ def normalise_importance(importance: Tensor, valid: Tensor) -> Tensor:
 
 
 def feedback_loss(logits: Tensor, target: Tensor, valid: Tensor, alpha_var: float) -> Tensor:
-    """Mean over rows with a valid token of ``mean((p - t)^2) + alpha_var * var(p - t)``, ``p = sigmoid(logits)``."""
+    """Mean over rows with a valid token of ``mean BCE(logits, t) + alpha_var * var(sigmoid(logits) - t)``."""
     w = valid.float()
     n = w.sum(1)  # (B,)
-    r = (torch.sigmoid(logits.float()) - target) * w
-    mse = (r * r).sum(1) / n.clamp(min=1)
+    x = logits.float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, target, reduction="none") * w
+    r = (torch.sigmoid(x) - target) * w
     mean_r = r.sum(1) / n.clamp(min=1)
     var = (((r - mean_r[:, None]) * w) ** 2).sum(1) / n.clamp(min=1)
-    per_row = mse + alpha_var * var
+    per_row = bce.sum(1) / n.clamp(min=1) + alpha_var * var
     rows = (n > 0).float()
     return (per_row * rows).sum() / rows.sum().clamp(min=1)
 
