@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 
 
 def git_commit() -> str:
+    """Short commit of the code (``-dirty`` with uncommitted changes); ``LLAVA_DEFT_COMMIT`` overrides it
+    where the checkout's git metadata is not the code's (e.g. a copied working tree on a GPU box)."""
+    if os.environ.get("LLAVA_DEFT_COMMIT"):
+        return os.environ["LLAVA_DEFT_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     if out.returncode != 0:
         return "unknown"
