@@ -87,6 +87,28 @@ def test_feedback_loss_does_not_vanish_when_saliency_saturates():
     assert (logits.grad[0, [0, 1, 3]] < -0.01).all()  # pulls the important tokens' logits up
 
 
+def test_explore_temperature_samples_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 8, generator=gen(9))
+    batch = TokenBatch.from_tokens(x, layout=(1, 8, 8))
+    plain = FGCS(dim=8, retention_ratio=0.25, hidden_dim=16)
+    explore = FGCS(dim=8, retention_ratio=0.25, hidden_dim=16, explore_temperature=1.0)
+    explore.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        ref = plain.eval()(batch).index
+        assert torch.equal(explore.eval()(batch).index, ref)  # eval: deterministic, no noise
+        assert torch.equal(plain.train()(batch).index, ref)  # temperature 0: the plain top-k
+        torch.manual_seed(1)
+        picks = [explore.train()(batch).index for _ in range(4)]
+    assert any(not torch.equal(p, ref) for p in picks)  # training explores
+    assert all(p.shape == ref.shape for p in picks)  # always exactly the budget
+    # a large temperature approaches uniform sampling; a tiny one the plain top-k
+    tiny = FGCS(dim=8, retention_ratio=0.25, hidden_dim=16, explore_temperature=1e-6)
+    tiny.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(tiny.train()(batch).index, ref)
+
+
 def test_feedback_off_in_eval_and_without_grad():
     stage = FGCS(dim=8, retention_ratio=0.5, hidden_dim=16).eval()
     x = torch.randn(1, 9, 8, requires_grad=True)

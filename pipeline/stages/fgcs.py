@@ -23,7 +23,11 @@ Three signals decide which tokens stay:
    No second backward runs: an identity autograd function on the tokens receives their gradient,
    computes the target and returns the saliency loss's gradient to ``s`` on the way back.
 
-Selection is a hard top-k (ties: earlier token wins) in train and eval. In training the kept tokens
+Selection is a hard top-k (ties: earlier token wins) in train and eval. ``explore_temperature`` > 0
+makes the training selection a Gumbel top-k: ``top-k(score + temperature * Gumbel noise)``, a sample
+without replacement from ``softmax(score / temperature)``. Feedback exists only for kept tokens, so
+without exploration a token the scorer ranks low is never kept and can never earn a better target;
+the noise gives it the chance (eval stays deterministic). In training the kept tokens
 pass a straight-through gate so the task loss also reaches the scorer directly:
 ``x + x * (sigmoid(score) - sigmoid(score).detach())``, equal to ``x`` in value.
 """
@@ -121,6 +125,7 @@ class FGCS(nn.Module):
         alpha_var: float = Field(0.1, ge=0)
         text_k: int = Field(5, ge=0)
         video_radius: int = Field(2, ge=0)
+        explore_temperature: float = Field(0.0, ge=0)
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class FGCS(nn.Module):
         alpha_var: float = 0.1,
         text_k: int = 5,
         video_radius: int = 2,
+        explore_temperature: float = 0.0,
         feature_dim: int | None = None,
     ):
         super().__init__()
@@ -145,6 +151,7 @@ class FGCS(nn.Module):
         self.alpha_var = alpha_var
         self.text_k = text_k
         self.video_radius = video_radius
+        self.explore_temperature = explore_temperature
         self.use_features = feature_dim is not None
         in_dim = feature_dim if feature_dim is not None else dim
         self.saliency = nn.Sequential(
@@ -203,7 +210,11 @@ class FGCS(nn.Module):
     def forward(self, batch: TokenBatch) -> TokenBatch:
         logits = self.saliency_logits(batch)  # (B, N)
         score = self.combine(batch, logits)
-        keep = keep_mask_topk(score.detach(), batch.mask, budget(batch.lengths, self.retention_ratio))
+        rank_by = score.detach()
+        if self.training and self.explore_temperature > 0:
+            u = torch.rand_like(rank_by).clamp(min=torch.finfo(rank_by.dtype).tiny, max=1 - 1e-7)
+            rank_by = rank_by - self.explore_temperature * torch.log(-torch.log(u))  # + T * Gumbel(0, 1)
+        keep = keep_mask_topk(rank_by, batch.mask, budget(batch.lengths, self.retention_ratio))
         tokens = batch.tokens
         if self.training and self.feedback_weight > 0 and torch.is_grad_enabled() and tokens.requires_grad:
             tokens = _FeedbackTap.apply(tokens, logits, keep & batch.mask, self)
