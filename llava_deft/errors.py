@@ -48,3 +48,15 @@ class CheckpointError(LlavaDeftError, ValueError):
 
 class ConfigError(LlavaDeftError, ValueError):
     """A model/training config failed validation; the message lists every problem with its path."""
+
+
+class AudioError(MediaFileError):
+    """An audio file cannot be used: missing, unreadable or corrupt, empty (0 samples) or non-finite.
+
+    ``AudioError(message)`` with one argument keeps ``message`` whole, so pickling (a DataLoader
+    worker's re-raise) rebuilds the error with its type.
+    """
+
+    def __init__(self, path: str, problem: str | None = None):
+        self.path, self.problem = str(path), problem
+        super().__init__(str(path) if problem is None else f"audio file '{path}': {problem}")

@@ -12,5 +12,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing llava-deft and its dependencies into .venv (first run only)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # espeak-ng speaks the audio task (scripts/make_audio_task.py); without it tests use committed clips
+  if ! command -v espeak-ng >/dev/null; then
+    SUDO=none
+    if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+    if [ "$SUDO" != none ] && command -v apt-get >/dev/null \
+      && { $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 \
+           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1; }; }; then
+      echo "[setup] installed espeak-ng"
+    else
+      echo "[setup] espeak-ng is missing and could not be installed (apt-get install espeak-ng); continuing without it"
+    fi
+  fi
   touch "$stamp"
 fi

@@ -1,0 +1,243 @@
+"""Audio: loading (wav/flac → 16 kHz mono), Whisper log-mel features and a Whisper-style encoder.
+
+Reference: Radford et al., "Robust Speech Recognition via Large-Scale Weak Supervision" (Whisper),
+https://arxiv.org/abs/2212.04356. We reuse transformers' ``WhisperFeatureExtractor`` (log-mel) and
+``WhisperEncoder`` (two convolutions, the second with stride 2, then transformer layers), with a short
+chunk (5 s by default instead of 30 s) so that short clips are not padded to half a minute.
+
+    wave = load_audio("clip.flac")                       # (S,) float32, mono, 16 kHz
+    enc = AudioEncoder()                                 # tiny, random init
+    feats = enc.features([wave])                         # (1, n_mels, chunk_length * 100)
+    tokens = enc(feats)                                  # (1, T, width), layout (T, 1, 1)
+
+Tests: ``.venv/bin/python -m pytest tests/test_audio.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .errors import AudioError, CheckpointError
+
+SAMPLING_RATE = 16000
+
+# Keys an audio config may set (WhisperConfig's names for the model; the feature extractor reads
+# num_mel_bins, sampling_rate, hop_length, n_fft and chunk_length). max_source_positions is derived
+# from the chunk: chunk_length * sampling_rate / hop_length mel frames, halved by conv2's stride.
+DEFAULT_AUDIO_CONFIG: dict[str, Any] = {
+    "d_model": 128,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 512,
+    "num_mel_bins": 80,
+    "activation_function": "gelu",
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.0,
+    "scale_embedding": False,
+    "chunk_length": 5,
+    "sampling_rate": SAMPLING_RATE,
+    "hop_length": 160,
+    "n_fft": 400,
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> Tensor:
+    """Read a wav or flac file (any format libsndfile reads) as ``(S,)`` float32 mono at ``sampling_rate``.
+
+    Channels are averaged; other rates are resampled with soxr (high quality). Raises ``AudioError``
+    (a ``FileNotFoundError`` through ``MediaFileError``) naming the file when it is missing, cannot
+    be decoded, holds no samples or holds NaN/inf.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "does not exist")
+    try:
+        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
+    except sf.SoundFileError as err:
+        raise AudioError(path, f"cannot be decoded ({err})") from err
+    if data.shape[0] == 0:
+        raise AudioError(path, "is empty (0 samples)")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(path, f"holds {bad} non-finite (NaN or inf) sample value(s)")
+    mono = data.mean(axis=1)  # (S,)
+    if file_rate != sampling_rate:
+        mono = soxr.resample(mono, file_rate, sampling_rate, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def build_feature_extractor(
+    num_mel_bins: int = 80,
+    chunk_length: int = 5,
+    sampling_rate: int = SAMPLING_RATE,
+    hop_length: int = 160,
+    n_fft: int = 400,
+) -> WhisperFeatureExtractor:
+    """transformers' Whisper log-mel extractor; every clip is padded (with zeros) to ``chunk_length`` s."""
+    return WhisperFeatureExtractor(
+        feature_size=num_mel_bins,
+        sampling_rate=sampling_rate,
+        hop_length=hop_length,
+        chunk_length=chunk_length,
+        n_fft=n_fft,
+    )
+
+
+def log_mel(
+    waveforms: Sequence[Tensor | np.ndarray], extractor: WhisperFeatureExtractor, truncate: bool = False
+) -> Tensor:
+    """``waveforms`` (each ``(S_i,)`` at the extractor's rate) -> ``(B, n_mels, chunk frames)`` float32.
+
+    A clip longer than the chunk raises ``ValueError`` unless ``truncate`` (then its end is cut):
+    Whisper's extractor would cut it silently.
+    """
+    arrays = [w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w) for w in waveforms]
+    for i, a in enumerate(arrays):
+        if a.ndim != 1:
+            raise ValueError(f"waveform {i} has shape {a.shape}; expected (samples,) mono")
+        if not truncate and a.shape[0] > extractor.n_samples:
+            raise ValueError(
+                f"waveform {i} has {a.shape[0]} samples ({a.shape[0] / extractor.sampling_rate:.2f} s), longer "
+                f"than the {extractor.chunk_length} s chunk; raise chunk_length or pass truncate=True"
+            )
+    out = extractor(
+        arrays, sampling_rate=extractor.sampling_rate, return_tensors="pt", padding="max_length", truncation=True
+    )
+    return out["input_features"].float()
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def resolve_audio_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """``DEFAULT_AUDIO_CONFIG`` updated by ``config``; unknown keys and inconsistent sizes raise ``ValueError``."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULT_AUDIO_CONFIG) - {"max_source_positions"})
+    if unknown:
+        raise ValueError(f"unknown audio config key(s) {unknown}; valid keys: {sorted(DEFAULT_AUDIO_CONFIG)}")
+    cfg = {**DEFAULT_AUDIO_CONFIG, **config}
+    if cfg["d_model"] % cfg["encoder_attention_heads"]:
+        raise ValueError(
+            f"audio d_model {cfg['d_model']} is not divisible by encoder_attention_heads {cfg['encoder_attention_heads']}"
+        )
+    n_samples = cfg["chunk_length"] * cfg["sampling_rate"]
+    frames = n_samples // cfg["hop_length"]
+    if frames % 2:
+        raise ValueError(
+            f"audio chunk of {cfg['chunk_length']} s gives {frames} mel frames; conv2 (stride 2) needs an even count"
+        )
+    positions = frames // 2
+    if cfg.setdefault("max_source_positions", positions) != positions:
+        raise ValueError(
+            f"max_source_positions {cfg['max_source_positions']} does not match the chunk: "
+            f"{cfg['chunk_length']} s -> {frames} frames -> {positions} positions (leave it out to derive it)"
+        )
+    return cfg
+
+
+class AudioEncoder(nn.Module):
+    """Whisper-style audio encoder: ``forward(input_features (B, n_mels, frames)) -> tokens (B, T, width)``.
+
+    ``frames = chunk_length * sampling_rate / hop_length`` (500 for 5 s); conv2 halves it, so
+    ``T = ceil(frames / 2 / pool_stride)`` (250 at stride 1: one token per 20 ms). The tokens are a
+    time sequence; ``layout = (T, 1, 1)`` is their ``(T, H, W)`` grid for group-aware scoring.
+
+    ``config``: keys of ``DEFAULT_AUDIO_CONFIG`` (tiny: width 128, 2 layers, 4 heads, 80 mels, 5 s).
+    ``weights``: a local ``.safetensors`` state dict of the Whisper encoder (ours from
+    ``save_weights``, or a Whisper checkpoint's ``model.encoder.*`` / ``encoder.*`` keys, whose
+    position table is cut to the chunk's positions). Random init (under torch's seed) otherwise.
+    ``pool_stride``: average-pool tokens over time by this stride (the last window may be partial).
+    ``feature_extractor`` is the matching ``WhisperFeatureExtractor``; ``features(waves)`` applies it.
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, weights: str | Path | None = None, pool_stride: int = 1):
+        super().__init__()
+        if not isinstance(pool_stride, int) or pool_stride < 1:
+            raise ValueError(f"pool_stride must be a positive integer, got {pool_stride!r}")
+        self.config = resolve_audio_config(config)
+        c = self.config
+        whisper = WhisperConfig(
+            **{k: c[k] for k in DEFAULT_AUDIO_CONFIG if k not in ("chunk_length", "sampling_rate", "hop_length", "n_fft")},
+            max_source_positions=c["max_source_positions"],
+        )
+        self.encoder = WhisperEncoder(whisper)
+        self.pool_stride = pool_stride
+        self.width: int = c["d_model"]
+        self.num_mel_bins: int = c["num_mel_bins"]
+        self.num_frames: int = 2 * c["max_source_positions"]
+        self.num_tokens: int = math.ceil(c["max_source_positions"] / pool_stride)
+        self.layout: tuple[int, int, int] = (self.num_tokens, 1, 1)
+        self.feature_extractor = build_feature_extractor(
+            c["num_mel_bins"], c["chunk_length"], c["sampling_rate"], c["hop_length"], c["n_fft"]
+        )
+        if weights is not None:
+            self.load_weights(weights)
+
+    def features(self, waveforms: Sequence[Tensor | np.ndarray], truncate: bool = False) -> Tensor:
+        """Mono waveforms at ``config['sampling_rate']`` -> ``(B, n_mels, frames)`` log-mel features."""
+        return log_mel(waveforms, self.feature_extractor, truncate=truncate)
+
+    def forward(self, input_features: Tensor) -> Tensor:
+        if input_features.ndim != 3 or input_features.shape[1:] != (self.num_mel_bins, self.num_frames):
+            raise ValueError(
+                f"audio features have shape {tuple(input_features.shape)}; expected "
+                f"(B, {self.num_mel_bins}, {self.num_frames}) (use AudioEncoder.features)"
+            )
+        tokens = self.encoder(input_features).last_hidden_state  # (B, frames/2, width)
+        if self.pool_stride > 1:
+            # (B, width, frames/2) -> (B, width, T) -> (B, T, width)
+            tokens = F.avg_pool1d(tokens.transpose(1, 2), self.pool_stride, self.pool_stride, ceil_mode=True)
+            tokens = tokens.transpose(1, 2)
+        return tokens
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write the encoder's state dict as safetensors (the resolved config in its metadata)."""
+        state = {k: v.detach().contiguous() for k, v in self.encoder.state_dict().items()}
+        save_file(state, str(path), metadata={"format": "pt", "audio_config": json.dumps(self.config)})
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a local safetensors state dict strictly; mismatches raise ``CheckpointError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"audio weights file '{path}' does not exist")
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"audio weights '{path}' must be a .safetensors file (pickles are never loaded)")
+        state = load_file(str(path))
+        expected = self.encoder.state_dict()
+        for prefix in ("model.encoder.", "encoder."):
+            if not set(expected) & set(state) and any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        pos = state.get("embed_positions.weight")
+        if pos is not None and pos.shape[0] > expected["embed_positions.weight"].shape[0]:
+            state["embed_positions.weight"] = pos[: expected["embed_positions.weight"].shape[0]]
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f"audio weights '{path}' do not match the encoder config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+            )
+        self.encoder.load_state_dict(state, strict=True)

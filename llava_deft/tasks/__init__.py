@@ -1,0 +1,1 @@
+"""Deterministic task generators (synthetic data written to disk in LLaVA's conversation JSON)."""
