@@ -42,6 +42,18 @@ class MediaFileError(LlavaDeftError, FileNotFoundError):
     """A media file is missing or cannot be decoded."""
 
 
+class VideoError(MediaFileError):
+    """A video file exists but cannot be used: empty, corrupt or unreadable, or without frames.
+
+    ``VideoError(message)`` with one argument keeps ``message`` whole: that is how pickle and a
+    DataLoader worker's re-raise rebuild the error, so it arrives in the main process with its type.
+    """
+
+    def __init__(self, path: str, problem: str | None = None):
+        self.path, self.problem = str(path), problem
+        super().__init__(str(path) if problem is None else f"video file '{path}': {problem}")
+
+
 class CheckpointError(LlavaDeftError, ValueError):
     """A checkpoint directory is missing files or does not match the model config."""
 
