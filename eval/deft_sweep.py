@@ -1,26 +1,48 @@
-"""Reducer x retention-ratio sweep on easy-VQA, training-free and trained, in one resumable run.
+"""Reducer x retention-ratio sweep on easy-VQA, training-free and trained, over seeds, in one resumable run.
 
     python eval/deft_sweep.py --name deft_sweep_h100                    # the whole default sweep
     python eval/deft_sweep.py --only deft@0.11 random --name deft_sweep_h100   # part of it
+    timeout 590 python eval/deft_sweep.py --seeds 0 1 2 --time-budget 480 --save-steps 250 --name x
+                                            # inside a 10-minute call; call again until nothing is unfinished
     python eval/deft_sweep.py --report-only --name deft_sweep_h100      # table + plot from the JSON
 
-The no-reduction model ("base") is trained once with the ``--base`` reducer's pipeline at retention
-1.0 (all tokens reach the LLM; a learned scorer still trains). Then
+The no-reduction model ("base") is trained with the ``--base`` reducer's pipeline at retention 1.0
+(all tokens reach the LLM; a learned scorer still trains). Then
 
 - training_free: the base checkpoint is loaded with each reducer's pipeline at each ratio (stages
   whose names and shapes match keep the base's trained weights) and evaluated;
 - trained: each reducer x ratio is trained with that pipeline in the loop (same recipe) and evaluated.
 
 Pipelines with an ``rtd`` stage are also evaluated in each ``--rtd-modes`` mode at ``--rtd-ratio``.
-Training runs are subprocesses (``python -m llava_deft.train``), ``--parallel`` at a time, each
-logging to ``<runs>/<run>.log``; a run with ``final/config.json`` is not trained again, an
-interrupted one resumes from its last DeepSpeed checkpoint. Rows accumulate in ``<out>/<name>.json``
-(merged by protocol, reducer, ratio and rtd mode; each row keeps its own device, date and commit);
-a row already there for the same checkpoint, pipeline, ``--limit``, ``--steps`` and ``--override``
-is not evaluated again (``--reeval`` forces it). A finished run is never retrained, whatever
-``--steps``/``--override`` say (each row records the recipe its run was trained with): delete its
-folder to retrain it. ``<name>.md`` holds one table per protocol and the acceptance checks,
-``<name>.png`` accuracy against visual tokens per image. The last line printed is a one-line summary.
+
+Seeds: every run (the base included) is trained once per ``--seeds`` seed (default: the recipe's
+seed alone). With more than one seed, or another than the recipe's, run folders get a ``#s<seed>``
+suffix and the run gets the override ``seed=<s>``; a seed's training-free rows use that seed's base.
+Rows record their seed. The report shows each cell's mean ± sample std over its seeds and n; the
+acceptance checks and the plot (error bars: std) use the means, % of base is mean / base mean.
+
+Training runs are subprocesses (``python -m llava_deft.train``), ``--parallel`` at a time, the bases
+first (the longest sequences, and every training-free row waits for one), then the trained runs seed
+by seed; each logs to ``<runs>/<run>.log``. The main process evaluates on ``--device`` while the
+others still train: as soon as a run has exported ``final/``, its rows are evaluated and merged into
+``<out>/<name>.json`` (a temporary file, then ``os.replace``), so a call that is killed keeps every
+row it finished. A run with a complete ``final/`` is not trained again; an interrupted one resumes
+from its last DeepSpeed checkpoint (``--save-steps N`` makes those more frequent).
+
+``--time-budget S`` (seconds from the start): no run is launched with less than ``--launch-margin``
+left; at the deadline the running ones are stopped (SIGTERM; the next call resumes them), what
+finished is evaluated, the report is written and the exit code is 0; a printed line and the report
+name the unfinished runs. The budget covers training only: leave room under the call's hard limit
+for the evaluations of the runs that finish last and for the report (rows a hard kill leaves
+unevaluated are evaluated by the next call, whose runs are already trained).
+
+Rows are merged by protocol, reducer, ratio, rtd mode and seed; each keeps its own device, date and
+commit. A row already there for the same checkpoint, pipeline, ``--limit``, ``--steps`` and
+``--override`` is not evaluated again (``--reeval`` forces it). A finished run is never retrained,
+whatever ``--steps``/``--override`` say (each row records the recipe its run was trained with):
+delete its folder to retrain it. ``<name>.md`` holds one table per protocol and the acceptance
+checks, ``<name>.png`` accuracy against visual tokens per image. The last line printed is a
+one-line summary.
 """
 
 from __future__ import annotations
@@ -32,12 +54,15 @@ import math
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,7 +72,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from eval.common import run_metadata, write_json  # noqa: E402
+from eval.common import run_metadata  # noqa: E402
 from pipeline import get_stage, list_stages, validate_config  # noqa: E402
 from pipeline.stages.rtd import MODES as RTD_MODES  # noqa: E402
 
@@ -68,6 +93,10 @@ DEFAULT_REDUCERS = [
 ]
 BASE = "base"  # name of the no-reduction run and of its rows' protocol
 LOG_TAIL_LINES = 25
+# Rows written before seeds were recorded come from runs trained with the recipe's default seed
+# (TrainConfig.seed; configs/train/easyvqa_deft.yaml sets none).
+LEGACY_SEED = 0
+TERMINATE_GRACE_S = 10.0  # a stopped training run gets this long after SIGTERM before SIGKILL
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="data-loader workers of each training run")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test questions only")
     p.add_argument("--steps", type=int, default=None, help="max_steps of every training stage (default: the recipe's epochs)")
-    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides of every training run (e.g. save_steps=200)")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides of every training run (e.g. stages.0.lr=5e-4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train every run once per seed; the report shows mean ± std over seeds (default: the recipe's seed)")
+    p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="save_steps of every training run, so an interrupted run loses little (default: the recipe's)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop at this many seconds from the start: running training is stopped (it resumes next call), "
+                        "what finished is evaluated, the report written, exit 0")
+    p.add_argument("--launch-margin", type=float, default=120.0, metavar="SECONDS",
+                   help="with --time-budget: launch no training run with less than this left")
     p.add_argument("--only", nargs="+", default=None, metavar="REDUCER[@RATIO]", help="run only these (and 'base'); the rest of the JSON is kept")
     p.add_argument("--report-only", action="store_true", help="write the report and plot from the JSON, run nothing")
     p.add_argument("--reeval", action="store_true", help="evaluate rows again even if the JSON has them for the same checkpoint")
@@ -97,6 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds} names a seed twice")
+    if args.save_steps is not None and args.save_steps < 1:
+        p.error("--save-steps must be at least 1")
+    if args.time_budget is not None and not 0 <= args.launch_margin < args.time_budget:
+        p.error(f"--launch-margin ({args.launch_margin:g} s) must be in [0, --time-budget ({args.time_budget:g} s))")
+    clash = [o for o in args.override if o.partition("=")[0].strip() in ("seed", "output_dir")]
+    if clash:
+        p.error(f"--override {clash}: use --seeds (the run folders are the sweep's)")
     return args
 
 
@@ -185,8 +232,18 @@ def configured_rtd_mode(pipeline_cfg: dict) -> str | None:
     return next((s.get("mode", "fast") for s in pipeline_cfg["stages"] if s["name"] == "rtd"), None)
 
 
+def row_seed(row: dict) -> int:
+    return row.get("seed", LEGACY_SEED)
+
+
 def row_key(row: dict) -> tuple:
-    return (row["protocol"], row["reducer"], round(float(row["ratio"]), 9), row.get("rtd_mode"))
+    """(protocol, reducer, ratio, rtd mode, seed): one row per key in the JSON."""
+    return (row["protocol"], row["reducer"], round(float(row["ratio"]), 9), row.get("rtd_mode"), row_seed(row))
+
+
+def cell_key(row: dict) -> tuple:
+    """``row_key`` without the seed: the rows of one report cell."""
+    return row_key(row)[:4]
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -210,8 +267,25 @@ def save_rows(path: Path, rows: list[dict], command: str | None = None) -> dict:
     if command is not None and command not in doc["commands"]:
         doc["commands"].append(command)
     doc["rows"] = merge_rows(doc["rows"], rows)
-    write_json(path, doc)
+    write_json_atomic(path, doc)
     return doc
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write a temporary file next to ``path``, then ``os.replace`` it: a reader (or a call killed
+    mid-write) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------- report
@@ -219,6 +293,31 @@ def save_rows(path: Path, rows: list[dict], command: str | None = None) -> dict:
 class Check:
     status: str  # PASS | FAIL | MISSING | INFO
     text: str
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per cell (protocol, reducer, ratio, rtd mode), averaged over its seeds' rows.
+
+    Each keeps the first seed's other fields; ``accuracy`` (every key the rows share) and
+    ``tokens_per_image`` are means, ``acc_std`` the sample std of ``accuracy["all"]`` in points (0 for
+    one seed), ``n`` the number of seeds and ``seeds`` which. Cells keep the rows' first-seen order.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(cell_key(r), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=row_seed)
+        shared = [k for k in rs[0]["accuracy"] if all(k in r["accuracy"] for r in rs)]
+        out.append({
+            **rs[0],
+            "accuracy": {k: statistics.fmean(r["accuracy"][k] for r in rs) for k in shared},
+            "tokens_per_image": statistics.fmean(r["tokens_per_image"] for r in rs),
+            "acc_std": 100 * statistics.stdev(r["accuracy"]["all"] for r in rs) if len(rs) > 1 else 0.0,
+            "n": len(rs),
+            "seeds": [row_seed(r) for r in rs],
+        })
+    return out
 
 
 def find_rows(rows: list[dict], protocol: str, reducer: str, ratio: float) -> list[dict]:
@@ -241,13 +340,24 @@ def acc(row: dict) -> float:
     return 100 * row["accuracy"]["all"]
 
 
-def pct_of(row: dict, ref: dict) -> float:
-    """``row``'s accuracy as % of ``ref``'s (nan when the reference scored 0)."""
-    return 100 * acc(row) / acc(ref) if acc(ref) else float("nan")
+def fmt_acc(row: dict) -> str:
+    """'97.0', or '97.0 ± 1.2' for a cell of several seeds."""
+    return f"{acc(row):.1f}" + (f" ± {row['acc_std']:.1f}" if row.get("n", 1) > 1 else "")
+
+
+def pct_of(row: dict, ref: dict | None) -> float:
+    """``row``'s accuracy as % of ``ref``'s (nan without a reference or when it scored 0)."""
+    return 100 * acc(row) / acc(ref) if ref is not None and acc(ref) else float("nan")
 
 
 def fmt_pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.1f}"
+
+
+def _seeds_note(*rows: dict) -> str:
+    """'' when every row is one seed, else '; n=3 vs 2 seeds'."""
+    ns = [r.get("n", 1) for r in rows]
+    return "" if max(ns) == 1 else "; n=" + " vs ".join(map(str, ns)) + " seeds"
 
 
 def sweep_ratios(rows: list[dict], protocol: str | None = None) -> list[float]:
@@ -264,14 +374,15 @@ def reducer_order(rows: list[dict], preferred: list[str]) -> list[str]:
 def acceptance_checks(
     rows: list[dict], base: str, rtd_ratio: float, thresholds: dict[float, float] = THRESHOLDS, reducers: list[str] = (),
 ) -> list[Check]:
-    """Every acceptance check the rows allow, computed from the numbers (reducers in ``reducers``' order)."""
+    """Every acceptance check the rows allow, computed from each cell's mean over its seeds
+    (reducers in ``reducers``' order)."""
+    rows = aggregate(rows)
     ref = base_row(rows, base)
-    if ref is None:
-        return [Check("MISSING", f"no base row (reducer {base!r} at retention 1.0): nothing can be compared")]
-    ref_acc = acc(ref)
     checks: list[Check] = []
+    if ref is None:
+        checks.append(Check("MISSING", f"no base row (reducer {base!r} at retention 1.0): no % of base can be computed"))
     protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
-    for proto in protocols:
+    for proto in protocols if ref is not None else ():
         ratios = sweep_ratios(rows, proto)
         for ratio, need in thresholds.items():
             if not any(math.isclose(ratio, x, abs_tol=1e-9) for x in ratios):
@@ -282,7 +393,8 @@ def acceptance_checks(
                 checks.append(Check("MISSING", f"{what}: no row"))
                 continue
             pct = pct_of(r, ref)
-            checks.append(Check("PASS" if pct >= need else "FAIL", f"{what}: {pct:.2f} % ({acc(r):.1f} vs {ref_acc:.1f})"))
+            checks.append(Check("PASS" if pct >= need else "FAIL",
+                                f"{what}: {pct:.2f} % ({acc(r):.1f} vs {acc(ref):.1f}{_seeds_note(r, ref)})"))
     if "trained" in protocols:
         others = [n for n in reducer_order(rows, list(reducers)) if not n.startswith(base)]
         for ratio in sweep_ratios(rows, "trained"):
@@ -294,7 +406,8 @@ def acceptance_checks(
                     checks.append(Check("MISSING", f"{what}: no row for {base if mine is None else other}"))
                     continue
                 d = acc(mine) - acc(theirs)
-                checks.append(Check("PASS" if d > 0 else "FAIL", f"{what}: {acc(mine):.1f} vs {acc(theirs):.1f} ({d:+.1f} pp)"))
+                checks.append(Check("PASS" if d > 0 else "FAIL",
+                                    f"{what}: {fmt_acc(mine)} vs {fmt_acc(theirs)} ({d:+.1f} pp{_seeds_note(mine, theirs)})"))
     for proto in protocols:
         for name in reducer_order(rows, [base, *reducers]):
             found = {r.get("rtd_mode"): r for r in find_rows(rows, proto, name, rtd_ratio)}
@@ -323,12 +436,19 @@ def _range(values: list[str]) -> str:
     return vals[0] if len(vals) == 1 else f"{vals[0]} to {vals[-1]}"
 
 
-def protocol_table(rows: list[dict], protocol: str, ref: dict, order: list[str]) -> str:
+def protocol_table(rows: list[dict], protocol: str, ref: dict | None, order: list[str]) -> str:
+    """One protocol's table of aggregated ``rows``; with several seeds a cell reads 'mean ± std (% of base) n=k'."""
     ratios = sweep_ratios(rows)
-    head = "| reducer | rtd mode | " + " | ".join(f"{ratio_tag(r)}: accuracy (% of base) | {ratio_tag(r)}: tokens/image" for r in ratios) + " |"
+    multi = any(r.get("n", 1) > 1 for r in rows)
+    what = "accuracy ± std (% of base) n seeds" if multi else "accuracy (% of base)"
+    head = "| reducer | rtd mode | " + " | ".join(f"{ratio_tag(r)}: {what} | {ratio_tag(r)}: tokens/image" for r in ratios) + " |"
     lines = [head, "|---|---|" + "---|---|" * len(ratios)]
-    base_cell = f"{acc(ref):.1f} (100.0) | {ref['tokens_per_image']:.1f}"
-    lines.append(f"| no reduction (base, retention 1) | {ref.get('rtd_mode') or ''} | " + " | ".join([base_cell] * len(ratios)) + " |")
+
+    def cell(r: dict) -> str:
+        return f"{fmt_acc(r)} ({fmt_pct(pct_of(r, ref))})" + (f" n={r.get('n', 1)}" if multi else "") + f" | {r['tokens_per_image']:.1f}"
+
+    base_cell = cell(ref) if ref is not None else "not evaluated yet | —"
+    lines.append(f"| no reduction (base, retention 1) | {(ref or {}).get('rtd_mode') or ''} | " + " | ".join([base_cell] * len(ratios)) + " |")
     for name in order:
         mine = [r for r in rows if r["protocol"] == protocol and r["reducer"] == name]
         modes = list(dict.fromkeys(r.get("rtd_mode") for r in sorted(mine, key=lambda r: -r["ratio"])))
@@ -336,25 +456,30 @@ def protocol_table(rows: list[dict], protocol: str, ref: dict, order: list[str])
             cells = []
             for ratio in ratios:
                 r = next((x for x in mine if x.get("rtd_mode") == mode and math.isclose(x["ratio"], ratio, abs_tol=1e-9)), None)
-                cells.append("— | —" if r is None else f"{acc(r):.1f} ({fmt_pct(pct_of(r, ref))}) | {r['tokens_per_image']:.1f}")
+                cells.append("— | —" if r is None else cell(r))
             lines.append(f"| {name} | {mode or ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def build_report(
     doc: dict, name: str, base: str, rtd_ratio: float, reducers: list[str],
-    thresholds: dict[float, float] = THRESHOLDS, failed: list[str] = (), runs_dir: str = "",
+    thresholds: dict[float, float] = THRESHOLDS, failed: list[str] = (), runs_dir: str = "", unfinished: list[str] = (),
 ) -> str:
-    """The markdown report; its last line is the one-line summary."""
-    rows = doc["rows"]
+    """The markdown report of ``doc``'s rows (cells: means over seeds); its last line is the one-line summary."""
+    raw = doc["rows"]
+    if not raw:
+        raise ValueError("the results have no rows yet; run the sweep (without --report-only) first")
+    rows = aggregate(raw)
     ref = base_row(rows, base)
-    if ref is None:
-        raise ValueError(f"the results have no base row for reducer {base!r}; run the sweep (without --report-only) first")
     order = reducer_order(rows, reducers)
-    limits = sorted({str(r.get("questions")) for r in rows})
-    commits = sorted({r["commit"] for r in rows})
-    devices = sorted({r["device"] for r in rows})
-    stale = [r for r in rows if r["protocol"] == "training_free" and r.get("checkpoint_sha") != ref.get("checkpoint_sha")]
+    limits = sorted({str(r.get("questions")) for r in raw})
+    commits = sorted({r["commit"] for r in raw})
+    devices = sorted({r["device"] for r in raw})
+    seeds = sorted({row_seed(r) for r in raw})
+    base_raw = sorted((r for r in raw if r["protocol"] == BASE and r["reducer"] == base), key=row_seed)
+    base_sha = {row_seed(r): r.get("checkpoint_sha") for r in base_raw}
+    stale = [r for r in raw if r["protocol"] == "training_free" and row_seed(r) in base_sha
+             and r.get("checkpoint_sha") != base_sha[row_seed(r)]]
     out = [
         f"# easy-VQA: reducer x retention ratio, training-free and trained ({name})",
         "",
@@ -362,20 +487,29 @@ def build_report(
         "",
         *[f"    {c}" for c in doc["commands"]],
         "",
-        f"{len(rows)} rows measured {_range([r['date'] for r in rows])} on {', '.join(devices)}; "
+        f"{len(raw)} rows measured {_range([r['date'] for r in raw])} on {', '.join(devices)}; "
         f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; "
         f"{' / '.join(limits)} test questions per row{' (MIXED: compare with care)' if len(limits) > 1 else ''}.",
-        f"Base: reducer `{base}`'s pipeline at retention 1.0 ({ref['tokens_per_image']:.1f} tokens/image), "
-        f"{acc(ref):.1f} % exact match, checkpoint `{ref['checkpoint']}` ({ref.get('checkpoint_sha')}).",
-        "Cells: exact-match accuracy % (in parentheses % of the base's accuracy); tokens/image: visual tokens each image gives the LLM.",
     ]
+    if ref is not None:
+        ckpts = ", ".join(f"`{r['checkpoint']}` ({r.get('checkpoint_sha')})" for r in base_raw)
+        out.append(f"Base: reducer `{base}`'s pipeline at retention 1.0 ({ref['tokens_per_image']:.1f} tokens/image), "
+                   f"{fmt_acc(ref)} % exact match, checkpoint{'s' if len(base_raw) > 1 else ''} {ckpts}.")
+    else:
+        out.append(f"Base: no row yet (reducer `{base}` at retention 1.0): the % of base is missing.")
+    if len(seeds) > 1 or any(r["n"] > 1 for r in rows):
+        out.append(f"Seeds {', '.join(map(str, seeds))}: each cell is the mean ± sample std over the seeds it has "
+                   "(n = how many); % of base is the cell's mean / the base's mean; the checks use the means.")
+    else:
+        out.append(f"Seed {seeds[0]} (one training run per cell).")
+    out.append("Cells: exact-match accuracy % (in parentheses % of the base's accuracy); tokens/image: visual tokens each image gives the LLM.")
     if stale:
-        out.append(f"Note: {len(stale)} training-free row(s) were evaluated on a base checkpoint other than the base row's "
-                   f"(trained on another machine?): {sorted({r.get('checkpoint_sha') for r in stale})}.")
+        out.append(f"Note: {len(stale)} training-free row(s) were evaluated on a base checkpoint other than their seed's base row's "
+                   f"(trained on another machine?): {sorted({str(r.get('checkpoint_sha')) for r in stale})}.")
     for proto in PROTOCOLS:
         if any(r["protocol"] == proto for r in rows):
             out += ["", f"## {PROTOCOL_TITLES[proto]}", "", protocol_table(rows, proto, ref, order)]
-    checks = acceptance_checks(rows, base, rtd_ratio, thresholds, reducers)
+    checks = acceptance_checks(raw, base, rtd_ratio, thresholds, reducers)
     out += ["", "## Acceptance checks", "",
             f"Thresholds ({base}, rtd fast, % of base accuracy): "
             + ", ".join(f"{ratio_tag(r)}: {t:g}" for r, t in thresholds.items()) + "; 'beats' means strictly higher accuracy.", ""]
@@ -386,23 +520,31 @@ def build_report(
         ratios = sweep_ratios(rows, proto)
         r = main_row(rows, proto, base, ratios[-1]) if ratios else None
         if r is not None:
-            lowest.append(f"{proto} {base}@{ratio_tag(r['ratio'])} {acc(r):.1f}% ({fmt_pct(pct_of(r, ref))}% of base)")
+            of_base = f"{fmt_pct(pct_of(r, ref))}% of base" if ref is not None else "no base yet"
+            lowest.append(f"{proto} {base}@{ratio_tag(r['ratio'])} {acc(r):.1f}% ({of_base})")
     if failed:
         out += ["", f"**Training runs that FAILED in the last call** (logs: {runs_dir}/<run>.log): {', '.join(failed)}"]
-    summary = (f"{name}: base {acc(ref):.1f}%; " + ("; ".join(lowest) + "; " if lowest else "")
+    if unfinished:
+        out += ["", f"**Training runs unfinished at the last call's time budget** (the same command resumes them from "
+                    f"their last checkpoint): {', '.join(unfinished)}"]
+    summary = (f"{name}: " + (f"base {acc(ref):.1f}%; " if ref is not None else "no base row yet; ")
+               + ("; ".join(lowest) + "; " if lowest else "")
                + f"acceptance {n['PASS']} pass, {n['FAIL']} fail, {n['MISSING']} missing"
-               + (f"; {len(failed)} training run(s) FAILED" if failed else ""))
+               + (f"; {len(failed)} training run(s) FAILED" if failed else "")
+               + (f"; {len(unfinished)} training run(s) unfinished" if unfinished else ""))
     out += ["", summary]
     return "\n".join(out) + "\n"
 
 
 def plot_sweep(rows: list[dict], path: Path, base: str, reducers: list[str], title: str) -> None:
-    """Two panels (training-free, trained): accuracy vs tokens per image, one line per reducer."""
+    """Two panels (training-free, trained): mean accuracy over seeds vs tokens per image, one line per
+    reducer, error bars one sample std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = aggregate(rows)
     ref = base_row(rows, base)
     order = reducer_order(rows, reducers)
     colors = {n: f"C{i}" for i, n in enumerate(order)}
@@ -414,12 +556,13 @@ def plot_sweep(rows: list[dict], path: Path, base: str, reducers: list[str], tit
             if line:
                 modes = {r.get("rtd_mode") for r in line} - {None}
                 label = name + (f" (rtd {modes.pop()})" if len(modes) == 1 else "")
-                ax.plot([r["tokens_per_image"] for r in line], [acc(r) for r in line], "o-", color=colors[name], label=label)
+                ax.errorbar([r["tokens_per_image"] for r in line], [acc(r) for r in line], yerr=[r["acc_std"] for r in line],
+                            fmt="o-", color=colors[name], capsize=3, label=label)
             extra = [r for r in rows if r["protocol"] == proto and r["reducer"] == name and r not in line]
             for marker, mode in zip("^sDvP", sorted({r.get("rtd_mode") for r in extra}, key=str)):
                 pts = [r for r in extra if r.get("rtd_mode") == mode]
-                ax.plot([r["tokens_per_image"] for r in pts], [acc(r) for r in pts], marker, color=colors[name],
-                        linestyle="none", label=f"{name} (rtd {mode})")
+                ax.errorbar([r["tokens_per_image"] for r in pts], [acc(r) for r in pts], yerr=[r["acc_std"] for r in pts],
+                            fmt=marker, color=colors[name], capsize=3, linestyle="none", label=f"{name} (rtd {mode})")
             for r in line + extra:
                 ax.annotate(ratio_tag(r["ratio"]), (r["tokens_per_image"], acc(r)), textcoords="offset points",
                             xytext=(4, -10), fontsize=7)
@@ -429,7 +572,7 @@ def plot_sweep(rows: list[dict], path: Path, base: str, reducers: list[str], tit
         ax.set_xlabel("visual tokens per image")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("exact-match accuracy (%)")
+    axes[0].set_ylabel("exact-match accuracy (%, mean over seeds ± std)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -439,13 +582,15 @@ def plot_sweep(rows: list[dict], path: Path, base: str, reducers: list[str], tit
 # ---------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class Run:
-    """A training run: the base, or one reducer at one ratio (trained protocol)."""
+    """A training run: a seed's base, or one reducer at one ratio and seed (trained protocol)."""
 
-    name: str  # "base" or "<reducer>@<ratio>"
+    name: str  # "base" or "<reducer>@<ratio>", + "#s<seed>" when seeds are named
     dir: Path
     pipeline: dict  # resolved config, written to dir/pipeline.yaml for the training run
     source: Path  # the reducer's pipeline YAML it was resolved from
     ratio: float
+    seed: int = LEGACY_SEED
+    pass_seed: bool = False  # give the run `seed=<seed>` (else it trains with the recipe's, which is `seed`)
 
     @property
     def pipeline_yaml(self) -> Path:
@@ -468,10 +613,27 @@ class EvalItem:
     pipeline_yaml: Path | None  # replaces the checkpoint's pipeline (training-free); None keeps it
     pipeline: dict
     source: Path
+    seed: int = LEGACY_SEED
+
+    @property
+    def label(self) -> str:
+        return f"{self.protocol} {self.reducer}@{ratio_tag(self.ratio)} seed {self.seed}"
 
 
 def is_trained(run_dir: Path) -> bool:
-    return (run_dir / "final" / "config.json").is_file()
+    """``final/`` is complete: it has ``config.json`` and every file of the last stage's export, at the
+    same size (train.py copies the export into ``final/`` file by file: a run stopped during the copy
+    leaves a partial one, which the next call's ``--resume`` copies again)."""
+    final = run_dir / "final"
+    if not (final / "config.json").is_file():
+        return False
+    stages = [(int(p.parent.name[5:].split("_")[0]), p) for p in run_dir.glob("stage*_*/export")
+              if p.parent.name[5:].split("_")[0].isdigit()]
+    if not stages:
+        return True
+    export = max(stages)[1]
+    return all((final / f.relative_to(export)).is_file() and (final / f.relative_to(export)).stat().st_size == f.stat().st_size
+               for f in export.rglob("*") if f.is_file())
 
 
 def checkpoint_sha(run_dir: Path) -> str | None:
@@ -496,8 +658,11 @@ def write_pipeline_yaml(path: Path, cfg: dict, source: Path, ratio: float) -> No
     path.write_text(head + yaml.safe_dump(cfg, sort_keys=False))
 
 
-def plan(args: argparse.Namespace, reducers: dict[str, Path]) -> tuple[dict[str, Run], list[EvalItem]]:
-    """Every run and evaluation of the sweep; all configs are resolved (every error at once) first."""
+def plan(args: argparse.Namespace, reducers: dict[str, Path], recipe_seed: int = LEGACY_SEED) -> tuple[dict[str, Run], list[EvalItem]]:
+    """Every run and evaluation of the sweep; all configs are resolved (every error at once) first.
+
+    Items come in launch order: every seed's base, then the trained runs seed by seed.
+    """
     runs_dir = Path(args.runs).resolve()
     resolved: dict[tuple[str, float], dict] = {}
     errors = []
@@ -514,33 +679,46 @@ def plan(args: argparse.Namespace, reducers: dict[str, Path]) -> tuple[dict[str,
     if has_rtd and not any(math.isclose(args.rtd_ratio, r, abs_tol=1e-9) for r in args.ratios):
         raise ValueError(f"--rtd-ratio {args.rtd_ratio} is not in --ratios {args.ratios} (reducers with an rtd stage: {has_rtd})")
 
-    runs = {BASE: Run(BASE, runs_dir / BASE, resolved[args.base, 1.0], reducers[args.base], 1.0)}
-    base_mode = configured_rtd_mode(runs[BASE].pipeline)
-    items = [EvalItem(BASE, args.base, 1.0, (base_mode,), BASE, None, runs[BASE].pipeline, reducers[args.base])]
-    for name, path in reducers.items():
-        for ratio in args.ratios:
-            cfg = resolved[name, ratio]
-            mode = configured_rtd_mode(cfg)
-            modes = tuple(args.rtd_modes) if mode is not None and math.isclose(ratio, args.rtd_ratio, abs_tol=1e-9) else (mode,)
-            tag = f"{name}@{ratio_tag(ratio)}"
-            if "training_free" in args.protocols:
-                tf_yaml = runs_dir / "training_free" / f"{tag}.yaml"
-                items.append(EvalItem("training_free", name, ratio, modes, BASE, tf_yaml, cfg, path))
-            if "trained" in args.protocols:
-                runs[tag] = Run(tag, runs_dir / "trained" / tag, cfg, path, ratio)
-                items.append(EvalItem("trained", name, ratio, modes, tag, None, cfg, path))
+    seeds = list(args.seeds) if args.seeds else [recipe_seed]
+    named = len(seeds) > 1 or seeds[0] != recipe_seed  # else the folders of a one-seed sweep keep their names
+
+    def suffix(seed: int) -> str:
+        return f"#s{seed}" if named else ""
+
+    runs: dict[str, Run] = {}
+    items: list[EvalItem] = []
+    base_cfg, base_src = resolved[args.base, 1.0], reducers[args.base]
+    base_mode = configured_rtd_mode(base_cfg)
+    for seed in seeds:
+        b = BASE + suffix(seed)
+        runs[b] = Run(b, runs_dir / b, base_cfg, base_src, 1.0, seed, named)
+        items.append(EvalItem(BASE, args.base, 1.0, (base_mode,), b, None, base_cfg, base_src, seed))
+    for seed in seeds:
+        for name, path in reducers.items():
+            for ratio in args.ratios:
+                cfg = resolved[name, ratio]
+                mode = configured_rtd_mode(cfg)
+                modes = tuple(args.rtd_modes) if mode is not None and math.isclose(ratio, args.rtd_ratio, abs_tol=1e-9) else (mode,)
+                tag = f"{name}@{ratio_tag(ratio)}"
+                if "training_free" in args.protocols:
+                    tf_yaml = runs_dir / "training_free" / f"{tag}.yaml"
+                    items.append(EvalItem("training_free", name, ratio, modes, BASE + suffix(seed), tf_yaml, cfg, path, seed))
+                if "trained" in args.protocols:
+                    run = tag + suffix(seed)
+                    runs[run] = Run(run, runs_dir / "trained" / run, cfg, path, ratio, seed, named)
+                    items.append(EvalItem("trained", name, ratio, modes, run, None, cfg, path, seed))
     return runs, items
 
 
 def pending_items(items: list[EvalItem], runs: dict[str, Run], rows: list[dict], args, sel) -> list[EvalItem]:
     """Items to evaluate now: selected ones whose rows are missing or stale (another checkpoint,
     pipeline, ``--limit``, ``--steps`` or ``--override``), all selected ones with ``--reeval``, and
-    the base whenever its row is stale (every row is compared with it)."""
+    each seed's base whenever its row is stale (every row of that seed is compared with it)."""
     index = {row_key(r): r for r in rows}
 
     def current(it: EvalItem) -> bool:
         sha = checkpoint_sha(runs[it.run].dir)  # None when the checkpoint is not here: trust the row
-        rs = [index.get((it.protocol, it.reducer, round(it.ratio, 9), m)) for m in it.modes]
+        rs = [index.get((it.protocol, it.reducer, round(it.ratio, 9), m, it.seed)) for m in it.modes]
         return all(
             r is not None and r.get("limit") == args.limit and r.get("steps") == args.steps
             and r.get("overrides", []) == args.override
@@ -562,14 +740,23 @@ def pending_items(items: list[EvalItem], runs: dict[str, Run], rows: list[dict],
 
 # ---------------------------------------------------------------------------------- training
 class Launcher:
-    """Runs ``python -m llava_deft.train`` subprocesses, records failures as they happen and stops
-    the ones still running on ``terminate()``."""
+    """Runs ``python -m llava_deft.train`` subprocesses (thread-safe: one call of ``train_and_report``
+    per worker thread) and sorts each run into done, ``failed`` or ``unfinished``.
 
-    def __init__(self, args: argparse.Namespace, n_runs: int):
+    With a ``deadline`` (``time.monotonic()`` seconds) no run is launched with less than
+    ``args.launch_margin`` seconds left, and ``stop()`` (called by the sweep at the deadline, or on
+    the way out) ends the running ones: those are unfinished, not failed.
+    """
+
+    def __init__(self, args: argparse.Namespace, n_runs: int, deadline: float | None = None):
         self.args = args
+        self.deadline = deadline
+        self.margin = args.launch_margin if deadline is not None else 0.0
         self.procs: set[subprocess.Popen] = set()
         self.failed: dict[str, str] = {}
-        self.stopping = False  # set by terminate(): runs ended by it are not failures
+        self.unfinished: dict[str, str] = {}
+        self.stopping = False  # set by stop(): runs it ends are unfinished, not failed
+        self.stop_reason = "the sweep stopped"
         self.lock = threading.Lock()
         self.env = dict(os.environ)
         # N concurrent runs must not each take every core (the GPU box has 16 cores for 13 runs)
@@ -582,53 +769,91 @@ class Launcher:
         self.launched = 0
         self.bar = tqdm(total=n_runs, desc="training runs finished", dynamic_ncols=True, disable=n_runs == 0)
 
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
     def command(self, run: Run) -> list[str]:
         cmd = [sys.executable, "-m", "llava_deft.train", "--config", str(Path(self.args.train_config).resolve()),
                "--output_dir", str(run.dir), "--resume", f"num_workers={self.args.num_workers}"]
         if self.args.steps is not None:
             cmd += [f"stages.{i}.max_steps={self.args.steps}" for i in range(self.n_stages)]
+        if self.args.save_steps is not None:
+            cmd.append(f"save_steps={self.args.save_steps}")
+        if run.pass_seed:
+            cmd.append(f"seed={run.seed}")
         return cmd + list(self.args.override) + [f"model.pipeline={run.pipeline_yaml}"]
 
-    def train(self, run: Run) -> int:
-        """Train one run (``--resume``: an interrupted run continues from its last checkpoint); exit code."""
+    def train(self, run: Run) -> int | None:
+        """Train one run (``--resume``: an interrupted run continues from its last checkpoint); its exit
+        code, None when ``stop()`` came first and it was not started."""
         write_pipeline_yaml(run.pipeline_yaml, run.pipeline, run.source, run.ratio)
         cmd = self.command(run)
         with run.log.open("a") as fh:
-            fh.write(f"$ {shlex.join(cmd)}\n")
-            fh.flush()
-            with self.lock:
+            with self.lock:  # no run starts after stop() has collected the running ones
+                if self.stopping:
+                    return None
+                fh.write(f"$ {shlex.join(cmd)}\n")
                 env = dict(self.env)
                 if len(self.gpus) > 1:
                     env["CUDA_VISIBLE_DEVICES"] = self.gpus[self.launched % len(self.gpus)]
                     fh.write(f"# CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}\n")
-                    fh.flush()
+                fh.flush()
                 self.launched += 1
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-            with self.lock:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
                 self.procs.add(proc)
             rc = proc.wait()
             with self.lock:
                 self.procs.discard(proc)
         return rc
 
-    def train_and_report(self, run: Run) -> None:
-        """``train`` in a worker thread; a failure is recorded (with the log's tail) before the future completes."""
+    def train_and_report(self, run: Run) -> str:
+        """``train`` in a worker thread: 'done', 'failed' (recorded with the log's tail) or 'unfinished'."""
+        left = self.time_left()
+        if self.stopping or left < self.margin:
+            why = self.stop_reason if self.stopping else f"not started: {max(left, 0):.0f} s left < --launch-margin {self.margin:g} s"
+            return self._finish(run, "unfinished", why)
         try:
             rc = self.train(run)
-            why = None if rc == 0 else f"exit code {rc}"
         except OSError as e:  # e.g. the interpreter could not be started
-            why = f"{type(e).__name__}: {e}"
-        if why is not None and not self.stopping:
-            with self.lock:
+            return self._finish(run, "failed", f"{type(e).__name__}: {e}")
+        if rc is None:
+            return self._finish(run, "unfinished", f"not started: {self.stop_reason}")
+        if rc == 0 and is_trained(run.dir):
+            return self._finish(run, "done", "")
+        if self.stopping:
+            return self._finish(run, "unfinished", f"stopped ({self.stop_reason}); resumes from its last checkpoint")
+        return self._finish(run, "failed", f"exit code {rc}" if rc else f"exit code 0 but no complete {run.dir}/final")
+
+    def _finish(self, run: Run, status: str, why: str) -> str:
+        with self.lock:
+            if status == "failed":
                 self.failed[run.name] = why
+            elif status == "unfinished":
+                self.unfinished[run.name] = why
+        if status == "failed":
             tqdm.write(f"[sweep] run {run.name} FAILED ({why}); last lines of {run.log}:\n{log_tail(run.log)}")
         self.bar.update(1)
+        return status
+
+    def stop(self, reason: str = "the sweep stopped", grace: float = TERMINATE_GRACE_S) -> None:
+        """Launch nothing more; SIGTERM the running runs, SIGKILL those still alive after ``grace`` s."""
+        with self.lock:
+            if not self.stopping:
+                self.stopping, self.stop_reason = True, reason
+            procs = list(self.procs)
+        if procs:
+            tqdm.write(f"[sweep] {reason}: stopping {len(procs)} training run(s)")
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
     def terminate(self) -> None:
-        self.stopping = True
-        with self.lock:
-            for p in self.procs:
-                p.terminate()
+        """``stop()`` and close the progress bar (on the way out)."""
+        self.stop()
         self.bar.close()
 
 
@@ -671,73 +896,121 @@ def evaluate_item(it: EvalItem, runs: dict[str, Run], dataset, args, device: tor
             for stage in model.pipeline.stages:
                 if stage.stage_name == "rtd":
                     stage.set_mode(mode)
-        desc = f"{it.protocol} {it.reducer}@{ratio_tag(it.ratio)}" + (f" rtd {mode}" if mode else "")
+        desc = f"{it.protocol} {it.reducer}@{ratio_tag(it.ratio)}" + (f" rtd {mode}" if mode else "") + f" s{it.seed}"
         res = evaluate(model, dataset, args.batch_size, args.max_new_tokens, device, desc=desc)
         rows.append({
-            "protocol": it.protocol, "reducer": it.reducer, "ratio": it.ratio, "rtd_mode": mode,
+            "protocol": it.protocol, "reducer": it.reducer, "ratio": it.ratio, "rtd_mode": mode, "seed": it.seed,
             **res, "questions": res["counts"]["all"], "limit": args.limit, "steps": args.steps,
             "overrides": list(args.override),
             "pipeline": model.pipeline.names, "pipeline_config": it.pipeline,
             "checkpoint": str(ckpt), "checkpoint_sha": sha,
-            "recipe": {"train_config": args.train_config, "stages": recipe.get("stages")},
+            "recipe": {"train_config": args.train_config, "stages": recipe.get("stages"), "seed": recipe.get("seed"),
+                       "save_steps": recipe.get("save_steps")},
             **run_metadata(device),
         })
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the training runs share the GPU
     return rows
 
 
-def usable_in_order(ready: list[str], futures: dict[str, Future]) -> Iterator[str]:
-    """Run names as their checkpoints become usable: those already trained, then the base, then the
-    others as they finish (the base gates every training-free row)."""
-    yield from ready
-    if BASE in futures:
-        futures[BASE].result()
-        yield BASE
-    others = {f: name for name, f in futures.items() if name != BASE}
-    for f in as_completed(others):
-        yield others[f]
-
-
-def run_sweep(args, runs: dict[str, Run], items: list[EvalItem], sel, command: str) -> list[str]:
-    """Train and evaluate what is pending; returns the names of failed runs."""
-    json_path = Path(args.out) / f"{args.name}.json"
-    todo = pending_items(items, runs, load_results(json_path)["rows"], args, sel)
-    save_rows(json_path, [], command)
-    need = [runs[n] for n in dict.fromkeys(it.run for it in todo)]  # the base first when it is needed
-    for run in need:
-        if is_trained(run.dir):
-            warn_if_stale(run)
-    to_train = [r for r in need if not is_trained(r.dir)]
-    print(f"[sweep] {len(todo)} model(s) to evaluate; {len(to_train)} training run(s) to do "
-          f"({', '.join(r.name for r in to_train) or 'none'}), {args.parallel} at a time, logs in {args.runs}/<run>.log")
-    if not todo:
-        return []
-
+def make_evaluator(args: argparse.Namespace) -> Callable[[EvalItem, dict[str, Run]], list[dict]]:
+    """``evaluate(item, runs) -> rows`` on the test split (first ``--limit`` questions) on ``--device``."""
     from llava_deft.data import EasyVQADataset
 
     dataset = EasyVQADataset("test")
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     device = torch.device(args.device)
-    launcher = Launcher(args, len(to_train))
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
-    pool = ThreadPoolExecutor(max_workers=args.parallel)
+    return lambda it, runs: evaluate_item(it, runs, dataset, args, device)
+
+
+def train_and_evaluate(
+    todo: list[EvalItem], to_train: list[Run], ready: set[str], launcher: Launcher,
+    evaluate: Callable[[EvalItem], list[dict]], save: Callable[[list[dict]], object], parallel: int,
+) -> list[EvalItem]:
+    """Train ``to_train`` (``parallel`` at a time, in order) in worker threads and, in this thread,
+    evaluate each item of ``todo`` as soon as its run is usable (in ``ready`` or trained here), saving
+    its rows at once. At ``launcher.deadline`` the running runs are stopped; what finished is still
+    evaluated. Returns the items not evaluated (their run failed or is unfinished)."""
+    usable = set(ready)
+    left = list(todo)
+    timer = None
+    if launcher.deadline is not None:
+        timer = threading.Timer(max(0.0, launcher.time_left()), launcher.stop, kwargs={"reason": "time budget reached"})
+        timer.daemon = True
+        timer.start()
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="train")
     try:
-        futures = {r.name: pool.submit(launcher.train_and_report, r) for r in to_train}
-        for name in usable_in_order([r.name for r in need if r not in to_train], futures):
-            if name in launcher.failed:
-                continue
-            for it in [it for it in todo if it.run == name]:
-                save_rows(json_path, evaluate_item(it, runs, dataset, args, device))
+        futures = {pool.submit(launcher.train_and_report, r): r.name for r in to_train}
+        running = set(futures)
+        while True:
+            for f in [f for f in running if f.done()]:
+                running.discard(f)
+                if f.result() == "done":
+                    usable.add(futures[f])
+            it = next((it for it in left if it.run in usable), None)
+            if it is not None:
+                left.remove(it)
+                save(evaluate(it))
+            elif not running:
+                return left
+            else:
+                wait(running, return_when=FIRST_COMPLETED)
     finally:
+        if timer is not None:
+            timer.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
         launcher.terminate()
+
+
+@dataclass
+class Outcome:
+    failed: list[str] = field(default_factory=list)  # runs whose training failed
+    unfinished: list[str] = field(default_factory=list)  # runs stopped or not started (time budget)
+
+
+def run_sweep(args, runs: dict[str, Run], items: list[EvalItem], sel, command: str, deadline: float | None = None) -> Outcome:
+    """Train and evaluate what is pending (incrementally, see ``train_and_evaluate``)."""
+    json_path = Path(args.out) / f"{args.name}.json"
+    todo = pending_items(items, runs, load_results(json_path)["rows"], args, sel)
+    save_rows(json_path, [], command)
+    need = [runs[n] for n in dict.fromkeys(it.run for it in todo)]  # the bases first, then seed by seed
+    for run in need:
+        if is_trained(run.dir):
+            warn_if_stale(run)
+    to_train = [r for r in need if not is_trained(r.dir)]
+    print(f"[sweep] {len(todo)} model(s) to evaluate; {len(to_train)} training run(s) to do "
+          f"({', '.join(r.name for r in to_train) or 'none'}), {args.parallel} at a time, logs in {args.runs}/<run>.log"
+          + (f"; time budget {args.time_budget:g} s" if deadline is not None else ""))
+    if not todo:
+        return Outcome()
+
+    evaluator = None
+
+    def evaluate(it: EvalItem) -> list[dict]:  # the test set is loaded once training has been launched
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = make_evaluator(args)
+        return evaluator(it, runs)
+
+    launcher = Launcher(args, len(to_train), deadline)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
+    try:
+        left = train_and_evaluate(todo, to_train, {r.name for r in need if r not in to_train}, launcher,
+                                  evaluate, lambda rows: save_rows(json_path, rows), args.parallel)
+    finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    skipped = [f"{it.protocol} {it.reducer}@{ratio_tag(it.ratio)}" for it in todo if it.run in launcher.failed]
+    out = Outcome(sorted(launcher.failed), [r.name for r in to_train if r.name in launcher.unfinished])
+    skipped = [it.label for it in left if it.run in launcher.failed]
     if skipped:
         print(f"[sweep] not evaluated because their training run failed: {', '.join(skipped)}")
-    return sorted(launcher.failed)
+    if out.unfinished:
+        print(f"[sweep] unfinished (time budget; the same command resumes them): "
+              + ", ".join(f"{n} ({launcher.unfinished[n]})" for n in out.unfinished))
+    return out
 
 
 def _sigterm(signum, frame):  # `timeout` sends SIGTERM: stop the training subprocesses too (see finally)
@@ -745,9 +1018,11 @@ def _sigterm(signum, frame):  # `timeout` sends SIGTERM: stop the training subpr
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep (or only the report); 1 when a training run failed, else 0."""
+    """Run the sweep (or only the report); 1 when a training run failed, else 0 (unfinished runs included)."""
+    start = time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    deadline = None if args.time_budget is None else start + args.time_budget
     command = shlex.join(["python", "eval/deft_sweep.py", *argv])
     json_path = Path(args.out) / f"{args.name}.json"
     try:  # every configuration error before anything is trained
@@ -759,22 +1034,27 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--ratios must be in (0, 1) (1.0 is the base); got {bad}")
         sel = parse_only(args.only, list(reducers), args.ratios)
         if not args.report_only:
-            runs, items = plan(args, reducers)
-            _load_recipe(args.train_config)
+            recipe = _load_recipe(args.train_config)
+            runs, items = plan(args, reducers, recipe.seed)
         elif not json_path.is_file():
             raise FileNotFoundError(f"no results at {json_path}; run the sweep without --report-only first")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"deft_sweep: {e}") from None
-    failed = [] if args.report_only else run_sweep(args, runs, items, sel, command)
+    outcome = Outcome() if args.report_only else run_sweep(args, runs, items, sel, command, deadline)
     doc = load_results(json_path)
+    if not doc["rows"]:
+        print(f"[sweep] {json_path} has no rows yet: no report"
+              + (f"; unfinished: {', '.join(outcome.unfinished)}" if outcome.unfinished else "")
+              + (f"; failed: {', '.join(outcome.failed)}" if outcome.failed else ""))
+        return 1 if outcome.failed else 0
     if base_row(doc["rows"], args.base) is None:
-        raise SystemExit(f"deft_sweep: {json_path} has no base row (reducer {args.base!r} at retention 1.0)"
-                         + (f"; failed runs: {failed}" if failed else ""))
-    md = build_report(doc, args.name, args.base, args.rtd_ratio, list(reducers), failed=failed, runs_dir=args.runs)
+        print(f"[sweep] warning: {json_path} has no base row (reducer {args.base!r} at retention 1.0) yet: no % of base")
+    md = build_report(doc, args.name, args.base, args.rtd_ratio, list(reducers), failed=outcome.failed,
+                      runs_dir=args.runs, unfinished=outcome.unfinished)
     (Path(args.out) / f"{args.name}.md").write_text(md)
     plot_sweep(doc["rows"], Path(args.out) / f"{args.name}.png", args.base, list(reducers), f"easy-VQA: {args.name}")
     print(md, end="")
-    return 1 if failed else 0
+    return 1 if outcome.failed else 0
 
 
 if __name__ == "__main__":

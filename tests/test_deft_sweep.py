@@ -1,9 +1,13 @@
-"""eval/deft_sweep.py: pipeline resolution, --only, JSON merging, report and acceptance checks on
-synthetic rows, a failing training run, and one tiny end-to-end sweep on CPU (two 2-step runs)."""
+"""eval/deft_sweep.py: pipeline resolution, --only, JSON merging (atomic), report and acceptance checks
+on synthetic rows (one seed and mean ± std over seeds), seeded run names, a failing training run, the
+incremental evaluation under a time budget (fake training subprocesses, fake evaluator), and one tiny
+end-to-end sweep on CPU (two 2-step runs)."""
 
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +214,153 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert "| random |  | " in md and "| deft | hybrid | " in md and "## Acceptance checks" in md
     assert (tmp_path / "out/smoke.png").stat().st_size > 10_000
     assert re.fullmatch(r"smoke: base \d+\.\d%; .*acceptance \d+ pass, \d+ fail, \d+ missing", out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ seeds
+def test_report_shows_mean_and_std_over_seeds_and_checks_use_the_mean(tmp_path):
+    rows = []
+    for seed, (b, d, r) in enumerate([(0.99, 0.97, 0.95), (0.98, 0.95, 0.96), (0.97, 0.93, 0.97)]):
+        rows += [row("base", "deft", 1.0, b, 64, mode="fast", seed=seed),
+                 row("trained", "deft", 0.25, d, 16, mode="fast", seed=seed),
+                 row("trained", "random", 0.25, r, 16, seed=seed)]
+    rows.append(row("trained", "pool", 0.25, 0.90, 4, seed=0))  # one seed only: n=1, no std
+    cells = {(c["reducer"], c["protocol"]): c for c in ds.aggregate(rows)}
+    assert cells["deft", "trained"]["n"] == 3 and cells["deft", "trained"]["seeds"] == [0, 1, 2]
+    assert cells["deft", "trained"]["accuracy"]["all"] == pytest.approx(0.95)
+    assert cells["deft", "trained"]["acc_std"] == pytest.approx(2.0)  # sample std of 97, 95, 93
+    assert cells["pool", "trained"]["n"] == 1 and cells["pool", "trained"]["acc_std"] == 0.0
+
+    md = ds.build_report({"commands": ["c"], "rows": rows}, "x", "deft", 0.11, ["deft", "random", "pool"])
+    trained = md.split("## Trained")[1].split("##")[0].strip().splitlines()
+    assert trained[2] == "| reducer | rtd mode | 0.25: accuracy ± std (% of base) n seeds | 0.25: tokens/image |"
+    assert trained[4] == "| no reduction (base, retention 1) | fast | 98.0 ± 1.0 (100.0) n=3 | 64.0 |"
+    assert trained[5] == "| deft | fast | 95.0 ± 2.0 (96.9) n=3 | 16.0 |"  # 95 / 98 of the base's mean
+    assert trained[6] == "| random |  | 96.0 ± 1.0 (98.0) n=3 | 16.0 |"
+    assert trained[7] == "| pool |  | 90.0 (91.8) n=1 | 4.0 |"
+    assert "Seeds 0, 1, 2: each cell is the mean ± sample std" in md
+    assert "- **FAIL** trained: deft (rtd fast) keeps >= 99 % of base accuracy at 0.25: 96.94 % (95.0 vs 98.0; n=3 vs 3 seeds)" in md
+    assert "- **FAIL** trained: deft beats random at 0.25: 95.0 ± 2.0 vs 96.0 ± 1.0 (-1.0 pp; n=3 vs 3 seeds)" in md
+    assert "- **PASS** trained: deft beats pool at 0.25: 95.0 ± 2.0 vs 90.0 (+5.0 pp; n=3 vs 1 seeds)" in md
+    assert md.strip().splitlines()[-1] == "x: base 98.0%; trained deft@0.25 95.0% (96.9% of base); acceptance 1 pass, 2 fail, 0 missing"
+    ds.plot_sweep(rows, tmp_path / "x.png", "deft", ["deft"], "t")  # error bars
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+    # rows written before seeds were recorded are seed 0's: a seed-0 row replaces them, seed 1 joins them
+    merged = ds.merge_rows([row("trained", "deft", 0.25, 0.9, 16)], [row("trained", "deft", 0.25, 0.8, 16, seed=0),
+                                                                     row("trained", "deft", 0.25, 0.7, 16, seed=1)])
+    assert [(r["seed"], r["accuracy"]["all"]) for r in merged] == [(0, 0.8), (1, 0.7)]
+
+
+def test_seeded_runs_are_named_and_get_the_seed_and_save_steps(tmp_path):
+    deft = write_yaml(tmp_path / "deft.yaml", TINY_PIPE)
+    common = ["--train-config", str(tiny_recipe(tmp_path)), "--reducers", f"deft={deft}", "random=configs/pipeline/random.yaml",
+              "--ratios", "0.25", "--rtd-ratio", "0.25", "--runs", str(tmp_path / "runs")]
+    reducers = ds.parse_reducers(ds.parse_args(common).reducers)
+
+    args = ds.parse_args([*common, "--seeds", "0", "1", "--save-steps", "50"])
+    runs, items = ds.plan(args, reducers, recipe_seed=0)
+    assert list(runs) == ["base#s0", "base#s1", "deft@0.25#s0", "random@0.25#s0", "deft@0.25#s1", "random@0.25#s1"]  # bases first
+    assert runs["deft@0.25#s1"].dir == (tmp_path / "runs/trained/deft@0.25#s1").resolve()
+    assert {(it.protocol, it.reducer, it.seed, it.run) for it in items if it.protocol != "trained"} == {
+        ("base", "deft", 0, "base#s0"), ("base", "deft", 1, "base#s1"),
+        ("training_free", "deft", 0, "base#s0"), ("training_free", "deft", 1, "base#s1"),  # each seed's base
+        ("training_free", "random", 0, "base#s0"), ("training_free", "random", 1, "base#s1")}
+    cmd = ds.Launcher(args, 1).command(runs["random@0.25#s1"])
+    assert cmd[-3:] == ["save_steps=50", "seed=1", f"model.pipeline={runs['random@0.25#s1'].pipeline_yaml}"]
+
+    args = ds.parse_args(common)  # the recipe's seed alone: folders keep their names, no seed override
+    runs, items = ds.plan(args, reducers, recipe_seed=0)
+    assert list(runs) == ["base", "deft@0.25", "random@0.25"] and {it.seed for it in items} == {0}
+    assert not any(a.startswith(("seed=", "save_steps=")) for a in ds.Launcher(args, 1).command(runs["base"]))
+    assert list(ds.plan(ds.parse_args([*common, "--seeds", "3"]), reducers, recipe_seed=0)[0]) == ["base#s3", "deft@0.25#s3", "random@0.25#s3"]
+    for bad, msg in [(["--seeds", "1", "1"], "names a seed twice"), (["--override", "seed=2"], "use --seeds"),
+                     (["--time-budget", "60", "--launch-margin", "60"], "--launch-margin")]:
+        with pytest.raises(SystemExit):
+            ds.parse_args([*common, *bad])
+
+
+# ------------------------------------------------------------------------------ incremental, time budget
+def test_save_rows_writes_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    ds.save_rows(path, [row("trained", "deft", 0.25, 0.9, 16)], "cmd")
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ds.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ds.save_rows(path, [row("trained", "random", 0.25, 0.8, 16)])
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp file left
+
+
+def test_is_trained_wants_a_complete_final(tmp_path):
+    export = tmp_path / "stage0_finetune/export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"x" * 100)
+    assert not ds.is_trained(tmp_path)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final/config.json").write_text("{}")
+    (tmp_path / "final/model.safetensors").write_bytes(b"x" * 40)  # stopped during the copy
+    assert not ds.is_trained(tmp_path)
+    (tmp_path / "final/model.safetensors").write_bytes(b"x" * 100)
+    assert ds.is_trained(tmp_path)
+
+
+def fake_training(sleeps: dict[str, float]):
+    """``Launcher.command`` stand-in: run ``name`` sleeps ``sleeps[name]`` s (recording its pid), then exports final/."""
+    def command(self, run):
+        script = (f"import os, pathlib, time; d = pathlib.Path({str(run.dir)!r}); d.mkdir(parents=True, exist_ok=True); "
+                  f"(d / 'pid').write_text(str(os.getpid())); time.sleep({sleeps[run.name]}); "
+                  "(d / 'final').mkdir(exist_ok=True); (d / 'final/config.json').write_text('{}')")
+        return [sys.executable, "-c", script]
+    return command
+
+
+def test_time_budget_evaluates_finished_runs_as_they_finish_and_lists_the_unfinished(tmp_path, monkeypatch, capsys):
+    """Two runs at once: the base (1.5 s) finishes and its rows are evaluated and saved one item at a
+    time while deft@0.25 (30 s) still trains; random@0.25 would start with less than the margin left
+    and is not launched; at the deadline deft@0.25 is stopped. Exit 0, the unfinished runs named;
+    the next call (no budget) trains them and evaluates only what is missing."""
+    deft = write_yaml(tmp_path / "deft.yaml", TINY_PIPE)
+    out = tmp_path / "out"
+    argv = ["--train-config", str(tiny_recipe(tmp_path)), "--reducers", f"deft={deft}", "random=configs/pipeline/random.yaml",
+            "--ratios", "0.25", "--rtd-ratio", "0.25", "--rtd-modes", "fast", "--runs", str(tmp_path / "runs"),
+            "--out", str(out), "--name", "tb", "--parallel", "2", "--device", "cpu"]
+    sleeps = {"base": 1.5, "deft@0.25": 30, "random@0.25": 0}
+    monkeypatch.setattr(ds.Launcher, "command", fake_training(sleeps))
+    calls = []
+
+    def make_evaluator(args):
+        def evaluate(it, runs):
+            on_disk = ds.load_results(out / "tb.json")["rows"]
+            calls.append((it.protocol, it.reducer, time.monotonic(), len(on_disk)))
+            return [row(it.protocol, it.reducer, it.ratio, 0.9 if it.protocol == "base" else 0.8, 64 * it.ratio, mode=m,
+                        seed=it.seed, limit=None, steps=None, overrides=[], pipeline_config=it.pipeline) for m in it.modes]
+        return evaluate
+
+    monkeypatch.setattr(ds, "make_evaluator", make_evaluator)
+    t0 = time.monotonic()
+    assert ds.main([*argv, "--time-budget", "4", "--launch-margin", "3"]) == 0
+    took = time.monotonic() - t0
+    printed = capsys.readouterr().out
+    assert [(p, r, n) for p, r, _, n in calls] == [("base", "deft", 0), ("training_free", "deft", 1), ("training_free", "random", 2)]
+    assert all(t < t0 + 4 for _, _, t, _ in calls)  # evaluated while deft@0.25 was still training
+    assert 4 <= took < 4 + ds.TERMINATE_GRACE_S
+    pid = int((tmp_path / "runs/trained/deft@0.25/pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped at the deadline
+    assert not (tmp_path / "runs/trained/random@0.25").exists()  # never launched
+    assert re.search(r"\[sweep\] unfinished \(time budget; the same command resumes them\): deft@0.25 \(stopped \(time budget "
+                     r"reached\); resumes from its last checkpoint\), random@0.25 \(not started: \d s left < --launch-margin 3 s\)", printed)
+    md = (out / "tb.md").read_text()
+    assert "unfinished at the last call's time budget** (the same command resumes them from their last checkpoint): deft@0.25, random@0.25" in md
+    assert md.strip().splitlines()[-1].endswith("(88.9% of base); acceptance 0 pass, 1 fail, 0 missing; 2 training run(s) unfinished")
+    assert len(ds.load_results(out / "tb.json")["rows"]) == 3
+
+    calls.clear()
+    sleeps["deft@0.25"] = 0
+    assert ds.main(argv) == 0
+    assert sorted((p, r) for p, r, _, _ in calls) == [("trained", "deft"), ("trained", "random")]
+    assert "unfinished" not in capsys.readouterr().out
+    assert len(ds.load_results(out / "tb.json")["rows"]) == 5
