@@ -25,11 +25,12 @@ import soundfile as sf
 import soxr
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .encoders import read_safetensors
 from .errors import AudioError, CheckpointError
 
 SAMPLING_RATE = 16000
@@ -218,12 +219,7 @@ class AudioEncoder(nn.Module):
 
     def load_weights(self, path: str | Path) -> None:
         """Load a local safetensors state dict strictly; mismatches raise ``CheckpointError``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"audio weights file '{path}' does not exist")
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"audio weights '{path}' must be a .safetensors file (pickles are never loaded)")
-        state = load_file(str(path))
+        state = read_safetensors(path, "audio")
         expected = self.encoder.state_dict()
         for prefix in ("model.encoder.", "encoder."):
             if not set(expected) & set(state) and any(k.startswith(prefix) for k in state):

@@ -98,14 +98,19 @@ def build_image_encoder(cfg: VisionConfig) -> tuple[ImageEncoder, Callable]:
     return enc, enc.transform()
 
 
-def load_encoder_weights(enc: ImageEncoder, path: str | Path) -> None:
-    """Load a local safetensors state dict into ``enc.model`` (strict; mismatches are reported)."""
+def read_safetensors(path: str | Path, kind: str) -> dict[str, Tensor]:
+    """A local ``.safetensors`` state dict; a missing file or any other format (pickles) is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vision weights file '{path}' does not exist")
+        raise FileNotFoundError(f"{kind} weights file '{path}' does not exist")
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"vision weights '{path}' must be a .safetensors file (pickles are never loaded)")
-    state = load_file(str(path))
+        raise CheckpointError(f"{kind} weights '{path}' must be a .safetensors file (pickles are never loaded)")
+    return load_file(str(path))
+
+
+def load_encoder_weights(enc: ImageEncoder, path: str | Path) -> None:
+    """Load a local safetensors state dict into ``enc.model`` (strict; mismatches are reported)."""
+    state = read_safetensors(path, "vision")
     missing, unexpected = enc.model.load_state_dict(state, strict=False)
     # open_clip keeps the tower under model.visual; accept a full CLIP state dict too
     if missing and all(k.startswith("visual.") for k in unexpected):

@@ -141,12 +141,18 @@ def neighbour_sets(pos, valid, index, row=0):
     }
 
 
-def test_image_neighbours_corners_edges_interior():
-    layout = torch.tensor([[1, 3, 4]])
-    index = torch.arange(12)[None]
-    pos, valid = grid_neighbours(index, torch.ones(1, 12, dtype=torch.bool), layout)
+def full_grid(t_len, h_len, w_len):
+    """Neighbour sets of every token of one unpruned (T, H, W) row, checked against the slow reference."""
+    n = t_len * h_len * w_len
+    index = torch.arange(n)[None]
+    pos, valid = grid_neighbours(index, torch.ones(1, n, dtype=torch.bool), torch.tensor([[t_len, h_len, w_len]]))
     got = neighbour_sets(pos, valid, index)
-    assert got == slow_grid(1, 3, 4)
+    assert got == slow_grid(t_len, h_len, w_len)
+    return got
+
+
+def test_image_neighbours_corners_edges_interior():
+    got = full_grid(1, 3, 4)
     assert len(got[0]) == 3 and len(got[11]) == 3  # corners
     assert len(got[1]) == 5 and len(got[4]) == 5  # top edge, left edge
     assert len(got[5]) == 8  # interior
@@ -154,11 +160,7 @@ def test_image_neighbours_corners_edges_interior():
 
 
 def test_video_neighbours_first_and_last_frames():
-    layout = torch.tensor([[4, 2, 2]])
-    index = torch.arange(16)[None]
-    pos, valid = grid_neighbours(index, torch.ones(1, 16, dtype=torch.bool), layout)
-    got = neighbour_sets(pos, valid, index)
-    assert got == slow_grid(4, 2, 2)
+    got = full_grid(4, 2, 2)
     assert got[0] == {1, 2, 3, 4, 8}  # frame 0: 3 spatial + frames 1 and 2
     assert got[15] == {12, 13, 14, 11, 7}  # last frame: 3 spatial + frames 2 and 1
     assert got[5] == {4, 6, 7, 1, 9, 13}  # frame 1: frames 0, 2, 3 (frame -1 does not exist)
