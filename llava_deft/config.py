@@ -4,6 +4,7 @@
     projector: "linear" | "mlp2x_gelu"
     llm:       an HF config dict (llama / qwen2 / qwen3 ...) or a local directory
     pipeline:  reduction stages (see ``pipeline.validate_config``), or a YAML path
+    video:     frame sampling (num_frames | fps, max_frames) and per-frame spatial pooling (pool_stride)
     tokenizer: None for the committed tiny tokenizer, else a local directory
 
 Every key is read by ``LlavaDeftForCausalLM``; unknown keys are errors that list the allowed keys.
@@ -58,8 +59,25 @@ class LLMConfig(_Strict):
         return v
 
 
+class VideoConfig(_Strict):
+    """How a video becomes tokens: frames sampled as in ``llava_deft.video.sample_frame_indices``
+    (``num_frames`` uniformly, or one every ``1/fps`` s with ``fps``; at most ``max_frames``), each
+    frame through the image encoder, its token grid average-pooled with ``pool_stride`` (LLaVA-NeXT's
+    ``mm_spatial_pool_stride``; 1 = no pooling)."""
+
+    num_frames: int = Field(8, gt=0)
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, gt=0)
+    pool_stride: int = Field(1, gt=0)
+
+    def sampling(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_video`` / ``LlavaJsonDataset``."""
+        return {"num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames}
+
+
 class ModelConfig(_Strict):
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     pipeline: dict[str, Any] | list | str | None = None

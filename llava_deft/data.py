@@ -4,9 +4,10 @@ A sample is a plain dict::
 
     {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
      "images": [PIL.Image (RGB), ...],
-     "image_keys": [str, ...]}                                  # optional, one per image
+     "image_keys": [str, ...],                                  # optional, one per image
+     "videos": [VideoClip | (T, H, W, 3) uint8 tensor, ...]}    # optional
 
-with one ``<image>`` placeholder in the text per image, in order. ``MultimodalCollator`` turns a list
+with one ``<image>`` placeholder in the text per image and one ``<video>`` per video, in order. ``MultimodalCollator`` turns a list
 of samples into padded tensors; labels come from the chat template's assistant mask (never from
 re-tokenising with offsets, the cause of LLaVA's "tokenization mismatch" zero losses).
 
@@ -41,8 +42,10 @@ from llava_deft.errors import (
     MediaCountMismatchError,
     MediaFileError,
     SampleTooLongError,
+    VideoError,
 )
 from llava_deft.tokenizer import MEDIA_TOKENS, check_tokenizer, media_token_ids
+from llava_deft.video import VideoClip, frames_to_pixels, load_video
 
 IGNORE_INDEX = -100
 """Label value of tokens that carry no loss (prompt, placeholders, padding)."""
@@ -204,8 +207,8 @@ def export_easyvqa(out_dir: str | Path, split: str = "train", limit: int | None 
 # --------------------------------------------------------------------------------------------- LLaVA JSON
 
 
-def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], list[str]]:
-    """Validate one LLaVA record; return (id, messages, relative image paths)."""
+def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], list[str], list[str]]:
+    """Validate one LLaVA record; return (id, messages, relative image paths, relative video paths)."""
 
     def fail(what: str, sample_id: Any = None) -> DatasetFormatError:
         who = f"record {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
@@ -240,25 +243,39 @@ def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, 
         if not isinstance(turn["value"], str):
             raise fail(f"key 'conversations[{j}].value' must be a string", sample_id)
         messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-    images = record.get("image", [])
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise fail("key 'image' must be a path string or a list of path strings", sample_id)
-    return sample_id, messages, images
+    media = []
+    for key in ("image", "video"):
+        paths = record.get(key, [])
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise fail(f"key '{key}' must be a path string or a list of path strings", sample_id)
+        media.append(paths)
+    return sample_id, messages, media[0], media[1]
 
 
 class LlavaJsonDataset(Dataset):
-    """LLaVA's conversation JSON: a list of ``{"id", "image" (str | list, optional), "conversations":
-    [{"from": "human"|"gpt"|"system", "value": str}]}`` with image paths relative to ``image_folder``.
+    """LLaVA's conversation JSON: a list of ``{"id", "image" (str | list, optional), "video" (str |
+    list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value": str}]}`` with image
+    and video paths relative to ``image_folder``.
 
     The file and every record are validated here (``DatasetFormatError`` naming the file, the record
-    index and id, and the key); images are loaded lazily in ``__getitem__`` (``MediaFileError`` naming
-    the image, the sample id and the JSON file when one is missing or cannot be decoded). JSON only:
-    nothing is ever unpickled.
+    index and id, and the key); media are loaded lazily in ``__getitem__`` (``MediaFileError`` naming
+    the file, the sample id and the JSON file when one is missing or cannot be decoded; a video that
+    exists but cannot be read raises ``VideoError``, also naming them). Videos are read with
+    ``load_video(path, num_frames, fps, max_frames)`` into ``VideoClip``s under the sample's
+    ``"videos"``. JSON only: nothing is ever unpickled.
     """
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None = None,
+        num_frames: int = 8,
+        fps: float | None = None,
+        max_frames: int | None = None,
+    ):
+        self.video_sampling = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames}
         self.json_path = Path(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
         if not self.json_path.is_file():
@@ -272,7 +289,7 @@ class LlavaJsonDataset(Dataset):
                 f"{self.json_path}: expected a JSON list of records, got {type(data).__name__}"
             )
         self.records = [_parse_llava_record(r, i, self.json_path) for i, r in enumerate(data)]
-        if any(images for _, _, images in self.records) and not self.image_folder.is_dir():
+        if any(images or videos for _, _, images, videos in self.records) and not self.image_folder.is_dir():
             raise MediaFileError(
                 f"image folder '{self.image_folder}' (for {self.json_path}) does not exist"
             )
@@ -281,12 +298,23 @@ class LlavaJsonDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample_id, messages, image_paths = self.records[index]
+        sample_id, messages, image_paths, video_paths = self.records[index]
         return {
             "id": sample_id,
             "messages": [dict(m) for m in messages],
             "images": [self._load_image(p, sample_id) for p in image_paths],
+            "videos": [self._load_video(p, sample_id) for p in video_paths],
         }
+
+    def _load_video(self, relative: str, sample_id: str) -> VideoClip:
+        path = self.image_folder / relative
+        where = f"(sample {sample_id!r} of {self.json_path})"
+        if not path.is_file():
+            raise MediaFileError(f"video '{path}' {where} does not exist")
+        try:
+            return load_video(path, **self.video_sampling)
+        except VideoError as err:
+            raise VideoError(err.path, f"{err.problem} {where}") from err
 
     def _load_image(self, relative: str, sample_id: str) -> Image.Image:
         path = self.image_folder / relative
@@ -387,14 +415,19 @@ class MultimodalCollator:
     Generation (``generation=True``, use ``padding_side="left"``): a trailing assistant turn is dropped
     (returned as ``references``), the prompt ends with the template's generation prompt, no labels.
 
-    Per sample, refused with a typed error (never truncated): placeholders ≠ media
+    Per sample, refused with a typed error (never truncated): placeholders ≠ media of that kind
     (``MediaCountMismatchError``), no assistant token to learn from (``EmptyLabelsError``), and
-    ``len(ids) - n_images + n_images * media_tokens_per_image > max_length`` (``SampleTooLongError``).
+    ``len(ids) - n_images - n_videos + n_images * media_tokens_per_image + frames * media_tokens_per_frame
+    > max_length`` (``SampleTooLongError``). ``media_tokens_per_frame`` is what the model gives one
+    video frame after pooling (default: ``media_tokens_per_image``, i.e. no pooling).
 
     Returns ``input_ids (B, L)`` long, ``attention_mask (B, L)`` long, ``labels (B, L)`` long (training
     only), ``pixel_values (M, 3, H, W)`` float (images of the batch in sample order, ``None`` when
-    M == 0), ``media_counts (B,)`` long, ``ids`` list[str], and in generation ``references``
-    list[str | None].
+    M == 0), ``media_counts (B,)`` long images per sample, ``video_values (F, 3, H, W)`` float (every
+    frame of every video, videos in sample order; ``None`` when there is no video), ``video_frames
+    (V,)`` long frames per video, ``video_counts (B,)`` long videos per sample, ``ids`` list[str], and
+    in generation ``references`` list[str | None]. Video frames go through ``image_transform`` one by
+    one (``frames_to_pixels``) and are not cached.
 
     Memoisation (per process, ``cache_size`` entries each, least recently used dropped first; 0
     disables): ``token_cache`` maps a conversation (its messages) to its (ids, labels, reference) as
@@ -418,6 +451,7 @@ class MultimodalCollator:
         padding_side: str = "right",
         generation: bool = False,
         cache_size: int = 100_000,
+        media_tokens_per_frame: int | None = None,
     ):
         check_tokenizer(tokenizer)
         if padding_side not in ("left", "right"):
@@ -427,6 +461,9 @@ class MultimodalCollator:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.media_tokens_per_image = int(media_tokens_per_image)
+        if media_tokens_per_frame is not None and media_tokens_per_frame < 1:
+            raise ValueError(f"media_tokens_per_frame must be >= 1, got {media_tokens_per_frame}")
+        self.media_tokens_per_frame = int(media_tokens_per_frame or media_tokens_per_image)
         self.max_length = int(max_length)
         self.padding_side = padding_side
         self.generation = generation
@@ -445,11 +482,16 @@ class MultimodalCollator:
         self._check_media(sample, sample_id, ids)
 
         n_images = len(sample.get("images") or [])
-        seen = len(ids) - n_images + n_images * self.media_tokens_per_image
+        frames = [_video_frames(v).shape[0] for v in sample.get("videos") or []]
+        seen = (
+            len(ids) - n_images - len(frames)
+            + n_images * self.media_tokens_per_image + sum(frames) * self.media_tokens_per_frame
+        )
         if seen > self.max_length:
             raise SampleTooLongError(
                 f"sample {sample_id!r} is {seen} tokens long once its {n_images} image(s) become "
-                f"{self.media_tokens_per_image} tokens each ({len(ids)} text ids), over "
+                f"{self.media_tokens_per_image} tokens each and its {len(frames)} video(s) "
+                f"({sum(frames)} frames) {self.media_tokens_per_frame} tokens per frame ({len(ids)} text ids), over "
                 f"max_length={self.max_length}; samples are refused, never cut (raise max_length or "
                 f"drop the sample)"
             )
@@ -499,9 +541,9 @@ class MultimodalCollator:
             n_media = len(sample.get(MEDIA_KEYS[modality]) or [])
             if n_placeholders != n_media:
                 raise MediaCountMismatchError(sample_id, MEDIA_TOKENS[modality], n_placeholders, n_media)
-            if modality != "image" and n_media:
+            if modality not in ("image", "video") and n_media:
                 raise ValueError(
-                    f"sample {sample_id!r} has {modality} media; MultimodalCollator collates images only"
+                    f"sample {sample_id!r} has {modality} media; MultimodalCollator collates images and videos only"
                 )
 
     def _pixels(self, sample: dict[str, Any]) -> list[torch.Tensor]:
@@ -535,12 +577,16 @@ class MultimodalCollator:
             [ids for ids, _, _ in encoded], self.tokenizer.pad_token_id, self.padding_side
         )
         pixels = [p for s in samples for p in self._pixels(s)]
+        videos = [frames_to_pixels(_video_frames(v), self.image_transform) for s in samples for v in s.get("videos") or []]
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             # stack copies: the batch never aliases image_cache
             "pixel_values": torch.stack(pixels).float() if pixels else None,
             "media_counts": torch.tensor([len(s.get("images") or []) for s in samples], dtype=torch.long),
+            "video_values": torch.cat(videos).float() if videos else None,  # (F, 3, H, W)
+            "video_frames": torch.tensor([v.shape[0] for v in videos], dtype=torch.long),
+            "video_counts": torch.tensor([len(s.get("videos") or []) for s in samples], dtype=torch.long),
             "ids": [str(s["id"]) for s in samples],
         }
         if self.generation:
@@ -550,6 +596,11 @@ class MultimodalCollator:
                 [labels for _, labels, _ in encoded], IGNORE_INDEX, self.padding_side
             )
         return batch
+
+
+def _video_frames(video: VideoClip | torch.Tensor) -> torch.Tensor:
+    """The ``(T, H, W, 3)`` uint8 frames of a sample's video (a ``VideoClip`` or the tensor itself)."""
+    return video.frames if isinstance(video, VideoClip) else video
 
 
 def build_generation_inputs(

@@ -47,7 +47,7 @@ class LlavaDeft:
         self.tokenizer = model.tokenizer
         self.collator = MultimodalCollator(
             model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-            padding_side="left", generation=True,
+            padding_side="left", generation=True, media_tokens_per_frame=model.media_tokens_per_frame,
         )
 
     def build_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> dict:

@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .config import apply_overrides, read_model_config_file  # noqa: E402
+from .config import apply_overrides, load_model_config, read_model_config_file  # noqa: E402
 from .data import MultimodalCollator  # noqa: E402
 from .model import LlavaDeftForCausalLM  # noqa: E402
 from .train_config import StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
@@ -215,7 +215,8 @@ def run_stage(
     n_train = sum(p.numel() for p in params)
 
     collate = MultimodalCollator(
-        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length
+        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
+        media_tokens_per_frame=model.media_tokens_per_frame,
     )
     per_rank = len(dataset) // world
     micro_per_epoch = per_rank // cfg.per_device_batch_size
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, load_model_config(cfg.model).video.sampling())
     prev: Path | None = None
     for i, stage in enumerate(cfg.stages):
         prev = run_stage(cfg, i, stage, prev, dataset, rank, world, args.resume)

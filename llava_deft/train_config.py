@@ -85,8 +85,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
 
 
-def build_dataset(spec: DataSpec):
-    """The dataset a :class:`DataSpec` names."""
+def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None):
+    """The dataset a :class:`DataSpec` names; ``video`` is the model's frame sampling
+    (``VideoConfig.sampling()``) for LLaVA JSON records with a "video" key."""
     from .data import EasyVQADataset, LlavaJsonDataset
 
     if spec.type == "easyvqa":
@@ -95,7 +96,7 @@ def build_dataset(spec: DataSpec):
         raise ConfigError("data.group_by_image applies to data.type 'easyvqa' only")
     if spec.path is None or spec.image_folder is None:
         raise ConfigError("data.type 'llava_json' needs data.path (the JSON file) and data.image_folder")
-    ds = LlavaJsonDataset(spec.path, spec.image_folder)
+    ds = LlavaJsonDataset(spec.path, spec.image_folder, **(video or {}))
     if spec.limit is not None and spec.limit < len(ds):
         from torch.utils.data import Subset
 

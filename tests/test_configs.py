@@ -40,9 +40,11 @@ def test_train_config_errors_by_message(tmp_path):
     assert isinstance(load_train_config(None), TrainConfig)
 
 
-def _describe(m: LlavaDeftForCausalLM) -> dict:
-    """What a model config can change, as comparable values."""
+def _describe(m: LlavaDeftForCausalLM, clip) -> dict:
+    """What a model config can change, as comparable values (``clip``: a video file to sample)."""
     return {
+        "video_frames": m.load_video(clip).indices.tolist(),
+        "video_tokens_per_frame": m.media_tokens_per_frame,
         "encoder": type(m.vision).__name__,
         "vision_params": sum(p.numel() for p in m.vision.parameters()),
         "vision_layer": getattr(m.vision, "layer", None),
@@ -87,6 +89,10 @@ def _changes(tmp_path):
         "pipeline": ({"pipeline": [{"name": "random"}]}, "pipeline"),
         "tokenizer": ({"tokenizer": str(tok_dir)}, "vocab"),
         "max_length": ({"max_length": 64}, "max_length"),
+        "video.num_frames": ({"video": {"num_frames": 4}}, "video_frames"),
+        "video.fps": ({"video": {"fps": 2.0}}, "video_frames"),
+        "video.max_frames": ({"video": {"max_frames": 3}}, "video_frames"),
+        "video.pool_stride": ({"video": {"pool_stride": 2}}, "video_tokens_per_frame"),
         "use_deft": ({"use_deft": True}, "pipeline"),
         # the deft_* knobs need use_deft: each is compared with use_deft alone
         "deft_semantic_dim": ({"use_deft": True, "deft_semantic_dim": 64}, "pipeline_config", {"use_deft": True}),
@@ -99,16 +105,22 @@ def _changes(tmp_path):
 
 def test_every_model_config_key_changes_the_model(tmp_path):
     """Each leaf key of ModelConfig (vision.weights is covered in test_model) changes what is built."""
+    import numpy as np
+
+    from llava_deft.tasks.video_shapes import write_clip
+
     changes = _changes(tmp_path)
+    clip = tmp_path / "clip.mp4"
+    write_clip(np.zeros((24, 64, 64, 3), dtype=np.uint8), clip, fps=8)  # 3 s: fps=2 samples 6 frames
     leaves = {f"{k}.{s}" for k, f in ModelConfig.model_fields.items()
               for s in (getattr(f.annotation, "model_fields", None) or {})} | {
         k for k, f in ModelConfig.model_fields.items() if not hasattr(f.annotation, "model_fields")}
     assert leaves - {"vision.weights"} == set(changes), "a config key has no behaviour test (or a test has no key)"
     for key, (override, field, *base_override) in changes.items():
         torch.manual_seed(0)
-        base = _describe(LlavaDeftForCausalLM(base_override[0] if base_override else None))
+        base = _describe(LlavaDeftForCausalLM(base_override[0] if base_override else None), clip)
         torch.manual_seed(0)
-        changed = _describe(LlavaDeftForCausalLM(override))
+        changed = _describe(LlavaDeftForCausalLM(override), clip)
         assert changed[field] != base[field], f"{key} did not change {field}"
 
 
