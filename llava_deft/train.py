@@ -44,6 +44,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from .config import apply_overrides, load_model_config, read_model_config_file  # noqa: E402
 from .data import MultimodalCollator  # noqa: E402
 from .model import LlavaDeftForCausalLM  # noqa: E402
+from pipeline import RetentionSchedule  # noqa: E402
+
 from .train_config import StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
 
 # LLaVA's flag names -> our config keys
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.path=value overrides (value parsed as YAML)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"unrecognised arguments {bad}; overrides look like key.path=value")
@@ -223,6 +225,7 @@ def run_stage(
     steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     warmup = int(stage.warmup_ratio * total)
+    retention = RetentionSchedule(model.pipeline, total, stage.retention_hold_ratio, stage.retention_ramp_ratio)
 
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=torch.cuda.is_available())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, stage.min_lr_ratio))
@@ -254,6 +257,7 @@ def run_stage(
         )
         for micro, batch in enumerate(loader):
             batch = to_device(batch, engine.device)
+            retention.apply(step)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -267,16 +271,20 @@ def run_stage(
             if step % cfg.log_steps == 0 or step == total:
                 rate = seen / (time.perf_counter() - t0)
                 avg = run_loss / max(1, run_n)
+                record = {"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate}
+                if retention.enabled:
+                    record["retention"] = retention.ratios(step - 1)  # the ratios this step ran with
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
                 if rank == 0:
                     with log_path.open("a") as f:
-                        f.write(json.dumps({"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate}) + "\n")
+                        f.write(json.dumps(record) + "\n")
                 run_loss, run_n = 0.0, 0
             if step % cfg.save_steps == 0 or step == total:
                 save_checkpoint(engine, ckpt_dir, step, cfg.save_total_limit, rank)
             if step >= total:
                 break
     bar.close()
+    retention.apply(total)  # the targets: what the exported model runs with
 
     state = consolidated_state_dict(engine)
     if rank == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import apply_overrides, read_model_config_file
 from .errors import ConfigError
@@ -44,6 +44,19 @@ class StageSpec(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    # Retention curriculum (pipeline.RetentionSchedule): the first retention_hold_ratio of the steps
+    # run every reducer at retention 1.0, the next retention_ramp_ratio lower it linearly to its target.
+    retention_hold_ratio: float = Field(0.0, ge=0, le=1)
+    retention_ramp_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "StageSpec":
+        if self.retention_hold_ratio + self.retention_ramp_ratio > 1:
+            raise ValueError(
+                f"retention_hold_ratio + retention_ramp_ratio must be <= 1 (a share of the stage's steps); "
+                f"got {self.retention_hold_ratio} + {self.retention_ramp_ratio}"
+            )
+        return self
 
 
 class TrainConfig(_Strict):

@@ -11,6 +11,7 @@ from .builder import Pipeline, build, build_pipeline
 from .deft import DeFTModule, deft_pipeline_config
 from .config import PipelineConfigError, StageConfig, validate_config
 from .registry import UnknownStageError, get_stage, list_stages, register
+from .schedule import RetentionSchedule
 
 __all__ = [
     "DeFTModule",
@@ -18,6 +19,7 @@ __all__ = [
     "Pipeline",
     "PipelineConfigError",
     "PrunedTokens",
+    "RetentionSchedule",
     "StageConfig",
     "TokenBatch",
     "UnknownStageError",

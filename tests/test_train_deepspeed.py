@@ -69,11 +69,15 @@ def test_zero_train_checkpoint_resume_export_load(zero, mixed_dataset, tmp_path)
     common = ["--data_path", str(js), "--image_folder", str(images), "--output_dir", str(out),
               "--deepspeed", f"configs/deepspeed/{zero}.json", "--per_device_train_batch_size", "1",
               "--save_steps", "2", "--logging_steps", "1", "model.pipeline.stages=[{name: sam, semantic_dim: 32}, {name: fgcs, retention_ratio: 0.25, hidden_dim: 32}]"]
-    log1 = launch([*common, "--max_steps", "4"], out)
+    schedule = ["stages.0.retention_hold_ratio=0.25", "stages.0.retention_ramp_ratio=0.5"]
+    log1 = launch([*common, "--max_steps", "4", *schedule], out)
     assert "stage 0 (finetune): 4 steps" in log1
     stage = out / "stage0_finetune"
     assert (stage / "checkpoints" / "step4").is_dir() and (stage / "checkpoints" / "step2").is_dir()
     first_export = (stage / "export" / "model.safetensors").read_bytes()
+    # retention curriculum over 4 steps: hold 1 step at 1.0, ramp over 2 steps, then the target 0.25
+    ratios = [json.loads(l)["retention"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert ratios == [[1.0], [1.0], [0.625], [0.25]]
 
     # interrupted after the step-4 checkpoint, before the export: resume continues from step 4
     for p in (stage / "export", out / "final"):
