@@ -9,6 +9,7 @@ chunk (5 s by default instead of 30 s) so that short clips are not padded to hal
     enc = AudioEncoder()                                 # tiny, random init
     feats = enc.features([wave])                         # (1, n_mels, chunk_length * 100)
     tokens = enc(feats)                                  # (1, T, width), layout (T, 1, 1)
+    n = enc.processor.num_tokens(len(wave))              # tokens that cover the clip (the rest is padding)
 
 Tests: ``.venv/bin/python -m pytest tests/test_audio.py``.
 """
@@ -128,6 +129,53 @@ def log_mel(
     return out["input_features"].float()
 
 
+def audio_token_count(num_samples: Tensor | int, hop_length: int, pool_stride: int, max_tokens: int) -> Tensor | int:
+    """Encoder tokens that cover a clip of ``num_samples`` samples (elementwise for a tensor).
+
+    Mel frame ``j`` is centred on sample ``j * hop_length``, so a clip spans ``ceil(S / hop)`` frames
+    (the count WhisperFeatureExtractor's attention mask gives); conv2 (stride 2, padding 1) makes
+    token ``i`` of frames ``2i-1 .. 2i+1``, so ``ceil(frames / 2)`` tokens, then ``ceil(. / pool_stride)``
+    after pooling; at least 1 and at most the chunk's ``max_tokens``.
+    """
+    if isinstance(num_samples, Tensor):
+        frames = torch.div(num_samples + hop_length - 1, hop_length, rounding_mode="floor")
+        tokens = torch.div(torch.div(frames + 1, 2, rounding_mode="floor") + pool_stride - 1, pool_stride, rounding_mode="floor")
+        return tokens.clamp(1, max_tokens)
+    frames = -(-int(num_samples) // hop_length)
+    return max(1, min(max_tokens, -(-(-(-frames // 2)) // pool_stride)))
+
+
+class AudioProcessor:
+    """What a collator needs of an :class:`AudioEncoder`, without its weights (small and picklable, so
+    DataLoader workers can hold it): waveforms -> log-mel ``features``, and ``num_tokens`` of a clip.
+
+    Every clip is padded to the encoder's chunk; only the first ``num_tokens(S)`` tokens cover it, so
+    the model keeps those and a short clip costs the LLM few tokens. ``max_samples`` is the longest
+    clip the chunk holds (longer ones are refused by the collator, never cut).
+    """
+
+    def __init__(self, feature_extractor: WhisperFeatureExtractor, pool_stride: int, max_tokens: int):
+        self.feature_extractor = feature_extractor
+        self.pool_stride = int(pool_stride)
+        self.max_tokens = int(max_tokens)
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.feature_extractor.sampling_rate)
+
+    @property
+    def max_samples(self) -> int:
+        return int(self.feature_extractor.n_samples)
+
+    def features(self, waveforms: Sequence[Tensor | np.ndarray]) -> Tensor:
+        """``(A, n_mels, frames)`` float32 log-mel features (``log_mel``; a clip over the chunk raises)."""
+        return log_mel(waveforms, self.feature_extractor)
+
+    def num_tokens(self, num_samples: Tensor | int) -> Tensor | int:
+        """Tokens covering a clip of ``num_samples`` samples (see :func:`audio_token_count`)."""
+        return audio_token_count(num_samples, self.feature_extractor.hop_length, self.pool_stride, self.max_tokens)
+
+
 # ---------------------------------------------------------------------------------------------- encoder
 
 
@@ -194,6 +242,13 @@ class AudioEncoder(nn.Module):
         )
         if weights is not None:
             self.load_weights(weights)
+
+    @property
+    def processor(self) -> AudioProcessor:
+        """This encoder's :class:`AudioProcessor` (its feature extractor and token counts)."""
+        return AudioProcessor(
+            self.feature_extractor, self.pool_stride, math.ceil(self.config["max_source_positions"] / self.pool_stride)
+        )
 
     def features(self, waveforms: Sequence[Tensor | np.ndarray], truncate: bool = False) -> Tensor:
         """Mono waveforms at ``config['sampling_rate']`` -> ``(B, n_mels, frames)`` log-mel features."""

@@ -135,6 +135,23 @@ def test_audio_encoder_shapes_and_layout():
     assert pooled(feats).shape == (1, 63, 64) and pooled.layout == (63, 1, 1)  # ceil(250 / 4)
 
 
+@pytest.mark.parametrize("pool_stride", [1, 2, 3])
+def test_processor_token_counts_match_the_feature_extractor_mask(pool_stride):
+    """num_tokens(S) = ceil(ceil(mask frames / 2) / pool_stride), the mask being WhisperFeatureExtractor's."""
+    enc = AudioEncoder({"chunk_length": 1}, pool_stride=pool_stride)
+    proc = enc.processor
+    assert (proc.sampling_rate, proc.max_samples, proc.max_tokens) == (16000, 16000, enc.num_tokens)
+    lengths = [1, 159, 160, 161, 320, 321, 4800, 15999, 16000]
+    mask = proc.feature_extractor([np.zeros(n, np.float32) for n in lengths], sampling_rate=16000,
+                                  padding="max_length", return_attention_mask=True)["attention_mask"]
+    frames = mask.sum(1)
+    expected = [-(-(-(-int(f) // 2)) // pool_stride) for f in frames]
+    assert [proc.num_tokens(n) for n in lengths] == expected
+    assert proc.num_tokens(torch.tensor(lengths)).tolist() == expected
+    assert proc.num_tokens(10**6) == enc.num_tokens  # at most the chunk
+    assert pickle.loads(pickle.dumps(proc)).num_tokens(4800) == proc.num_tokens(4800)  # DataLoader workers
+
+
 def test_pooling_averages_the_unpooled_tokens():
     torch.manual_seed(0)
     enc = AudioEncoder({"chunk_length": 1}).eval()
