@@ -53,7 +53,7 @@ IGNORE_INDEX = -100
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 """LLaVA JSON ``from`` value → chat-template role."""
 
-MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios", "text": "texts"}
 """Modality → the sample key holding its media list."""
 
 EASYVQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})

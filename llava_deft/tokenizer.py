@@ -2,7 +2,8 @@
 
 The tiny tokenizer (``llava_deft/assets/tiny_tokenizer``, built by ``scripts/build_tokenizer.py``, no
 download) has ``<pad>`` ``<s>`` ``</s>`` ``<unk>`` and one single-token placeholder per modality
-(``<image>``, ``<video>``, ``<audio>``), and a chat template::
+(``<image>``, ``<video>``, ``<audio>`` at ids 4-6; ``<text>``, a passage routed through the reduction
+pipeline, appended later at id 1162 so that no earlier id moved), and a chat template::
 
     <s>[{system}\\n]USER: {user}\\nASSISTANT: {answer}</s>\\nUSER: ...\\nASSISTANT: {answer}</s>\\n
 
@@ -18,8 +19,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 
-MEDIA_TOKENS: dict[str, str] = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
-"""Placeholder text per modality; each must be one token of the tokenizer."""
+MEDIA_TOKENS: dict[str, str] = {"image": "<image>", "video": "<video>", "audio": "<audio>", "text": "<text>"}
+"""Placeholder text per modality; each must be one token of the tokenizer to be used (only ``<image>``
+is required: a tokenizer without the others, e.g. one saved before ``<text>`` existed, just cannot take
+that modality)."""
 
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
@@ -53,7 +56,8 @@ def check_tokenizer(tok: PreTrainedTokenizerBase, name: str = "tokenizer") -> No
 
 
 def media_token_ids(tok: PreTrainedTokenizerBase) -> dict[str, int]:
-    """Placeholder token id per modality the tokenizer has, e.g. ``{"image": 4, "video": 5, "audio": 6}``.
+    """Placeholder token id per modality the tokenizer has, e.g. ``{"image": 4, "video": 5, "audio": 6,
+    "text": 1162}``.
 
     A modality whose placeholder text does not encode to one known token is left out.
     """

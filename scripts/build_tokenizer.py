@@ -23,9 +23,12 @@ from transformers import PreTrainedTokenizerFast
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "llava_deft" / "assets" / "tiny_tokenizer"
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-MEDIA_TOKENS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+MEDIA_TOKENS = {"image": "<image>", "video": "<video>", "audio": "<audio>", "text": "<text>"}
 # ids 0..6 in this order; the media placeholders are also named extra special tokens (tok.image_token).
-SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, *MEDIA_TOKENS.values()]
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, MEDIA_TOKENS["image"], MEDIA_TOKENS["video"], MEDIA_TOKENS["audio"]]
+# Placeholders added after the BPE vocabulary was first committed: appended after training, so they take
+# the next free ids (``<text>``: 1162) and every earlier id (and every checkpoint's embedding rows) stays.
+APPENDED_TOKENS = [MEDIA_TOKENS["text"]]
 
 # Vicuna-v1-style template (LLaVA v1.5's "USER: ... ASSISTANT: ..."). The assistant turn is
 #   "ASSISTANT:" + {% generation %}" " + answer + eos{% endgeneration %} + "\n"
@@ -135,6 +138,7 @@ def build(out: Path, vocab_size: int = 1500) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in APPENDED_TOKENS])
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,

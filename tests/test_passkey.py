@@ -177,16 +177,11 @@ def test_unknown_split_raises():
         make_sample(0, "val", 0)
 
 
-def test_text_placeholder_can_be_added_to_the_tiny_tokenizer(tok):
-    """The integration step's recipe (the committed assets stay as they are)."""
-    asset = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
-    fresh = load_tokenizer(None)
-    size, media = len(fresh), media_token_ids(fresh)
-    assert len(fresh.encode(TEXT_TOKEN, add_special_tokens=False)) > 1  # not a token yet
-    assert fresh.add_special_tokens({"extra_special_tokens": [TEXT_TOKEN]}) == 1
-    assert fresh.encode(TEXT_TOKEN, add_special_tokens=False) == [size]  # appended: the next id
-    assert media_token_ids(fresh) == media  # existing ids unchanged
-    prompt = fresh.encode(f"{TEXT_TOKEN}\n{QUESTION}", add_special_tokens=False)
-    assert prompt[0] == size and prompt[1:] == tok.encode(f"\n{QUESTION}", add_special_tokens=False)
-    assert len(load_tokenizer(None)) == size  # a new load is the committed tokenizer again
-    assert (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes() == asset
+def test_text_placeholder_is_one_token_of_the_tiny_tokenizer(tok):
+    """``<text>`` was appended after the BPE vocabulary: the next id, every earlier id unchanged."""
+    assert MEDIA_TOKENS["text"] == TEXT_TOKEN
+    assert media_token_ids(tok) == {"image": 4, "video": 5, "audio": 6, "text": 1162}
+    assert len(tok) == 1163 and tok.convert_ids_to_tokens(1162) == TEXT_TOKEN
+    prompt = tok.encode(f"{TEXT_TOKEN}\n{QUESTION}", add_special_tokens=False)
+    assert prompt[0] == 1162 and TEXT_TOKEN not in tok.decode(prompt[1:])
+    assert tok.decode(prompt) == f"{TEXT_TOKEN}\n{QUESTION}"

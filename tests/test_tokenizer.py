@@ -28,7 +28,7 @@ def test_special_tokens_and_vocab(tok):
     assert media_token_ids(tok) == {m: tok.convert_tokens_to_ids(t) for m, t in MEDIA_TOKENS.items()}
 
 
-@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+@pytest.mark.parametrize("modality", ["image", "video", "audio", "text"])
 def test_placeholders_are_single_tokens_in_context(tok, modality):
     text = MEDIA_TOKENS[modality]
     pid = media_token_ids(tok)[modality]

@@ -7,7 +7,7 @@ key. Their filler repeats five fixed sentences; ours draws sentences from small 
 templates (no corpus, no network), so passages differ from sample to sample and seed to seed. The
 filler has no digits and never says "pass key", so the needle is the only place the answer appears.
 
-Convention for the text modality (its pipeline integration comes later): the passage is a top-level
+Convention for the text modality: the passage is a top-level
 ``"text"`` field and the prompt holds the placeholder ``<text>`` (:data:`TEXT_TOKEN`) where it goes,
 as ``<image>``/``<video>``/``<audio>`` stand for their media::
 
@@ -21,12 +21,10 @@ as ``<image>``/``<video>``/``<audio>`` stand for their media::
 with it); ``text_tokens`` is the passage's exact length in tokens of the committed tiny tokenizer
 (``load_tokenizer(None)``, no special tokens), drawn uniformly in ``[min_tokens, max_tokens]``.
 
-The committed tokenizer has no ``<text>`` token yet (today it encodes as 4 tokens ``< t ext >``). The
-integration step adds it without touching the committed assets: in transformers 5
-``tok.add_special_tokens({"extra_special_tokens": ["<text>"]})`` returns 1 and gives ``<text>`` the
-next id (``len(tok)`` before the call, 1162 for the tiny tokenizer; existing ids unchanged), so the
-LLM's embeddings need ``vocab_size=len(tok)`` (``build_llm`` resizes); ``MEDIA_TOKENS`` then gets a
-``"text"`` entry. ``tests/test_passkey.py`` checks this.
+``<text>`` is ``MEDIA_TOKENS["text"]``, one special token of the committed tiny tokenizer (id 1162,
+appended after the BPE vocabulary so no other id moved). ``LlavaJsonDataset`` reads the ``"text"``
+field, ``MultimodalCollator`` tokenises the passage, and the model embeds it with the LLM's input
+embeddings and routes it through the reduction pipeline as a TEXT row spliced at ``<text>``.
 
 Train and test keys never overlap: a key in ``10000..99999`` belongs to the test split when its 1-byte
 BLAKE2b digest is odd (:func:`key_split`), about half of the keys each. A hash rather than digit
@@ -60,10 +58,10 @@ import tokenizers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llava_deft.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from llava_deft.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer
 
-TEXT_TOKEN = "<text>"
-"""Placeholder for the passage in the prompt; a special token to be added at integration (see above)."""
+TEXT_TOKEN = MEDIA_TOKENS["text"]
+"""Placeholder for the passage in the prompt (``<text>``, one token of the tiny tokenizer)."""
 
 NEEDLE = "The pass key is {key}. Remember it."
 QUESTION = "What is the pass key?"
