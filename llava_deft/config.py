@@ -5,6 +5,7 @@
     llm:       an HF config dict (llama / qwen2 / qwen3 ...) or a local directory
     pipeline:  reduction stages (see ``pipeline.validate_config``), or a YAML path
     video:     frame sampling (num_frames | fps, max_frames) and per-frame spatial pooling (pool_stride)
+    audio:     the Whisper-style audio encoder (off by default): enabled, encoder, weights, pool_stride, freeze
     tokenizer: None for the committed tiny tokenizer, else a local directory
 
 Every key is read by ``LlavaDeftForCausalLM``; unknown keys are errors that list the allowed keys.
@@ -75,9 +76,56 @@ class VideoConfig(_Strict):
         return {"num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames}
 
 
+class AudioConfig(_Strict):
+    """The audio encoder (``llava_deft.audio.AudioEncoder``, Whisper-style, random init unless
+    ``weights``) and its own projector into the LLM width. Off by default, so configs and checkpoints
+    without audio build exactly the modules they did before.
+
+    ``encoder``: keys of ``llava_deft.audio.DEFAULT_AUDIO_CONFIG`` (d_model, encoder_layers, ...,
+    num_mel_bins, chunk_length in s, sampling_rate); ``weights``: a local ``.safetensors`` state dict
+    of the encoder (ours or a Whisper checkpoint's ``model.encoder.*``); ``pool_stride``: average-pool
+    the encoder's tokens over time (one token per 20 ms at 1); ``freeze``: keep the encoder fixed (its
+    projector still trains). The other keys need ``enabled: true``.
+    """
+
+    enabled: bool = False
+    encoder: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    pool_stride: int = Field(1, gt=0)
+    freeze: bool = False
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder_keys(cls, v):
+        resolve_audio_config(v)  # unknown keys, sizes that do not fit: ValueError naming the fix
+        return v
+
+    @model_validator(mode="after")
+    def _needs_enabled(self):
+        if not self.enabled:
+            fields = type(self).model_fields
+            set_knobs = [k for k, f in fields.items() if k != "enabled" and getattr(self, k) != f.get_default(call_default_factory=True)]
+            if set_knobs:
+                raise ValueError(f"audio {set_knobs} take effect only with audio.enabled: true")
+        return self
+
+    def sampling_rate(self) -> int:
+        """The rate waveforms are loaded at (``load_audio`` / ``LlavaJsonDataset``), from ``encoder``."""
+        return int(resolve_audio_config(self.encoder)["sampling_rate"])
+
+
+def resolve_audio_config(encoder: dict[str, Any]) -> dict[str, Any]:
+    """``llava_deft.audio.resolve_audio_config``, imported here on use: ``audio`` imports ``encoders``,
+    which imports this module."""
+    from .audio import resolve_audio_config as resolve
+
+    return resolve(encoder)
+
+
 class ModelConfig(_Strict):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     pipeline: dict[str, Any] | list | str | None = None

@@ -5,11 +5,14 @@ A sample is a plain dict::
     {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
      "images": [PIL.Image (RGB), ...],
      "image_keys": [str, ...],                                  # optional, one per image
-     "videos": [VideoClip | (T, H, W, 3) uint8 tensor, ...]}    # optional
+     "videos": [VideoClip | (T, H, W, 3) uint8 tensor, ...],    # optional
+     "audios": [(S,) float waveform, mono, at the encoder's rate, ...],   # optional
+     "texts": [str, ...]}                                       # optional: passages to reduce
 
-with one ``<image>`` placeholder in the text per image and one ``<video>`` per video, in order. ``MultimodalCollator`` turns a list
-of samples into padded tensors; labels come from the chat template's assistant mask (never from
-re-tokenising with offsets, the cause of LLaVA's "tokenization mismatch" zero losses).
+with one placeholder in the text per media item of its kind (``<image>``, ``<video>``, ``<audio>``,
+``<text>``), in order. ``MultimodalCollator`` turns a list of samples into padded tensors; labels come
+from the chat template's assistant mask (never from re-tokenising with offsets, the cause of LLaVA's
+"tokenization mismatch" zero losses).
 
 ``image_keys`` names each image for the collator's cache of transformed pixels: two images under one
 key must be the same picture (``EasyVQADataset`` uses ``"easyvqa/{split}/{image_id}"``). Samples
@@ -36,7 +39,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from llava_deft.audio import SAMPLING_RATE, AudioProcessor, load_audio
 from llava_deft.errors import (
+    AudioError,
     DatasetFormatError,
     EmptyLabelsError,
     MediaCountMismatchError,
@@ -207,8 +212,9 @@ def export_easyvqa(out_dir: str | Path, split: str = "train", limit: int | None 
 # --------------------------------------------------------------------------------------------- LLaVA JSON
 
 
-def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], list[str], list[str]]:
-    """Validate one LLaVA record; return (id, messages, relative image paths, relative video paths)."""
+def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], dict[str, list[str]]]:
+    """Validate one LLaVA record; return (id, messages, media) where ``media`` maps "image", "video",
+    "audio" to relative paths and "text" to passages."""
 
     def fail(what: str, sample_id: Any = None) -> DatasetFormatError:
         who = f"record {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
@@ -243,28 +249,32 @@ def _parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, 
         if not isinstance(turn["value"], str):
             raise fail(f"key 'conversations[{j}].value' must be a string", sample_id)
         messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-    media = []
-    for key in ("image", "video"):
-        paths = record.get(key, [])
-        if isinstance(paths, str):
-            paths = [paths]
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            raise fail(f"key '{key}' must be a path string or a list of path strings", sample_id)
-        media.append(paths)
-    return sample_id, messages, media[0], media[1]
+    media = {}
+    for key in MEDIA_KEYS:
+        items = record.get(key, [])
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
+            what = "a non-empty passage string or a list of them" if key == "text" else "a path string or a list of path strings"
+            raise fail(f"key '{key}' must be {what}", sample_id)
+        media[key] = items
+    return sample_id, messages, media
 
 
 class LlavaJsonDataset(Dataset):
     """LLaVA's conversation JSON: a list of ``{"id", "image" (str | list, optional), "video" (str |
-    list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value": str}]}`` with image
-    and video paths relative to ``image_folder``.
+    list, optional), "audio" (str | list, optional), "text" (str | list, optional), "conversations":
+    [{"from": "human"|"gpt"|"system", "value": str}]}`` with image, video and audio paths relative to
+    ``image_folder`` (the media folder) and ``text`` the passage(s) themselves.
 
     The file and every record are validated here (``DatasetFormatError`` naming the file, the record
     index and id, and the key); media are loaded lazily in ``__getitem__`` (``MediaFileError`` naming
-    the file, the sample id and the JSON file when one is missing or cannot be decoded; a video that
-    exists but cannot be read raises ``VideoError``, also naming them). Videos are read with
-    ``load_video(path, num_frames, fps, max_frames)`` into ``VideoClip``s under the sample's
-    ``"videos"``. JSON only: nothing is ever unpickled.
+    the file, the sample id and the JSON file when one is missing or cannot be decoded; a video or
+    audio file that exists but cannot be used raises ``VideoError`` / ``AudioError``, also naming
+    them). Videos are read with ``load_video(path, num_frames, fps, max_frames)`` into ``VideoClip``s
+    under the sample's ``"videos"``, audio with ``load_audio(path, sampling_rate)`` into ``(S,)``
+    float32 waveforms under ``"audios"``; passages go to ``"texts"`` as they are. JSON only: nothing
+    is ever unpickled.
     """
 
     def __init__(
@@ -274,8 +284,10 @@ class LlavaJsonDataset(Dataset):
         num_frames: int = 8,
         fps: float | None = None,
         max_frames: int | None = None,
+        sampling_rate: int = SAMPLING_RATE,
     ):
         self.video_sampling = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames}
+        self.sampling_rate = int(sampling_rate)
         self.json_path = Path(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
         if not self.json_path.is_file():
@@ -289,7 +301,8 @@ class LlavaJsonDataset(Dataset):
                 f"{self.json_path}: expected a JSON list of records, got {type(data).__name__}"
             )
         self.records = [_parse_llava_record(r, i, self.json_path) for i, r in enumerate(data)]
-        if any(images or videos for _, _, images, videos in self.records) and not self.image_folder.is_dir():
+        has_files = any(media[k] for _, _, media in self.records for k in ("image", "video", "audio"))
+        if has_files and not self.image_folder.is_dir():
             raise MediaFileError(
                 f"image folder '{self.image_folder}' (for {self.json_path}) does not exist"
             )
@@ -298,13 +311,25 @@ class LlavaJsonDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample_id, messages, image_paths, video_paths = self.records[index]
+        sample_id, messages, media = self.records[index]
         return {
             "id": sample_id,
             "messages": [dict(m) for m in messages],
-            "images": [self._load_image(p, sample_id) for p in image_paths],
-            "videos": [self._load_video(p, sample_id) for p in video_paths],
+            "images": [self._load_image(p, sample_id) for p in media["image"]],
+            "videos": [self._load_video(p, sample_id) for p in media["video"]],
+            "audios": [self._load_audio(p, sample_id) for p in media["audio"]],
+            "texts": list(media["text"]),
         }
+
+    def _load_audio(self, relative: str, sample_id: str) -> torch.Tensor:
+        path = self.image_folder / relative
+        where = f"(sample {sample_id!r} of {self.json_path})"
+        if not path.is_file():
+            raise MediaFileError(f"audio '{path}' {where} does not exist")
+        try:
+            return load_audio(path, self.sampling_rate)
+        except AudioError as err:
+            raise AudioError(err.path, f"{err.problem} {where}") from err
 
     def _load_video(self, relative: str, sample_id: str) -> VideoClip:
         path = self.image_folder / relative
@@ -416,10 +441,17 @@ class MultimodalCollator:
     (returned as ``references``), the prompt ends with the template's generation prompt, no labels.
 
     Per sample, refused with a typed error (never truncated): placeholders ≠ media of that kind
-    (``MediaCountMismatchError``), no assistant token to learn from (``EmptyLabelsError``), and
-    ``len(ids) - n_images - n_videos + n_images * media_tokens_per_image + frames * media_tokens_per_frame
-    > max_length`` (``SampleTooLongError``). ``media_tokens_per_frame`` is what the model gives one
-    video frame after pooling (default: ``media_tokens_per_image``, i.e. no pooling).
+    (``MediaCountMismatchError``), no assistant token to learn from (``EmptyLabelsError``), an audio
+    clip longer than the encoder's chunk, and more than ``max_length`` tokens once every placeholder
+    becomes its media's tokens (``SampleTooLongError``): ``media_tokens_per_image`` per image,
+    ``media_tokens_per_frame`` per video frame (what the model gives one frame after pooling; default
+    ``media_tokens_per_image``), ``audio_processor.num_tokens(S)`` per clip of ``S`` samples and the
+    passage's own length per text. An empty passage, or one holding a placeholder token, raises
+    ``ValueError`` naming the sample.
+
+    Audio needs ``audio_processor`` (the model's ``audio_processor``, from its ``audio:`` config):
+    waveforms become log-mel features here. Text passages are tokenised here (no special tokens); the
+    model embeds them with the LLM's input embeddings and reduces them as TEXT rows.
 
     Returns ``input_ids (B, L)`` long, ``attention_mask (B, L)`` long, ``labels (B, L)`` long (training
     only), ``pixel_values (M, 3, H, W)`` float (images of the batch in sample order, ``None`` when
@@ -427,7 +459,11 @@ class MultimodalCollator:
     frame of every video, videos in sample order; ``None`` when there is no video), ``video_frames
     (V,)`` long frames per video, ``video_counts (B,)`` long videos per sample, ``ids`` list[str], and
     in generation ``references`` list[str | None]. Video frames go through ``image_transform`` one by
-    one (``frames_to_pixels``) and are not cached.
+    one (``frames_to_pixels``) and are not cached. Audio: ``audio_values (A, n_mels, frames)`` float
+    (clips in sample order, each padded to the chunk; ``None`` when there is none), ``audio_lengths
+    (A,)`` long waveform samples per clip, ``audio_counts (B,)`` long clips per sample. Text:
+    ``text_ids (P, L_t)`` long passages right-padded with the pad id (``None`` when there is none),
+    ``text_lengths (P,)`` long tokens per passage, ``text_counts (B,)`` long passages per sample.
 
     Memoisation (per process, ``cache_size`` entries each, least recently used dropped first; 0
     disables): ``token_cache`` maps a conversation (its messages) to its (ids, labels, reference) as
@@ -452,6 +488,7 @@ class MultimodalCollator:
         generation: bool = False,
         cache_size: int = 100_000,
         media_tokens_per_frame: int | None = None,
+        audio_processor: AudioProcessor | None = None,
     ):
         check_tokenizer(tokenizer)
         if padding_side not in ("left", "right"):
@@ -464,6 +501,7 @@ class MultimodalCollator:
         if media_tokens_per_frame is not None and media_tokens_per_frame < 1:
             raise ValueError(f"media_tokens_per_frame must be >= 1, got {media_tokens_per_frame}")
         self.media_tokens_per_frame = int(media_tokens_per_frame or media_tokens_per_image)
+        self.audio_processor = audio_processor
         self.max_length = int(max_length)
         self.padding_side = padding_side
         self.generation = generation
@@ -477,26 +515,38 @@ class MultimodalCollator:
         Fresh lists every call (the cache holds tuples); the media, length and label checks run on
         every call, cached or not.
         """
+        ids, labels, reference, _ = self._encode(sample)
+        return ids, labels, reference
+
+    def _encode(self, sample: dict[str, Any]) -> tuple[list[int], list[int] | None, str | None, list[list[int]]]:
+        """``encode`` plus the sample's tokenised text passages."""
         sample_id = str(sample["id"])
         ids, labels, reference = self._tokenize(sample["messages"])
         self._check_media(sample, sample_id, ids)
+        passages = self._passages(sample, sample_id)
 
         n_images = len(sample.get("images") or [])
         frames = [_video_frames(v).shape[0] for v in sample.get("videos") or []]
+        audio_tokens = [self.audio_processor.num_tokens(len(w)) for w in sample.get("audios") or []]
+        text_tokens = [len(p) for p in passages]
+        n_placeholders = n_images + len(frames) + len(audio_tokens) + len(text_tokens)
         seen = (
-            len(ids) - n_images - len(frames)
+            len(ids) - n_placeholders
             + n_images * self.media_tokens_per_image + sum(frames) * self.media_tokens_per_frame
+            + sum(audio_tokens) + sum(text_tokens)
         )
         if seen > self.max_length:
             raise SampleTooLongError(
                 f"sample {sample_id!r} is {seen} tokens long once its {n_images} image(s) become "
-                f"{self.media_tokens_per_image} tokens each and its {len(frames)} video(s) "
-                f"({sum(frames)} frames) {self.media_tokens_per_frame} tokens per frame ({len(ids)} text ids), over "
+                f"{self.media_tokens_per_image} tokens each, its {len(frames)} video(s) "
+                f"({sum(frames)} frames) {self.media_tokens_per_frame} tokens per frame, its "
+                f"{len(audio_tokens)} audio clip(s) {sum(audio_tokens)} tokens and its {len(text_tokens)} text "
+                f"passage(s) {sum(text_tokens)} tokens ({len(ids)} text ids), over "
                 f"max_length={self.max_length}; samples are refused, never cut (raise max_length or "
                 f"drop the sample)"
             )
         if labels is None:
-            return list(ids), None, reference
+            return list(ids), None, reference, passages
         if labels.count(IGNORE_INDEX) == len(labels):
             has_turn = any(m["role"] == "assistant" for m in sample["messages"])
             reason = (
@@ -505,7 +555,28 @@ class MultimodalCollator:
                 else "it has no assistant turn"
             )
             raise EmptyLabelsError(sample_id, reason)
-        return list(ids), list(labels), None
+        return list(ids), list(labels), None, passages
+
+    def _passages(self, sample: dict[str, Any], sample_id: str) -> list[list[int]]:
+        """The sample's text passages as token ids (no special tokens); empty passages and passages
+        holding a placeholder token are refused."""
+        texts = sample.get("texts") or []
+        if not texts:
+            return []
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"sample {sample_id!r}: 'texts' must be a list of passage strings")
+        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        placeholders = {i: MEDIA_TOKENS[m] for m, i in self.media_ids.items()}
+        for j, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"sample {sample_id!r}: text passage {j} is empty; give it text or drop its <text>")
+            inside = sorted({placeholders[i] for i in ids if i in placeholders})
+            if inside:
+                raise ValueError(
+                    f"sample {sample_id!r}: text passage {j} contains the placeholder(s) {inside}; a passage is "
+                    f"plain text (put media in the prompt, not in the passage)"
+                )
+        return [list(ids) for ids in encoded]
 
     def _tokenize(
         self, messages: Sequence[dict[str, Any]]
@@ -536,14 +607,36 @@ class MultimodalCollator:
         return out
 
     def _check_media(self, sample: dict[str, Any], sample_id: str, ids: Sequence[int]) -> None:
+        for modality, key in MEDIA_KEYS.items():
+            if sample.get(key) and modality not in self.media_ids:
+                raise ValueError(
+                    f"sample {sample_id!r} has {modality} media but the tokenizer has no {MEDIA_TOKENS[modality]} "
+                    f"token; add it as a special token (tokenizer.add_special_tokens) and resize the LLM's embeddings"
+                )
         for modality, token_id in self.media_ids.items():
             n_placeholders = ids.count(token_id)
             n_media = len(sample.get(MEDIA_KEYS[modality]) or [])
             if n_placeholders != n_media:
                 raise MediaCountMismatchError(sample_id, MEDIA_TOKENS[modality], n_placeholders, n_media)
-            if modality not in ("image", "video") and n_media:
+        audios = sample.get("audios") or []
+        if audios and self.audio_processor is None:
+            raise ValueError(
+                f"sample {sample_id!r} has {len(audios)} audio clip(s) but the collator has no audio_processor; "
+                f"enable `audio:` in the model config and pass audio_processor=model.audio_processor"
+            )
+        for j, wave in enumerate(audios):
+            wave = torch.as_tensor(wave)
+            if wave.ndim != 1 or wave.shape[0] == 0 or not bool(torch.isfinite(wave).all()):
                 raise ValueError(
-                    f"sample {sample_id!r} has {modality} media; MultimodalCollator collates images and videos only"
+                    f"sample {sample_id!r}: audio clip {j} must be a non-empty, finite mono waveform (S,), got "
+                    f"shape {tuple(wave.shape)}; load files with llava_deft.audio.load_audio"
+                )
+            if wave.shape[0] > self.audio_processor.max_samples:
+                rate = self.audio_processor.sampling_rate
+                raise SampleTooLongError(
+                    f"sample {sample_id!r}: audio clip {j} is {wave.shape[0] / rate:.2f} s, longer than the audio "
+                    f"encoder's {self.audio_processor.max_samples / rate:g} s chunk; clips are refused, never cut "
+                    f"(raise audio.encoder.chunk_length or drop the sample)"
                 )
 
     def _pixels(self, sample: dict[str, Any]) -> list[torch.Tensor]:
@@ -572,10 +665,12 @@ class MultimodalCollator:
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        encoded = [self.encode(s) for s in samples]
+        encoded = [self._encode(s) for s in samples]
         input_ids, attention_mask = pad_sequences(
-            [ids for ids, _, _ in encoded], self.tokenizer.pad_token_id, self.padding_side
+            [ids for ids, _, _, _ in encoded], self.tokenizer.pad_token_id, self.padding_side
         )
+        passages = [p for _, _, _, ps in encoded for p in ps]
+        waves = [torch.as_tensor(w, dtype=torch.float32) for s in samples for w in s.get("audios") or []]
         pixels = [p for s in samples for p in self._pixels(s)]
         videos = [frames_to_pixels(_video_frames(v), self.image_transform) for s in samples for v in s.get("videos") or []]
         batch: dict[str, Any] = {
@@ -587,13 +682,19 @@ class MultimodalCollator:
             "video_values": torch.cat(videos).float() if videos else None,  # (F, 3, H, W)
             "video_frames": torch.tensor([v.shape[0] for v in videos], dtype=torch.long),
             "video_counts": torch.tensor([len(s.get("videos") or []) for s in samples], dtype=torch.long),
+            "audio_values": self.audio_processor.features(waves) if waves else None,  # (A, n_mels, frames)
+            "audio_lengths": torch.tensor([w.shape[0] for w in waves], dtype=torch.long),
+            "audio_counts": torch.tensor([len(s.get("audios") or []) for s in samples], dtype=torch.long),
+            "text_ids": pad_sequences(passages, self.tokenizer.pad_token_id, "right")[0] if passages else None,
+            "text_lengths": torch.tensor([len(p) for p in passages], dtype=torch.long),
+            "text_counts": torch.tensor([len(s.get("texts") or []) for s in samples], dtype=torch.long),
             "ids": [str(s["id"]) for s in samples],
         }
         if self.generation:
-            batch["references"] = [ref for _, _, ref in encoded]
+            batch["references"] = [ref for _, _, ref, _ in encoded]
         else:
             batch["labels"], _ = pad_sequences(
-                [labels for _, labels, _ in encoded], IGNORE_INDEX, self.padding_side
+                [labels for _, labels, _, _ in encoded], IGNORE_INDEX, self.padding_side
             )
         return batch
 

@@ -1,9 +1,13 @@
-"""LlavaDeftForCausalLM: image encoder -> projector -> reduction pipeline -> splice -> decoder LLM.
+"""LlavaDeftForCausalLM: encoders -> projectors -> reduction pipeline -> splice -> decoder LLM.
 
 Images and videos share the encoder: a video's frames go through it one by one (optionally pooled per
-frame, ``video.pool_stride``), and the clip becomes one pipeline row laid out ``(T, H', W')``. Image and
-video rows of a batch form ONE ``TokenBatch`` in the order their placeholders appear, so the pipeline
-runs once and the splice fills ``<image>`` and ``<video>`` placeholders in one pass.
+frame, ``video.pool_stride``), and the clip becomes one pipeline row laid out ``(T, H', W')``. Audio
+(``audio.enabled``) goes through the Whisper-style ``AudioEncoder`` and its own projector: one row per
+clip, laid out ``(T, 1, 1)`` with only the tokens that cover the clip. A text passage (``<text>``) is
+embedded with the LLM's input embeddings: one TEXT row laid out ``(N, 1, 1)``, which DeFT's fgcs groups
+by top-k semantic neighbours. The rows of a batch, whatever their modality, form ONE ``TokenBatch`` in
+the order their placeholders appear, so the pipeline runs once and the splice fills ``<image>``,
+``<video>``, ``<audio>`` and ``<text>`` placeholders in one pass.
 
     model = LlavaDeftForCausalLM(load_model_config())           # tiny random-initialised default
     out = model(**batch)                                         # batch from MultimodalCollator
@@ -27,17 +31,21 @@ from torch import Tensor, nn
 
 from pipeline import Modality, TokenBatch, build_pipeline
 
+from .audio import AudioEncoder, load_audio
 from .config import DEFT_KEYS, ModelConfig, load_model_config
 from .encoders import build_image_encoder, build_projector
 from .errors import CheckpointError, MediaCountMismatchError
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from .splice import IGNORE_INDEX, splice_media
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, media_token_ids
 from .video import load_video, pool_frame_tokens
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+
+MEDIA_ORDER = ("image", "video", "audio", "text")
+"""Kinds of pipeline rows, in the order their blocks are stacked before the gather into placeholder order."""
 
 
 @dataclass
@@ -61,22 +69,40 @@ class LlavaDeftForCausalLM(nn.Module):
         self.llm = DecoderLM(hf)
         self.projector = build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
         self.pipeline = build_pipeline(cfg.pipeline_config(), dim=self.llm.hidden_size)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids("<video>")
+        placeholders = media_token_ids(self.tokenizer)
+        self.media_token_ids = {kind: placeholders.get(kind, -1) for kind in MEDIA_ORDER}
+        """Placeholder id per kind; -1 (matches no token) where the tokenizer lacks the placeholder."""
+        self.image_token_id = self.media_token_ids["image"]
+        self.video_token_id = self.media_token_ids["video"]
+        self.audio_token_id = self.media_token_ids["audio"]
+        self.text_token_id = self.media_token_ids["text"]
         self.media_tokens_per_image = self.vision.grid[0] * self.vision.grid[1]
         stride = cfg.video.pool_stride
         self.video_grid = (math.ceil(self.vision.grid[0] / stride), math.ceil(self.vision.grid[1] / stride))
         self.media_tokens_per_frame = self.video_grid[0] * self.video_grid[1]
         """Tokens one video frame gives the pipeline, after ``video.pool_stride`` pooling."""
+        # built last, and only when enabled: models without audio keep their modules, init and state dict
+        self.audio: AudioEncoder | None = None
+        self.audio_projector: nn.Module | None = None
+        if cfg.audio.enabled:
+            self.audio = AudioEncoder(cfg.audio.encoder, weights=cfg.audio.weights, pool_stride=cfg.audio.pool_stride)
+            self.audio_projector = build_projector(cfg.projector.type, self.audio.width, self.llm.hidden_size)
+        self.audio_processor = self.audio.processor if self.audio is not None else None
+        """The collator's ``audio_processor`` (log-mel features, tokens per clip); None without audio."""
         self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
 
     # ------------------------------------------------------------------ training set-up
-    def apply_freeze(self, vision: bool, llm: bool) -> None:
-        """LLaVA stages: stage 1 freezes LLM (and encoder), stage 2 trains the LLM too."""
+    def apply_freeze(self, vision: bool, llm: bool, audio: bool | None = None) -> None:
+        """LLaVA stages: stage 1 freezes LLM (and encoders), stage 2 trains the LLM too. ``audio``
+        (default: the config's ``audio.freeze``) freezes the audio encoder; projectors always train."""
         self.vision.requires_grad_(not vision)
         self.llm.requires_grad_(not llm)
         self.projector.requires_grad_(True)
         self.pipeline.requires_grad_(True)
+        if self.audio is not None:
+            self.audio.requires_grad_(not (self.config.audio.freeze if audio is None else audio))
+            self.audio.encoder.embed_positions.requires_grad_(False)  # Whisper's sinusoidal positions stay fixed
+            self.audio_projector.requires_grad_(True)
 
     @property
     def device(self) -> torch.device:
@@ -121,41 +147,85 @@ class LlavaDeftForCausalLM(nn.Module):
         layout = torch.stack([frames, torch.full_like(frames, h), torch.full_like(frames, w)], 1)  # (V, 3)
         return TokenBatch.from_tokens(out, mask, modality=Modality.VIDEO, layout=layout)
 
+    def encode_audios(self, audio_values: Tensor, audio_lengths: Tensor | None = None) -> TokenBatch:
+        """log-mel ``audio_values (A, n_mels, frames)`` of A clips of ``audio_lengths (A,)`` waveform
+        samples -> TokenBatch of A rows, modality AUDIO, layout (T_a, 1, 1).
+
+        Every clip was padded to the encoder's chunk; a row keeps only its first
+        ``T_a = audio_processor.num_tokens(S)`` tokens, those that cover the clip (all of the chunk when
+        ``audio_lengths`` is None). Padding slots are zero, mask False.
+        """
+        if self.audio is None:
+            raise ValueError("the batch has audio but this model has no audio encoder; set `audio: {enabled: true}` in its config")
+        dtype = next(self.audio_projector.parameters()).dtype
+        tokens = self.audio_projector(self.audio(audio_values.to(dtype)))  # (A, T, D)
+        a, t_max, _ = tokens.shape
+        dev = tokens.device
+        if audio_lengths is None:
+            lengths = torch.full((a,), t_max, dtype=torch.long, device=dev)
+        else:
+            lengths = self.audio_processor.num_tokens(audio_lengths.to(dev))  # (A,)
+        width = int(lengths.max()) if a else 0
+        mask = torch.arange(width, device=dev) < lengths.unsqueeze(1)  # (A, T')
+        tokens = tokens[:, :width].masked_fill(~mask.unsqueeze(-1), 0.0)  # (A, T', D)
+        layout = torch.stack([lengths, torch.ones_like(lengths), torch.ones_like(lengths)], 1)  # (A, 3)
+        return TokenBatch.from_tokens(tokens, mask, modality=Modality.AUDIO, layout=layout)
+
+    def encode_texts(self, text_ids: Tensor, text_lengths: Tensor | None = None) -> TokenBatch:
+        """Passages ``text_ids (P, L)`` (right-padded) of ``text_lengths (P,)`` tokens -> TokenBatch of P
+        rows of the LLM's input embeddings, modality TEXT, layout (N_p, 1, 1). Padding slots are zero."""
+        p, width = text_ids.shape
+        dev = text_ids.device
+        lengths = torch.full((p,), width, dtype=torch.long, device=dev) if text_lengths is None else text_lengths.to(dev)
+        mask = torch.arange(width, device=dev) < lengths.unsqueeze(1)  # (P, L)
+        tokens = self.llm.embed(text_ids).masked_fill(~mask.unsqueeze(-1), 0.0)  # (P, L, D)
+        layout = torch.stack([lengths, torch.ones_like(lengths), torch.ones_like(lengths)], 1)  # (P, 3)
+        return TokenBatch.from_tokens(tokens, mask, modality=Modality.TEXT, layout=layout)
+
     def _blank(self) -> TokenBatch:
-        """One blank image, for batches without media (see ``_media``)."""
+        """One blank image, for batches without images or videos (see ``_media``)."""
         h, w = self.vision.image_size
         return self.encode_images(torch.zeros(1, 3, h, w, device=self.device, dtype=self.projector_dtype()))
 
-    def _media(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-               video_values: Tensor | None, video_frames: Tensor | None):
-        """Encode + reduce every image and video of the batch in one pipeline call.
+    def _blank_audio(self) -> TokenBatch:
+        """One silent chunk through the audio encoder, for batches without audio (see ``_media``)."""
+        feats = torch.zeros(1, self.audio.num_mel_bins, self.audio.num_frames, device=self.device)
+        return self.encode_audios(feats)
 
-        Rows are in placeholder order (sample order, then position in the prompt), whatever their
-        modality: a placeholder's row is ``offset[modality] + its rank among placeholders of its
-        modality`` (cumsum), so image rows (first) and video rows (after them) are gathered by one index.
+    def _media(self, input_ids: Tensor, attention_mask: Tensor, rows: dict[str, TokenBatch]):
+        """Reduce every media row of the batch (``rows``: kind -> its rows, in sample order) in one
+        pipeline call. Returns (reduced rows or None, zero-weight term or None, losses, stats).
 
-        With no media at all, a blank image still runs through encoder, projector and pipeline and
-        enters the graph with weight 0: every rank then runs the same modules, which ZeRO-3 needs
-        (a rank skipping the encoder while another gathers its parameters hangs).
+        Rows are gathered into placeholder order (sample order, then position in the prompt), whatever
+        their kind: a placeholder's row is ``offset[kind] + its rank among placeholders of its kind``
+        (one-hot cumsum), the blocks being stacked in ``MEDIA_ORDER``.
+
+        An encoder that gets no input in this batch still runs once on a blank input that enters the
+        graph with weight 0 (a blank image when there is no image nor video; silence when audio is
+        enabled and there is no clip; with no row at all, the blank image also goes through the
+        pipeline): every rank then runs the same modules, which ZeRO-3 needs (a rank skipping the
+        encoder while another gathers its parameters hangs).
         """
-        parts = []
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            parts.append(self.encode_images(pixel_values))
-        if video_values is not None and video_values.shape[0] > 0:
-            parts.append(self.encode_videos(video_values, video_frames))
-        if not parts:
-            out = self.pipeline(self._blank())
-            zero = sum(t.sum() for t in [out.tokens, *out.losses.values()]) * 0.0
+        idle = []
+        if "image" not in rows and "video" not in rows:
+            idle.append(self._blank() if rows else self.pipeline(self._blank()))
+        if self.audio is not None and "audio" not in rows:
+            idle.append(self._blank_audio())
+        zero = sum(t.sum() for b in idle for t in [b.tokens, *b.losses.values()]) * 0.0 if idle else None
+        if not rows:
             return None, zero, {}, {}
-        batch = parts[0] if len(parts) == 1 else _cat_rows(parts)
-        ph = ((input_ids == self.image_token_id) | (input_ids == self.video_token_id)) & attention_mask.bool()
-        is_video = input_ids[ph] == self.video_token_id  # (P,) placeholders in row-major order
-        rank = torch.where(is_video, is_video.long().cumsum(0), (~is_video).long().cumsum(0)) - 1  # (P,)
-        n_images = int((~is_video).sum())
-        order = rank + is_video.long() * n_images  # (P,) row of each placeholder's media
-        batch = _take_rows(batch, order.to(batch.tokens.device))
-        out = self.pipeline(batch)
-        return out, None, out.losses, out.stats
+        kinds = [k for k in MEDIA_ORDER if k in rows]
+        batch = rows[kinds[0]] if len(kinds) == 1 else _cat_rows([rows[k] for k in kinds])
+        dev = input_ids.device
+        kind_ids = torch.tensor([self.media_token_ids[k] for k in kinds], device=dev)  # (K,)
+        ph = (input_ids.unsqueeze(-1) == kind_ids).any(-1) & attention_mask.bool()  # (B, L)
+        kind = (input_ids[ph].unsqueeze(-1) == kind_ids).long().argmax(-1)  # (P,) placeholders in row-major order
+        onehot = F.one_hot(kind, len(kinds))  # (P, K)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank among placeholders of its kind
+        sizes = torch.tensor([rows[k].tokens.shape[0] for k in kinds], device=dev)  # (K,)
+        order = (sizes.cumsum(0) - sizes)[kind] + rank  # (P,) row of each placeholder's media
+        out = self.pipeline(_take_rows(batch, order.to(batch.tokens.device)))
+        return out, zero, out.losses, out.stats
 
     def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, counts_by_kind: dict, ids=None):
         """Per sample and kind, placeholders == media (``counts_by_kind``: placeholder id ->
@@ -184,7 +254,18 @@ class LlavaDeftForCausalLM(nn.Module):
         video_values: Tensor | None = None,
         video_frames: Tensor | None = None,
         video_counts: Tensor | None = None,
+        audio_values: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        audio_counts: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_lengths: Tensor | None = None,
+        text_counts: Tensor | None = None,
     ):
+        """Check counts, encode and reduce every media item, splice into the prompt's embeddings.
+
+        Media arguments are the collator's outputs (see ``MultimodalCollator``); ``audio_lengths`` and
+        ``text_lengths`` may be None (every clip fills its chunk, every passage its row).
+        """
         n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
         n_videos = 0 if video_frames is None else int(video_frames.shape[0])
         n_frames = 0 if video_values is None else int(video_values.shape[0])
@@ -195,11 +276,38 @@ class LlavaDeftForCausalLM(nn.Module):
                 f"video_values has {n_frames} frames but video_frames {None if video_frames is None else video_frames.tolist()} "
                 f"sums to another number (or has a video without frames); pass the collator's output unchanged"
             )
+        n_audios = 0 if audio_values is None else int(audio_values.shape[0])
+        if audio_lengths is not None and audio_values is not None and (
+            audio_lengths.shape != (n_audios,) or bool((audio_lengths < 1).any())
+        ):
+            raise ValueError(
+                f"audio_lengths {audio_lengths.tolist()} must give a positive sample count for each of the "
+                f"{n_audios} clips of audio_values; pass the collator's output unchanged"
+            )
+        n_texts = 0 if text_ids is None else int(text_ids.shape[0])
+        if text_lengths is not None and text_ids is not None and (
+            text_lengths.shape != (n_texts,) or bool((text_lengths < 1).any()) or bool((text_lengths > text_ids.shape[1]).any())
+        ):
+            raise ValueError(
+                f"text_lengths {text_lengths.tolist()} must give 1..{text_ids.shape[1]} tokens for each of the "
+                f"{n_texts} passages of text_ids; pass the collator's output unchanged"
+            )
         self._check_counts(input_ids, attention_mask, {
             self.image_token_id: ("<image>", media_counts, n_images),
             self.video_token_id: ("<video>", video_counts, n_videos),
+            self.audio_token_id: ("<audio>", audio_counts, n_audios),
+            self.text_token_id: ("<text>", text_counts, n_texts),
         }, ids)
-        media, zero, losses, stats = self._media(input_ids, attention_mask, pixel_values, video_values, video_frames)
+        rows = {}
+        if n_images:
+            rows["image"] = self.encode_images(pixel_values)
+        if n_frames:
+            rows["video"] = self.encode_videos(video_values, video_frames)
+        if n_audios:
+            rows["audio"] = self.encode_audios(audio_values, audio_lengths)
+        if n_texts:
+            rows["text"] = self.encode_texts(text_ids, text_lengths)
+        media, zero, losses, stats = self._media(input_ids, attention_mask, rows)
         text = self.llm.embed(input_ids)
         if zero is not None:
             text = text + zero.to(text.dtype)
@@ -212,7 +320,8 @@ class LlavaDeftForCausalLM(nn.Module):
                 modality=torch.zeros(0, dtype=torch.long, device=text.device),
                 layout=torch.zeros(0, 3, dtype=torch.long, device=text.device),
             )
-        is_placeholder = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+        kind_ids = torch.tensor(list(self.media_token_ids.values()), device=input_ids.device)
+        is_placeholder = (input_ids.unsqueeze(-1) == kind_ids).any(-1)  # (B, L)
         spliced = splice_media(
             input_ids, attention_mask, text, is_placeholder,
             media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
@@ -222,6 +331,10 @@ class LlavaDeftForCausalLM(nn.Module):
     def load_video(self, path):
         """Read a clip the way this model's config samples frames (``video.num_frames/fps/max_frames``)."""
         return load_video(path, **self.config.video.sampling())
+
+    def load_audio(self, path) -> Tensor:
+        """Read an audio file as the ``(S,)`` mono waveform at this model's audio rate (``AudioError`` naming it)."""
+        return load_audio(path, self.config.audio.sampling_rate())
 
     # ------------------------------------------------------------------ forward / loss
     def forward(
@@ -235,11 +348,19 @@ class LlavaDeftForCausalLM(nn.Module):
         video_values: Tensor | None = None,
         video_frames: Tensor | None = None,
         video_counts: Tensor | None = None,
+        audio_values: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        audio_counts: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_lengths: Tensor | None = None,
+        text_counts: Tensor | None = None,
         **unused,
     ) -> LlavaDeftOutput:
         sp, aux, stats = self.prepare_inputs(
             input_ids, attention_mask, pixel_values, media_counts, labels, ids=ids,
             video_values=video_values, video_frames=video_frames, video_counts=video_counts,
+            audio_values=audio_values, audio_lengths=audio_lengths, audio_counts=audio_counts,
+            text_ids=text_ids, text_lengths=text_lengths, text_counts=text_counts,
         )
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids)
         loss = lm_loss = None
@@ -270,16 +391,25 @@ class LlavaDeftForCausalLM(nn.Module):
         video_values: Tensor | None = None,
         video_frames: Tensor | None = None,
         video_counts: Tensor | None = None,
+        audio_values: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        audio_counts: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_lengths: Tensor | None = None,
+        text_counts: Tensor | None = None,
         **unused,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Left-padded prompts (with images and/or videos, as the collator gives them) -> new token
-        ids (B, T), padded with the pad id after EOS.
+        """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
+        gives them) -> new token ids (B, T), padded with the pad id after EOS.
 
-        With ``return_media_tokens`` also the number of media tokens each prompt gave the LLM (B,).
+        With ``return_media_tokens`` also the number of media tokens each prompt gave the LLM (B,)
+        (passage tokens included).
         """
         sp, _, _ = self.prepare_inputs(
             input_ids, attention_mask, pixel_values, media_counts, padding_side="left", ids=ids,
             video_values=video_values, video_frames=video_frames, video_counts=video_counts,
+            audio_values=audio_values, audio_lengths=audio_lengths, audio_counts=audio_counts,
+            text_ids=text_ids, text_lengths=text_lengths, text_counts=text_counts,
         )
         out = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
@@ -297,6 +427,7 @@ class LlavaDeftForCausalLM(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         cfg = self.config.model_dump()
         cfg["vision"]["weights"] = None
+        cfg["audio"]["weights"] = None  # the encoder's weights are in model.safetensors
         cfg["llm"] = {**cfg["llm"], "path": None, "config": self.llm.config.to_diff_dict()}
         cfg["llm"]["config"]["model_type"] = self.llm.config.model_type
         cfg["tokenizer"] = TOKENIZER_DIR
@@ -351,8 +482,9 @@ def _cat_rows(parts: list[TokenBatch]) -> TokenBatch:
     def pad(x: Tensor, value) -> Tensor:
         return F.pad(x, (0, 0, 0, n - x.shape[1]) if x.dim() == 3 else (0, n - x.shape[1]), value=value)
 
+    dtype = parts[0].tokens.dtype  # text rows come from the LLM's embeddings, media rows from a projector
     return TokenBatch(
-        tokens=torch.cat([pad(p.tokens, 0.0) for p in parts]),
+        tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),
         mask=torch.cat([pad(p.mask, False) for p in parts]),
         index=torch.arange(n, device=parts[0].tokens.device).expand(sum(p.tokens.shape[0] for p in parts), n).clone(),
         modality=torch.cat([p.modality for p in parts]),

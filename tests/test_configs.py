@@ -58,6 +58,10 @@ def _describe(m: LlavaDeftForCausalLM, clip) -> dict:
         "pipeline_config": repr(m.pipeline.config),
         "vocab": len(m.tokenizer),
         "max_length": m.config.max_length,
+        "audio_tokens": None if m.audio is None else m.audio_processor.num_tokens(16000),
+        "audio_params": None if m.audio is None else sum(p.numel() for p in m.audio.parameters()),
+        "audio_weights": None if m.audio is None else float(m.audio.encoder.conv1.weight.detach().sum()),
+        "audio_trainable": None if m.audio is None else any(p.requires_grad for p in m.audio.parameters()),
     }
 
 
@@ -72,6 +76,10 @@ def _changes(tmp_path):
     tok_dir = tmp_path / "tok"
     tok.add_tokens(["<extra_word>"])
     tok.save_pretrained(tok_dir)
+    from llava_deft.audio import AudioEncoder
+
+    torch.manual_seed(1)
+    AudioEncoder().save_weights(tmp_path / "audio.safetensors")
     clip = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
     return {
@@ -93,6 +101,13 @@ def _changes(tmp_path):
         "video.fps": ({"video": {"fps": 2.0}}, "video_frames"),
         "video.max_frames": ({"video": {"max_frames": 3}}, "video_frames"),
         "video.pool_stride": ({"video": {"pool_stride": 2}}, "video_tokens_per_frame"),
+        "audio.enabled": ({"audio": {"enabled": True}}, "audio_tokens"),
+        # the other audio knobs need enabled: each is compared with audio enabled alone
+        "audio.encoder": ({"audio": {"enabled": True, "encoder": {"encoder_layers": 1}}}, "audio_params", {"audio": {"enabled": True}}),
+        "audio.weights": ({"audio": {"enabled": True, "weights": str(tmp_path / "audio.safetensors")}}, "audio_weights",
+                          {"audio": {"enabled": True}}),
+        "audio.pool_stride": ({"audio": {"enabled": True, "pool_stride": 2}}, "audio_tokens", {"audio": {"enabled": True}}),
+        "audio.freeze": ({"audio": {"enabled": True, "freeze": True}}, "audio_trainable", {"audio": {"enabled": True}}),
         "use_deft": ({"use_deft": True}, "pipeline"),
         # the deft_* knobs need use_deft: each is compared with use_deft alone
         "deft_semantic_dim": ({"use_deft": True, "deft_semantic_dim": 64}, "pipeline_config", {"use_deft": True}),
@@ -122,6 +137,15 @@ def test_every_model_config_key_changes_the_model(tmp_path):
         torch.manual_seed(0)
         changed = _describe(LlavaDeftForCausalLM(override), clip)
         assert changed[field] != base[field], f"{key} did not change {field}"
+
+
+def test_audio_knobs_need_enabled_and_valid_encoder_keys():
+    with pytest.raises(ConfigError, match=r"audio \['pool_stride', 'freeze'\] take effect only with audio.enabled: true"):
+        load_model_config({"audio": {"pool_stride": 2, "freeze": True}})
+    with pytest.raises(ConfigError, match=r"audio.encoder: .*unknown audio config key\(s\) \['d_modle'\]"):
+        load_model_config({"audio": {"enabled": True, "encoder": {"d_modle": 64}}})
+    cfg = load_model_config({"audio": {"enabled": True, "encoder": {"sampling_rate": 8000, "chunk_length": 2}}})
+    assert cfg.audio.sampling_rate() == 8000 and load_model_config(None).audio.sampling_rate() == 16000
 
 
 def test_deft_switches_conflicts_are_errors():
