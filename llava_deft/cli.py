@@ -5,6 +5,7 @@
     llava-deft export-easyvqa data/easyvqa --split train
     llava-deft train --config configs/train/easyvqa_tiny.yaml --output_dir runs/x
     llava-deft generate --model runs/x/final --image shape.png "what color is the shape?"
+    llava-deft generate --model runs/x/final --audio seven.wav --text "$(cat passage.txt)" "what is said?"
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="answer a prompt with a saved model")
     g.add_argument("--model", required=True)
     g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    g.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    g.add_argument("--audio", action="append", default=[], help="audio file (wav/flac; the model needs audio.enabled)")
+    g.add_argument("--text", action="append", default=[], help="text passage routed through the pipeline at <text>")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("prompt")
 
@@ -92,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .inference import load_model
 
-        print(load_model(args.model).generate(args.prompt, images=args.image, max_new_tokens=args.max_new_tokens))
+        print(load_model(args.model).generate(
+            args.prompt, images=args.image, videos=args.video, audios=args.audio, texts=args.text,
+            max_new_tokens=args.max_new_tokens,
+        ))
         return 0
     except LlavaDeftError as err:
         print(f"llava-deft {args.cmd}: {err}", file=sys.stderr)

@@ -4,24 +4,35 @@
     model = llava_deft.load_model("runs/easyvqa_tiny/final")
     model.generate("What shape is in the image?", images=["shape.png"])       # -> "circle"
     model.generate(["q1", "q2"], images=[["a.png"], ["b.png"]])               # batched, left-padded
+    model.generate("Which way does it move?", videos=["clip.mp4"])
+    model.generate("What number is said?", audios=["seven.wav"])               # needs audio.enabled
+    model.generate("What is the pass key?", texts=["... The pass key is 48213. ..."])
 
-A prompt without an ``<image>`` placeholder gets one per image, put before the text (LLaVA's
-convention); a prompt that has placeholders must have exactly one per image.
+A prompt without a placeholder of a kind gets one per media item of that kind, put before the text
+(LLaVA's convention; ``<image>``, ``<video>``, ``<audio>``, ``<text>`` in that order); a prompt that has
+placeholders of a kind must have exactly one per item of that kind.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .data import MultimodalCollator
+from .data import MEDIA_KEYS, MultimodalCollator
 from .errors import MediaFileError
 from .model import LlavaDeftForCausalLM
+from .tokenizer import MEDIA_TOKENS
+from .video import VideoClip
 
 ImageLike = str | Path | Image.Image
+VideoLike = str | Path | VideoClip | torch.Tensor
+"""A video file, a ``VideoClip``, or ``(T, H, W, 3)`` uint8 frames."""
+AudioLike = str | Path | torch.Tensor | np.ndarray
+"""An audio file, or an ``(S,)`` mono waveform at the model's audio rate."""
 
 
 def _open(img: ImageLike) -> Image.Image:
@@ -38,7 +49,7 @@ def _open(img: ImageLike) -> Image.Image:
 
 
 class LlavaDeft:
-    """A loaded model plus its tokenizer and image transform, ready to answer prompts."""
+    """A loaded model plus its tokenizer and processors, ready to answer prompts."""
 
     def __init__(self, model: LlavaDeftForCausalLM, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -48,14 +59,42 @@ class LlavaDeft:
         self.collator = MultimodalCollator(
             model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
             padding_side="left", generation=True, media_tokens_per_frame=model.media_tokens_per_frame,
+            audio_processor=model.audio_processor,
         )
 
-    def build_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> dict:
+    def _load(self, kind: str, item: Any) -> Any:
+        """One media item as the collator takes it: files are read the way the model's config says."""
+        if kind == "image":
+            return _open(item)
+        if kind == "video":
+            return self.model.load_video(item) if isinstance(item, (str, Path)) else item
+        if kind == "audio":
+            return self.model.load_audio(item) if isinstance(item, (str, Path)) else torch.as_tensor(item)
+        if not isinstance(item, str):
+            raise TypeError(f"a text passage must be a string, got {type(item).__name__}")
+        return item
+
+    def build_batch(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[ImageLike]] | None = None,
+        videos: Sequence[Sequence[VideoLike]] | None = None,
+        audios: Sequence[Sequence[AudioLike]] | None = None,
+        texts: Sequence[Sequence[str]] | None = None,
+    ) -> dict:
+        """Left-padded generation batch: one list of media per prompt for each kind given."""
+        media = {"image": images, "video": videos, "audio": audios, "text": texts}
         samples = []
-        for i, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
-            if "<image>" not in prompt and imgs:
-                prompt = "<image>\n" * len(imgs) + prompt
-            samples.append({"id": f"prompt {i}", "messages": [{"role": "user", "content": prompt}], "images": [_open(x) for x in imgs]})
+        for i, prompt in enumerate(prompts):
+            sample: dict[str, Any] = {"id": f"prompt {i}"}
+            prefix = ""
+            for kind, per_prompt in media.items():
+                items = [self._load(kind, x) for x in (per_prompt[i] if per_prompt is not None else [])]
+                if items and MEDIA_TOKENS[kind] not in prompt:
+                    prefix += f"{MEDIA_TOKENS[kind]}\n" * len(items)
+                sample[MEDIA_KEYS[kind]] = items
+            sample["messages"] = [{"role": "user", "content": prefix + prompt}]
+            samples.append(sample)
         batch = self.collator(samples)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -70,26 +109,33 @@ class LlavaDeft:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        videos: Sequence[VideoLike] | Sequence[Sequence[VideoLike]] | None = None,
+        audios: Sequence[AudioLike] | Sequence[Sequence[AudioLike]] | None = None,
+        texts: Sequence[str] | Sequence[Sequence[str]] | None = None,
     ) -> str | list[str]:
-        """Answer one prompt (``images`` a list of images) or a batch (``images`` a list of lists)."""
+        """Answer one prompt (each media argument a list of items) or a batch (each a list of lists,
+        one per prompt). ``texts`` are passages routed through the reduction pipeline at ``<text>``."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        if images is None:
-            imgs = [[] for _ in prompts]
-        elif single:
-            imgs = [list(images)]
-        else:
-            imgs = [list(x) for x in images]
-        if len(imgs) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(imgs)} image lists; give one list per prompt")
-        batch = self.build_batch(prompts, imgs)
+        per_prompt = {}
+        for name, given in (("image", images), ("video", videos), ("audio", audios), ("text", texts)):
+            if given is None:
+                continue
+            if isinstance(given, (str, Path)) or (not single and any(isinstance(x, (str, Path)) for x in given)):
+                shape = f"{name}s=[...]" if single else f"{name}s=[[...], ...] (one list per prompt)"
+                raise TypeError(f"{name}s must be a list of lists per prompt or of items, not a bare string; give {shape}")
+            lists = [list(given)] if single else [list(x) for x in given]
+            if len(lists) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(lists)} {name} lists; give one list per prompt")
+            per_prompt[f"{name}s"] = lists
+        batch = self.build_batch(prompts, **per_prompt)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         out = self.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, generator=gen,
         )
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        return texts[0] if single else texts
+        texts_out = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return texts_out[0] if single else texts_out
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, pipeline=None) -> LlavaDeft:

@@ -291,3 +291,34 @@ def test_llava_json_dataset_refuses_bad_audio_and_text_keys(tmp_path, record, ma
     (tmp_path / "d.json").write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "q"}], **record}]))
     with pytest.raises(DatasetFormatError, match=match):
         LlavaJsonDataset(tmp_path / "d.json", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- inference API
+
+
+def test_inference_api_takes_audio_text_and_video(model, tmp_path):
+    from llava_deft.inference import LlavaDeft
+    from llava_deft.tasks.video_shapes import write_clip
+
+    api = LlavaDeft(model, device="cpu")
+    sf.write(tmp_path / "a.wav", wave(4, 0.6).numpy(), 16000, subtype="FLOAT")
+    write_clip(np.zeros((4, 64, 64, 3), dtype=np.uint8), tmp_path / "v.mp4", fps=4)
+    # placeholders are put first, kind by kind, where the prompt has none
+    batch = api.build_batch(["what?"], images=[[image(0)]], videos=[[tmp_path / "v.mp4"]],
+                            audios=[[tmp_path / "a.wav"]], texts=[[PASSAGE]])
+    ids = batch["input_ids"][0].tolist()
+    order = [i for i in ids if i in (model.image_token_id, model.video_token_id, model.audio_token_id, model.text_token_id)]
+    assert order == [model.image_token_id, model.video_token_id, model.audio_token_id, model.text_token_id]
+    assert batch["audio_lengths"].tolist() == [9600] and batch["video_frames"].tolist() == [4]
+    # the API's answer is the model's greedy generation on the collated sample
+    item = turn("one", "<audio>\n<text>\nwhat?", "", audios=[wave(4, 0.6)], texts=[PASSAGE])
+    expected = model.generate(**collate(model, [item], generation=True), max_new_tokens=4)
+    text = model.tokenizer.batch_decode(expected, skip_special_tokens=True)[0].strip()
+    assert api.generate("<audio>\n<text>\nwhat?", audios=[tmp_path / "a.wav"], texts=[PASSAGE], max_new_tokens=4) == text
+    both = api.generate(["<audio>\n<text>\nwhat?", "say yes"], audios=[[wave(4, 0.6)], []], texts=[[PASSAGE], []],
+                        max_new_tokens=4)
+    assert both[0] == text and both[1] == api.generate("say yes", max_new_tokens=4)
+    with pytest.raises(TypeError, match=r"texts must be .* not a bare string; give texts=\[\.\.\.\]"):
+        api.generate("what?", texts=PASSAGE)
+    with pytest.raises(ValueError, match="2 prompts but 1 audio lists"):
+        api.generate(["a", "b"], audios=[[wave(0, 0.1)]])

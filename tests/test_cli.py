@@ -53,3 +53,16 @@ def test_generate_missing_image_is_a_clear_error(tmp_path, tiny_model, capsys):
     tiny_model.save_pretrained(tmp_path / "m")
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "q"]) == 2
     assert "x.png' does not exist" in capsys.readouterr().err
+
+
+def test_generate_with_a_text_passage_and_a_missing_audio_file(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    passage = "The pass key is 48213. Remember it."
+    assert main(["generate", "--model", str(tmp_path / "m"), "--text", passage, "--max-new-tokens", "2", "key?"]) == 0
+    import llava_deft
+
+    expected = llava_deft.load_model(tmp_path / "m", device="cpu").generate("key?", texts=[passage], max_new_tokens=2)
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--audio", str(tmp_path / "x.wav"), "q"]) == 2
+    assert "audio file '" in (err := capsys.readouterr().err) and "x.wav': does not exist" in err
