@@ -88,6 +88,7 @@ PROTOCOL_TITLES = {
 DEFAULT_REDUCERS = [
     "deft=configs/pipeline/deft.yaml",
     "deft_nofb=configs/pipeline/deft_nofb.yaml",
+    "deft_merge=configs/pipeline/deft_merge.yaml",
     "random=configs/pipeline/random.yaml",
     "pool=configs/pipeline/pool.yaml",
 ]

@@ -88,6 +88,29 @@ def select_topk(batch: TokenBatch, scores: Tensor, ratio: float, stage: str) -> 
     return split_by_mask(batch.replace(scores=scores), keep, stage)
 
 
+def merge_into_kept(tokens: Tensor, keys: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """Merge every real token outside ``keep`` into its most similar kept token of the same row.
+
+    ``tokens (B, N, D)``, ``keys (B, N, S)`` (similarity: cosine of the keys), ``mask``/``keep``
+    (B, N) bool. Each dropped real token joins the kept token of highest cosine similarity (ties:
+    the earlier one); each kept token becomes the plain mean of itself and the tokens that joined
+    it (ToMe's size-weighted average, every token of size 1). Returns (B, N, D): merged values at
+    the kept positions, the input elsewhere (those are dropped next). Differentiable with respect
+    to every real token; rows without a kept token are returned unchanged. Memory: (B, N, N).
+    """
+    b, n, _ = tokens.shape
+    keep = keep & mask
+    k = torch.nn.functional.normalize(keys.detach().float(), dim=-1)
+    sim = (k @ k.transpose(1, 2)).masked_fill(~keep[:, None, :], float("-inf"))  # (B, N, N): to kept only
+    pos = torch.arange(n, device=tokens.device).expand(b, n)
+    target = torch.where(keep, pos, sim.argmax(-1))  # (B, N): a kept token is its own target
+    w = (mask & keep.any(1, keepdim=True)).to(tokens.dtype)  # (B, N): real tokens of rows that keep any
+    sums = torch.zeros_like(tokens).scatter_add(1, target[..., None].expand_as(tokens), tokens * w[..., None])
+    counts = torch.zeros_like(w).scatter_add(1, target, w)  # (B, N)
+    merged = sums / counts.clamp(min=1)[..., None]
+    return torch.where(keep[..., None], merged, tokens)
+
+
 # ---------------------------------------------------------------------------------------- pooling
 def ceil_div(a: Tensor, b: Tensor | int) -> Tensor:
     """``ceil(a / b)`` for positive integer tensors."""

@@ -9,8 +9,9 @@ Optional attributes a stage may declare (read by the builder, ``Pipeline`` and t
 
 - ``retention_ratio`` (instance): the stage reduces each row to at most ``ceil(ratio * n)``
   tokens; ``Pipeline.set_retention`` sets it.
-- ``selects_tokens`` (class, bool): True when every output token is an input row at its
-  ``index`` (selectors keep exactly the budget); False for mergers such as ``pool``.
+- ``selects_tokens`` (class, bool; an instance may override it when an option makes it merge):
+  True when every output token is an input row at its ``index`` (selectors keep exactly the
+  budget); False for mergers such as ``pool`` or ``fgcs`` with ``merge_pruned``.
 - ``feature_dim_out`` (instance, int): width ``S`` of the ``batch.features`` the stage writes;
   later stages with a ``feature_dim`` constructor argument receive it from the builder.
 - ``needs_pruned`` (class, bool): the stage acts on ``batch.pruned`` (e.g. ``rtd``), so it only

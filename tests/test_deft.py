@@ -116,6 +116,76 @@ def test_feedback_off_in_eval_and_without_grad():
     assert stage.last_feedback == {}
 
 
+# ------------------------------------------------------------------------------------ merging
+def slow_merge(tokens, keys, mask, keep):
+    out = tokens.clone()
+    for b in range(tokens.shape[0]):
+        kept = [i for i in range(tokens.shape[1]) if keep[b, i] and mask[b, i]]
+        if not kept:
+            continue
+        groups = {k: [k] for k in kept}
+        for i in range(tokens.shape[1]):
+            if mask[b, i] and i not in groups:
+                sims = [torch.nn.functional.cosine_similarity(keys[b, i], keys[b, k], dim=0) for k in kept]
+                best = max(range(len(kept)), key=lambda j: (float(sims[j]), -j))  # ties: earlier kept token
+                groups[kept[best]].append(i)
+        for k, members in groups.items():
+            out[b, k] = torch.stack([tokens[b, m] for m in members]).mean(0)
+    return out
+
+
+def test_merge_into_kept_matches_slow_reference_and_keeps_the_sum():
+    from pipeline.ops import merge_into_kept
+
+    tokens = torch.randn(3, 10, 6, generator=gen(4))
+    keys = torch.randn(3, 10, 5, generator=gen(5))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    mask[2, 4:] = False
+    keep = torch.rand(3, 10, generator=gen(6)) < 0.3
+    keep[0, 0] = True
+    keep[2] = False  # a row that keeps nothing is left alone
+    got = merge_into_kept(tokens, keys, mask, keep)
+    torch.testing.assert_close(got, slow_merge(tokens, keys, mask, keep))
+    # every real token of rows 0-1 is in exactly one kept group: sum(size * mean) = sum of the row
+    for b in range(2):
+        k = keep[b] & mask[b]
+        sizes = torch.zeros(10)
+        assign = torch.where(k, torch.arange(10), (torch.nn.functional.normalize(keys[b], dim=-1)
+                             @ torch.nn.functional.normalize(keys[b], dim=-1).T).masked_fill(~k, -1e9).argmax(-1))
+        sizes.scatter_add_(0, assign[mask[b]], torch.ones(int(mask[b].sum())))
+        torch.testing.assert_close((got[b][k] * sizes[k, None]).sum(0), tokens[b][mask[b]].sum(0))
+
+
+def test_fgcs_merge_reaches_pruned_tokens_with_gradient_and_feedback():
+    torch.manual_seed(0)
+    stage = FGCS(dim=8, retention_ratio=0.25, hidden_dim=16, merge_pruned=True).train()
+    assert not stage.selects_tokens
+    x = torch.randn(2, 16, 8, generator=gen(7))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 12:] = False
+    tokens = x.clone().requires_grad_(True)
+    out = stage(TokenBatch.from_tokens(tokens, mask, layout=torch.tensor([[1, 4, 4], [1, 3, 4]])))
+    assert out.mask.sum(1).tolist() == [4, 3]
+    w = torch.randn(out.tokens.shape, generator=gen(8))
+    (out.tokens * w * out.mask.unsqueeze(-1)).sum().backward()
+    pruned = out.pruned.index[out.pruned.mask]
+    rows = out.pruned.mask.nonzero()[:, 0]
+    assert (tokens.grad[rows, pruned].abs().sum(-1) > 0).all(), "every pruned token reaches the loss"
+    assert tokens.grad[1, 12:].abs().sum() == 0
+    target = stage.last_feedback["target"]
+    assert (target[rows, pruned] > 0).all() and (target[1, 12:] == 0).all()
+    # eval: the kept values are the merged means; pruned keeps each token's own value
+    stage.eval()
+    with torch.no_grad():
+        ev = stage(TokenBatch.from_tokens(x, mask, layout=torch.tensor([[1, 4, 4], [1, 3, 4]])))
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[ev.mask.nonzero()[:, 0], ev.index[ev.mask]] = True
+    ref = slow_merge(x, x, mask, keep)
+    torch.testing.assert_close(ev.tokens[ev.mask], ref[keep])
+    torch.testing.assert_close(ev.pruned.tokens[ev.pruned.mask], x[ev.pruned.mask.nonzero()[:, 0], ev.pruned.index[ev.pruned.mask]])
+
+
 # ------------------------------------------------------------------------------------ groups
 def slow_grid(t_len, h_len, w_len, radius=2):
     out = {}

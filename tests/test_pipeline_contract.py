@@ -29,9 +29,14 @@ def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
     return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT)
 
 
-def build_one(name: str):
+# options that change what a stage declares (selects_tokens ...) get their own contract run
+VARIANTS = {"fgcs": [{"merge_pruned": True}]}
+CASES = [(name, {}) for name in list_stages()] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
+
+
+def build_one(name: str, options: dict | None = None):
     """The stage alone, or after ``REDUCER`` when it declares ``needs_pruned``; it is the last stage."""
-    cfg = {"name": name}
+    cfg = {"name": name, **(options or {})}
     if "retention_ratio" in get_stage(name).Config.model_fields:
         cfg["retention_ratio"] = RATIO
     before = [REDUCER] if getattr(get_stage(name), "needs_pruned", False) else []
@@ -97,9 +102,9 @@ def check_output(stage, batch: TokenBatch, out: TokenBatch, original: TokenBatch
             assert not torch.isnan(value).any()
 
 
-@pytest.mark.parametrize("name", list_stages())
-def test_stage_contract(name):
-    pipe = build_one(name)
+@pytest.mark.parametrize(("name", "options"), CASES, ids=[f"{n}{''.join(f'-{k}' for k in o)}" for n, o in CASES])
+def test_stage_contract(name, options):
+    pipe = build_one(name, options)
     stage = pipe.stages[-1]
     batch = ragged_batch()
 

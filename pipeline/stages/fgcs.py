@@ -23,7 +23,14 @@ Three signals decide which tokens stay:
    No second backward runs: an identity autograd function on the tokens receives their gradient,
    computes the target and returns the saliency loss's gradient to ``s`` on the way back.
 
-Selection is a hard top-k (ties: earlier token wins) in train and eval. ``explore_temperature`` > 0
+Selection is a hard top-k (ties: earlier token wins) in train and eval. ``merge_pruned`` adds the
+*compression* half of the name: each token that is not kept is merged into the kept token whose
+semantic feature (the ``sam`` features, else the tokens) is most similar, and every kept token
+becomes the mean of itself and the tokens that joined it (:func:`pipeline.ops.merge_into_kept`), so
+what the LLM sees still summarises every token. The merge is differentiable, so the task loss
+reaches the pruned tokens too and the feedback target then covers every real token, kept or not
+(without it, pruned tokens get no feedback). The pruned tokens are still reported in ``pruned``
+(their own values) for a recovery stage. ``explore_temperature`` > 0
 makes the training selection a Gumbel top-k: ``top-k(score + temperature * Gumbel noise)``, a sample
 without replacement from ``softmax(score / temperature)``. Feedback exists only for kept tokens, so
 without exploration a token the scorer ranks low is never kept and can never earn a better target;
@@ -43,7 +50,7 @@ from torch import Tensor, nn
 from ..batch import TokenBatch
 from ..config import StageConfig
 from ..group import group_mean, group_neighbours
-from ..ops import budget, keep_mask_topk, split_by_mask
+from ..ops import budget, keep_mask_topk, merge_into_kept, split_by_mask
 from ..registry import register
 
 
@@ -110,10 +117,10 @@ class FGCS(nn.Module):
     Output: the kept tokens in original order, ``scores (B, K)`` (the combined score), the rest in
     ``pruned``. ``stats["fgcs"]["feedback_loss"]`` is the feedback loss of the previous backward.
     ``feedback_weight=0`` switches the feedback signal off (the ablation); ``group_weight=0`` the
-    group term.
+    group term; ``merge_pruned=True`` merges the pruned tokens into the kept ones.
     """
 
-    selects_tokens = True  # kept tokens are input rows (the gates leave their values unchanged)
+    selects_tokens = True  # kept tokens are input rows (the gates leave their values unchanged); not with merge_pruned
 
     class Config(StageConfig):
         name: Literal["fgcs"] = "fgcs"
@@ -126,6 +133,7 @@ class FGCS(nn.Module):
         text_k: int = Field(5, ge=0)
         video_radius: int = Field(2, ge=0)
         explore_temperature: float = Field(0.0, ge=0)
+        merge_pruned: bool = False
 
     def __init__(
         self,
@@ -139,6 +147,7 @@ class FGCS(nn.Module):
         text_k: int = 5,
         video_radius: int = 2,
         explore_temperature: float = 0.0,
+        merge_pruned: bool = False,
         feature_dim: int | None = None,
     ):
         super().__init__()
@@ -152,6 +161,8 @@ class FGCS(nn.Module):
         self.text_k = text_k
         self.video_radius = video_radius
         self.explore_temperature = explore_temperature
+        self.merge_pruned = merge_pruned
+        self.selects_tokens = not merge_pruned  # merged kept tokens are means, not input rows
         self.use_features = feature_dim is not None
         in_dim = feature_dim if feature_dim is not None else dim
         self.saliency = nn.Sequential(
@@ -217,7 +228,11 @@ class FGCS(nn.Module):
         keep = keep_mask_topk(rank_by, batch.mask, budget(batch.lengths, self.retention_ratio))
         tokens = batch.tokens
         if self.training and self.feedback_weight > 0 and torch.is_grad_enabled() and tokens.requires_grad:
-            tokens = _FeedbackTap.apply(tokens, logits, keep & batch.mask, self)
+            # with merging every real token reaches the loss, so every one gets a feedback target
+            has_feedback = batch.mask if self.merge_pruned else keep & batch.mask
+            tokens = _FeedbackTap.apply(tokens, logits, has_feedback, self)
+        if self.merge_pruned:
+            tokens = merge_into_kept(tokens, self._inputs(batch), batch.mask, keep)
         out = split_by_mask(batch.replace(tokens=tokens, scores=score), keep, self.stage_name)
         if "loss" in self.last_feedback:
             out.stats[self.stage_name]["feedback_loss"] = float(self.last_feedback["loss"])
