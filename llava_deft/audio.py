@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -68,6 +66,10 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> Tensor:
     (a ``FileNotFoundError`` through ``MediaFileError``) naming the file when it is missing, cannot
     be decoded, holds no samples or holds NaN/inf.
     """
+    # imported here so that image/video-only use (and machines without libsndfile) need neither
+    import soundfile as sf
+    import soxr
+
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "does not exist")
