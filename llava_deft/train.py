@@ -41,12 +41,13 @@ import yaml  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .config import apply_overrides, load_model_config, read_model_config_file  # noqa: E402
+from .config import ModelConfig, apply_overrides, load_model_config, read_model_config_file  # noqa: E402
 from .data import MultimodalCollator  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 from .model import LlavaDeftForCausalLM  # noqa: E402
 from pipeline import RetentionSchedule  # noqa: E402
 
-from .train_config import StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
+from .train_config import MixedDataset, StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
 
 # LLaVA's flag names -> our config keys
 LLAVA_FLAGS = {
@@ -212,13 +213,13 @@ def run_stage(
         model = LlavaDeftForCausalLM.from_pretrained(init_from)
     else:
         model = LlavaDeftForCausalLM(cfg.model)
-    model.apply_freeze(vision=stage.freeze_vision, llm=stage.freeze_llm)
+    model.apply_freeze(vision=stage.freeze_vision, llm=stage.freeze_llm, audio=stage.freeze_audio)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
 
     collate = MultimodalCollator(
         model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-        media_tokens_per_frame=model.media_tokens_per_frame,
+        media_tokens_per_frame=model.media_tokens_per_frame, audio_processor=model.audio_processor,
     )
     per_rank = len(dataset) // world
     micro_per_epoch = per_rank // cfg.per_device_batch_size
@@ -241,7 +242,11 @@ def run_stage(
         print(
             f"[train] stage {i} ({stage.name}): {total} steps, {len(dataset)} samples, world {world}, "
             f"{n_train / 1e6:.2f}M trainable params, frozen vision={stage.freeze_vision} llm={stage.freeze_llm}"
+            + (f" audio={model.config.audio.freeze if stage.freeze_audio is None else stage.freeze_audio}"
+               if model.audio is not None else "")
         )
+        if isinstance(dataset, MixedDataset):
+            print(f"[train] data: mix of {len(dataset.names)} sources ({dataset.summary()})")
 
     log_path = Path(cfg.output_dir) / "train_log.jsonl"
     bar = tqdm(total=total, initial=step, desc=f"stage {i} {stage.name}", disable=rank != 0, dynamic_ncols=True)
@@ -303,6 +308,13 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> 
     dist.barrier()
 
 
+def check_stages(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Stage switches that need a part of the model the config does not build."""
+    bad = [f"stages.{i}.freeze_audio" for i, s in enumerate(cfg.stages) if s.freeze_audio is not None]
+    if bad and not model_cfg.audio.enabled:
+        raise ConfigError(f"{', '.join(bad)} set but the model has no audio encoder; set model.audio.enabled: true or remove them")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -318,7 +330,9 @@ def main(argv: list[str] | None = None) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    dataset = build_dataset(cfg.data, load_model_config(cfg.model).video.sampling())
+    model_cfg = load_model_config(cfg.model)
+    check_stages(cfg, model_cfg)
+    dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate())
     prev: Path | None = None
     for i, stage in enumerate(cfg.stages):
         prev = run_stage(cfg, i, stage, prev, dataset, rank, world, args.resume)

@@ -6,29 +6,91 @@ config is written into the run folder as ``train_config.yaml``.
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch.utils.data import ConcatDataset, Subset
 
 from .config import apply_overrides, read_model_config_file
-from .errors import ConfigError
+from .errors import ConfigError, DatasetFormatError, MediaFileError
+from .tasks import TASK_NAMES, prepare_command
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataSpec(_Strict):
-    """``easyvqa`` (the bundled dataset) or ``llava_json`` (LLaVA conversation JSON + image folder)."""
+DATA_TYPES = ("easyvqa", "llava_json", "mix")
 
-    type: Literal["easyvqa", "llava_json"] = "easyvqa"
-    split: Literal["train", "test"] = "train"
-    path: str | None = None
-    image_folder: str | None = None
+
+class DataSpec(_Strict):
+    """Training data: ``easyvqa`` (the bundled dataset), ``llava_json`` (LLaVA conversation JSON; media
+    paths relative to ``image_folder``, by default the JSON's folder) or ``mix`` (several of those in
+    one run, listed under ``sources``)::
+
+        data:
+          type: mix
+          sources:
+            - {type: easyvqa, group_by_image: true}
+            - {type: llava_json, path: data/tasks/video_shapes/train.json, repeat: 2}
+            - {type: llava_json, path: data/tasks/passkey/train.json, limit: 1000, name: passkey}
+
+    ``limit`` keeps the first N items of a source (before ``repeat``); ``repeat`` lists a source N
+    times per epoch (to balance small sources against big ones); ``name`` labels a source in logs and
+    errors (default: its type, or the JSON's folder name). A mix's items are the concatenation of its
+    sources' items; the training sampler shuffles them, so a batch holds samples of several
+    modalities and media counts. Keys that do not apply to a type are errors, not silently ignored.
+    """
+
+    type: Literal["easyvqa", "llava_json", "mix"] = "easyvqa"
+    name: str | None = None
+    split: Literal["train", "test"] = "train"  # easyvqa only
+    path: str | None = None  # llava_json only
+    image_folder: str | None = None  # llava_json only
     limit: int | None = Field(None, gt=0)
+    repeat: int = Field(1, gt=0)
     group_by_image: bool = False  # easyvqa: one multi-turn conversation per image (LLaVA-style)
+    sources: list[DataSpec] = Field(default_factory=list)  # mix only
+
+    @model_validator(mode="after")
+    def _keys_fit_type(self) -> "DataSpec":
+        label = self.label()
+        who = f"data source of type {self.type!r}" if label == self.type else f"data source {label!r} ({self.type})"
+        wrong = []
+        if self.type != "easyvqa" and self.split != "train":
+            wrong.append("split (easyvqa only; for llava_json point path at the split's JSON)")
+        if self.type != "easyvqa" and self.group_by_image:
+            wrong.append("group_by_image (easyvqa only)")
+        if self.type != "llava_json":
+            wrong += [f"{k} (llava_json only)" for k in ("path", "image_folder") if getattr(self, k) is not None]
+        if self.type != "mix" and self.sources:
+            wrong.append("sources (type mix only)")
+        if wrong:
+            raise ValueError(f"{who} sets keys that do not apply to it: {', '.join(wrong)}")
+        if self.type == "llava_json" and self.path is None:
+            raise ValueError(f"{who} needs path (the LLaVA JSON file)")
+        if self.type == "mix":
+            if not self.sources:
+                raise ValueError(f"{who} needs a non-empty list of sources (each an easyvqa or llava_json spec)")
+            nested = [i for i, s in enumerate(self.sources) if s.type == "mix"]
+            if nested:
+                raise ValueError(f"{who}: sources {nested} are mixes themselves; list their sources directly")
+            labels = [s.label() for s in self.sources]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"{who}: sources share the name(s) {dup}; give each a distinct `name`")
+        return self
+
+    def label(self) -> str:
+        """The source's name in logs and errors: ``name``, else the JSON's folder name, else its type."""
+        if self.name is not None:
+            return self.name
+        if self.type == "llava_json" and self.path is not None:
+            return Path(self.path).parent.name or Path(self.path).stem
+        return self.type
 
 
 class StageSpec(_Strict):
@@ -38,6 +100,8 @@ class StageSpec(_Strict):
     name: str = "finetune"
     freeze_vision: bool = False
     freeze_llm: bool = False
+    # the audio encoder (models with audio.enabled only); None keeps the model config's audio.freeze
+    freeze_audio: bool | None = None
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -98,20 +162,63 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
 
 
-def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None):
-    """The dataset a :class:`DataSpec` names; ``video`` is the model's frame sampling
-    (``VideoConfig.sampling()``) for LLaVA JSON records with a "video" key."""
+def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None):
+    """The dataset a :class:`DataSpec` names. ``video`` is the model's frame sampling
+    (``VideoConfig.sampling()``) and ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``),
+    both for LLaVA JSON records with "video" / "audio" keys. A mix is a :class:`MixedDataset`;
+    errors name the source (``data.sources.2 ('video_shapes', llava_json): ...``)."""
+    if spec.type != "mix":
+        return _build_source(spec, "data", video, sampling_rate)
+    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate) for i, s in enumerate(spec.sources)]
+    mixed = MixedDataset(parts, [s.label() for s in spec.sources])
+    return _limit_repeat(mixed, spec.limit, spec.repeat)
+
+
+def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None):
     from .data import EasyVQADataset, LlavaJsonDataset
 
+    who = f"{where} ({spec.label()!r}, {spec.type})"
     if spec.type == "easyvqa":
-        return EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
-    if spec.group_by_image:
-        raise ConfigError("data.group_by_image applies to data.type 'easyvqa' only")
-    if spec.path is None or spec.image_folder is None:
-        raise ConfigError("data.type 'llava_json' needs data.path (the JSON file) and data.image_folder")
-    ds = LlavaJsonDataset(spec.path, spec.image_folder, **(video or {}))
-    if spec.limit is not None and spec.limit < len(ds):
-        from torch.utils.data import Subset
+        ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
+        return _limit_repeat(ds, None, spec.repeat)
+    path = Path(spec.path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.name in TASK_NAMES:
+            hint = f"; generate the task data with `{prepare_command(path.parent.parent)}`"
+        raise FileNotFoundError(f"{who}: LLaVA JSON file '{path}' does not exist{hint}")
+    kwargs: dict[str, Any] = dict(video or {})
+    if sampling_rate is not None:
+        kwargs["sampling_rate"] = sampling_rate
+    try:
+        ds = LlavaJsonDataset(path, spec.image_folder, **kwargs)
+    except (DatasetFormatError, MediaFileError) as err:
+        raise type(err)(f"{who}: {err}") from err
+    if len(ds) == 0:
+        raise DatasetFormatError(f"{who}: '{path}' holds no records; a source must give at least one sample")
+    return _limit_repeat(ds, spec.limit, spec.repeat)
 
-        ds = Subset(ds, range(spec.limit))
-    return ds
+
+def _limit_repeat(ds, limit: int | None, repeat: int):
+    if limit is not None and limit < len(ds):
+        ds = Subset(ds, range(limit))
+    return ConcatDataset([ds] * repeat) if repeat > 1 else ds
+
+
+class MixedDataset(ConcatDataset):
+    """Several training sources as one dataset: the concatenation of their items, in source order.
+
+    ``names[i]`` and ``sizes[i]`` describe source ``i`` (its items after ``limit`` and ``repeat``);
+    ``source_of(index)`` says which source an item comes from.
+    """
+
+    def __init__(self, parts: list, names: list[str]):
+        super().__init__(parts)
+        self.names = list(names)
+        self.sizes = [len(p) for p in parts]
+
+    def source_of(self, index: int) -> str:
+        return self.names[bisect.bisect_right(self.cumulative_sizes, index % len(self))]
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {k}" for n, k in zip(self.names, self.sizes))

@@ -16,3 +16,24 @@ def tiny_model():
 
     torch.manual_seed(0)
     return LlavaDeftForCausalLM({"pipeline": TINY_PIPE}).eval()
+
+
+AUDIO_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "audio_task")
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks_dir(tmp_path_factory):
+    """A tiny generated-task folder, as `python -m llava_deft.tasks` lays it out: video_shapes (3 train /
+    2 test clips of 8 frames, 5 questions each) and passkey (4 / 3 passages of 64-96 tokens) generated
+    here, audio_words copied from the committed fixture (no espeak-ng needed)."""
+    import shutil
+
+    from llava_deft.tasks.prepare import prepare_tasks
+
+    out = tmp_path_factory.mktemp("tasks")
+    prepare_tasks(out, preset="small", tasks=["video_shapes", "passkey"], progress=False, overrides={
+        "video_shapes": {"n_train": 3, "n_test": 2, "frames": 8},
+        "passkey": {"n_train": 4, "n_test": 3, "min_tokens": 64, "max_tokens": 96},
+    })
+    shutil.copytree(AUDIO_FIXTURE, out / "audio_words")
+    return out
