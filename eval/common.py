@@ -45,3 +45,8 @@ def run_metadata(device: torch.device) -> dict:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def exact_match(prediction: str, reference: str | None) -> bool:
+    """The eval scripts' answer check: equal after ``strip().lower()``."""
+    return prediction.strip().lower() == (reference or "").strip().lower()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import run_metadata, write_json  # noqa: E402
+from eval.common import exact_match, run_metadata, write_json  # noqa: E402
 from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 
@@ -65,7 +65,7 @@ def evaluate(model: LlavaDeftForCausalLM, dataset, batch_size: int, max_new_toke
         preds = model.tokenizer.batch_decode(out, skip_special_tokens=True)
         for pred, ref, s in zip(preds, batch["references"], samples):
             qtype = s.get("question_type", "all")
-            ok = int(pred.strip().lower() == (ref or "").strip().lower())
+            ok = int(exact_match(pred, ref))
             for key in ("all", qtype) if qtype != "all" else ("all",):
                 correct[key] += ok
                 total[key] += 1

@@ -72,3 +72,8 @@ class AudioError(MediaFileError):
     def __init__(self, path: str, problem: str | None = None):
         self.path, self.problem = str(path), problem
         super().__init__(str(path) if problem is None else f"audio file '{path}': {problem}")
+
+
+class TaskDataError(LlavaDeftError, FileNotFoundError):
+    """A generated task's data (``<tasks dir>/<task>/<split>.json``) is missing; the message names the
+    command that generates it."""

@@ -1,0 +1,282 @@
+"""Exact-match accuracy on the generated tasks' test splits (and easy-VQA), with a retention sweep.
+
+    python eval/tasks.py --model runs/mix_tiny/final                          # every task, no reduction
+    python eval/tasks.py --model M --ratios 1 0.25 0.11                       # training-free sweep
+    python eval/tasks.py --model M --pipeline configs/pipeline/deft.yaml --ratios 1 0.25
+    python eval/tasks.py --model M --tasks video_shapes audio_words --tasks-dir data/tasks --limit 200
+
+Tasks: ``video_shapes``, ``audio_words`` and ``passkey`` read ``<tasks-dir>/<task>/<split>.json``
+(written by ``python -m llava_deft.tasks --out <tasks-dir>``); ``easyvqa`` is the bundled dataset.
+Answers are generated greedily and compared after ``strip().lower()`` (``eval.common.exact_match``),
+overall and per question type (a record's ``question_type``; the audio task's is the last part of its
+id). ``--ratios`` sets the retention ratio of every reducer of the pipeline (``--pipeline`` replaces
+the model's; learned stages keep their trained weights) for every modality at once, so one sweep
+measures the same reducer on images, video frames, audio and passages; each row also gives its
+accuracy as a share of the same task's accuracy at ratio 1 (no reduction).
+
+Writes ``<out>/<name>.json`` (run metadata, one row per task and ratio; per-sample predictions with
+``--save-predictions``), ``<name>.md`` (a summary and one table per task) and ``<name>.png`` (accuracy
+against retention, one line per task). The last line printed is ``tasks <split>: <task> NN.N%, ...``
+for the first ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.common import exact_match, run_metadata, write_json  # noqa: E402
+from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
+from llava_deft.errors import TaskDataError  # noqa: E402
+from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
+from llava_deft.tasks import DEFAULT_TASKS_DIR, TASK_NAMES, prepare_command  # noqa: E402
+
+EVAL_TASKS = (*TASK_NAMES, "easyvqa")
+"""Tasks this script scores: the generated ones, then the bundled easy-VQA."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (save_pretrained / training export)")
+    p.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help="folder of `python -m llava_deft.tasks --out`")
+    p.add_argument("--tasks", nargs="+", default=list(EVAL_TASKS), choices=EVAL_TASKS, help="tasks to score")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--pipeline", help="replace the model's reduction pipeline (YAML); trained stage weights are kept")
+    p.add_argument("--ratios", type=float, nargs="+", default=None, help="retention ratios to sweep (1 = no reduction)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each task only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (video decoding)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="eval/results", help="output folder")
+    p.add_argument("--name", default=None, help="output file stem (default tasks_<split>)")
+    p.add_argument("--save-predictions", action="store_true", help="keep every sample's prediction in the JSON")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class TaskSplit(Dataset):
+    """A generated task's split as LLaVA JSON samples, each with its ``question_type``."""
+
+    def __init__(self, task: str, base: LlavaJsonDataset):
+        self.task, self.base = task, base
+        raw = json.loads(base.json_path.read_text())
+        self.question_types = [question_type(task, r) for r in raw]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.base[index], "question_type": self.question_types[index]}
+
+
+def question_type(task: str, record: dict) -> str:
+    """A record's question type: its ``question_type`` key; for the audio task (whose records have
+    none) the last part of its id (``audio_words-test-000000-color`` -> ``color``)."""
+    if "question_type" in record:
+        return str(record["question_type"])
+    if task == "audio_words":
+        return str(record["id"]).rsplit("-", 1)[-1]
+    return "all"
+
+
+def task_json(tasks_dir: Path, task: str, split: str) -> Path:
+    """``<tasks_dir>/<task>/<split>.json``; :class:`TaskDataError` naming the command that writes it."""
+    path = tasks_dir / task / f"{split}.json"
+    if not path.is_file():
+        where = "the folder does not exist" if not (tasks_dir / task).is_dir() else f"it has no {split}.json"
+        raise TaskDataError(
+            f"task {task!r}: '{path}' does not exist ({where}); generate the tasks with "
+            f"`{prepare_command(tasks_dir)}` (or `bash scripts/make_tasks.sh --out {tasks_dir}`), "
+            f"or point --tasks-dir at the folder that holds them"
+        )
+    return path
+
+
+def load_task(model: LlavaDeftForCausalLM, task: str, tasks_dir: Path, split: str, limit: int | None) -> Dataset:
+    """The dataset of ``task``'s ``split``; videos and audio are read the way the model's config says."""
+    if task == "easyvqa":
+        ds = EasyVQADataset(split)
+    else:
+        base = LlavaJsonDataset(
+            task_json(tasks_dir, task, split), tasks_dir / task,
+            **model.config.video.sampling(), sampling_rate=model.config.audio.sampling_rate(),
+        )
+        ds = TaskSplit(task, base)
+    return Subset(ds, range(min(limit, len(ds)))) if limit else ds
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+@torch.no_grad()
+def predict(model: LlavaDeftForCausalLM, dataset: Dataset, batch_size: int, max_new_tokens: int, device,
+            desc: str, workers: int = 0) -> list[dict]:
+    """Greedy answers: one ``{"id", "question_type", "prediction", "reference", "media_tokens"}`` per item,
+    ``media_tokens`` being what the sample's media (after reduction) gave the LLM."""
+    collate = MultimodalCollator(
+        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
+        padding_side="left", generation=True, media_tokens_per_frame=model.media_tokens_per_frame,
+        audio_processor=model.audio_processor,
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=lambda s: (collate(s), [x.get("question_type", "all") for x in s]))
+    out = []
+    for batch, qtypes in tqdm(loader, desc=desc, dynamic_ncols=True):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True)
+        preds = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for sid, qtype, pred, ref, n in zip(batch["ids"], qtypes, preds, batch["references"], n_media.tolist()):
+            out.append({"id": sid, "question_type": qtype, "prediction": pred.strip(), "reference": ref,
+                        "media_tokens": int(n)})
+    return out
+
+
+def score(predictions: list[dict]) -> dict:
+    """Exact match overall ("all") and per question type, counts, and mean media tokens per sample."""
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for p in predictions:
+        ok = int(exact_match(p["prediction"], p["reference"]))
+        for key in {"all", p["question_type"]}:
+            correct[key] += ok
+            total[key] += 1
+    return {
+        "accuracy": {k: correct[k] / total[k] for k in sorted(total)},
+        "counts": dict(sorted(total.items())),
+        "media_tokens_per_sample": sum(p["media_tokens"] for p in predictions) / max(1, len(predictions)),
+    }
+
+
+def add_relative(rows: list[dict]) -> None:
+    """Each row's ``relative``: its accuracy over the same task's accuracy at ratio 1 (None without one)."""
+    base = {r["task"]: r["accuracy"]["all"] for r in rows if r["retention"] == 1.0}
+    for r in rows:
+        b = base.get(r["task"])
+        r["relative"] = None if not b else r["accuracy"]["all"] / b  # undefined when r=1 is missing or scored 0
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(rows: list[dict], meta: dict, model: str, pipeline: list[str], split: str) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    ratios = list(dict.fromkeys(r["retention"] for r in rows))
+    by = {(r["task"], r["retention"]): r for r in rows}
+    lines = [
+        f"# Generated tasks ({split} split): exact-match accuracy (%)", "",
+        f"{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{model}`, pipeline {pipeline or 'none'}", "",
+        "| task | " + " | ".join(f"r={x:g}" for x in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for t in tasks:
+        cells = []
+        for x in ratios:
+            r = by.get((t, x))
+            rel = "" if r is None or r["relative"] is None or x == 1.0 else f" ({_pct(r['relative'])} % of r=1)"
+            cells.append("–" if r is None else f"{_pct(r['accuracy']['all'])}{rel}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    for t in tasks:
+        trows = [r for r in rows if r["task"] == t]
+        types = sorted({k for r in trows for k in r["accuracy"]} - {"all"})
+        lines += ["", f"## {t} ({trows[0]['counts']['all']} questions)", "",
+                  "| retention | media tokens / sample | all | % of r=1 | " + " | ".join(types) + " |",
+                  "|" + "---|" * (4 + len(types))]
+        for r in trows:
+            accs = " | ".join(_pct(r["accuracy"].get(k)) for k in types)
+            lines.append(f"| {r['retention']:g} | {r['media_tokens_per_sample']:.1f} | {_pct(r['accuracy']['all'])} | "
+                         f"{_pct(r['relative'])} | {accs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for task in dict.fromkeys(r["task"] for r in rows):
+        pts = sorted((r["retention"], 100 * r["accuracy"]["all"]) for r in rows if r["task"] == task)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=task)
+    ax.set_xlabel("retention ratio (share of media tokens kept)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    tasks_dir = Path(args.tasks_dir)
+    for task in args.tasks:  # every missing folder is reported before the model is loaded
+        if task != "easyvqa":
+            task_json(tasks_dir, task, args.split)
+    device = torch.device(args.device)
+    model = LlavaDeftForCausalLM.from_pretrained(args.model, pipeline=args.pipeline).to(device).eval()
+    if "audio_words" in args.tasks and model.audio is None:
+        raise SystemExit(
+            f"model '{args.model}' has no audio encoder (audio.enabled: false) and cannot answer audio_words; "
+            f"leave it out with --tasks {' '.join(t for t in args.tasks if t != 'audio_words')}"
+        )
+    ratios = args.ratios or [1.0]
+    if any(r != 1.0 for r in ratios) and not any(hasattr(s, "retention_ratio") for s in model.pipeline.stages):
+        raise SystemExit(
+            f"--ratios needs a reducer but the pipeline of '{args.model}' ({model.pipeline.names or 'none'}) has "
+            f"none; add --pipeline configs/pipeline/deft.yaml (or fgcs.yaml, random.yaml, pool.yaml)"
+        )
+    datasets = {t: load_task(model, t, tasks_dir, args.split, args.limit) for t in args.tasks}
+    rows, predictions = [], {}
+    for r in ratios:
+        if any(hasattr(s, "retention_ratio") for s in model.pipeline.stages):
+            model.pipeline.set_retention(r)
+        for task, ds in datasets.items():
+            t0 = time.perf_counter()
+            preds = predict(model, ds, args.batch_size, args.max_new_tokens, device, f"{task} r={r:g}", args.workers)
+            row = {"task": task, "retention": r, **score(preds), "seconds": time.perf_counter() - t0}
+            if args.save_predictions:
+                row["predictions"] = preds
+            rows.append(row)
+    add_relative(rows)
+
+    meta = run_metadata(device)
+    stem = args.name or f"tasks_{args.split}"
+    out = Path(args.out)
+    write_json(out / f"{stem}.json", {
+        **meta, "model": str(args.model), "pipeline": model.pipeline.names, "pipeline_config": args.pipeline,
+        "tasks_dir": str(tasks_dir), "split": args.split, "limit": args.limit, "ratios": ratios, "results": rows,
+    })
+    md = markdown(rows, meta, str(args.model), model.pipeline.names, args.split)
+    (out / f"{stem}.md").write_text(md)
+    plot(rows, out / f"{stem}.png", f"{args.split} split: accuracy vs retention")
+    print(md)
+    first = [r for r in rows if r["retention"] == ratios[0]]
+    print(f"tasks {args.split}: " + ", ".join(f"{r['task']} {100 * r['accuracy']['all']:.1f}%" for r in first))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

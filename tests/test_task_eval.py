@@ -1,0 +1,103 @@
+"""eval/tasks.py on a tiny generated task folder: the report's structure, one row per task and ratio,
+accuracy computed from the predictions, and the errors for missing data."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from eval import tasks as task_eval
+from llava_deft.errors import TaskDataError
+from llava_deft.model import LlavaDeftForCausalLM
+from tests.conftest import TINY_PIPE
+
+GENERATED = ["video_shapes", "audio_words", "passkey"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A random tiny model with every modality and a sam -> fgcs reducer, saved as a checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "m"
+    LlavaDeftForCausalLM({"pipeline": TINY_PIPE, "audio": {"enabled": True, "encoder": {"chunk_length": 2}},
+                          "video": {"num_frames": 4}}).save_pretrained(path)
+    return path
+
+
+def run(saved_model, tasks_dir, out, *extra):
+    return task_eval.main(["--model", str(saved_model), "--tasks-dir", str(tasks_dir), "--out", str(out),
+                           "--device", "cpu", "--batch-size", "4", "--max-new-tokens", "2", *extra])
+
+
+def test_sweep_report_one_row_per_task_and_ratio(saved_model, tiny_tasks_dir, tmp_path, capsys):
+    rows = run(saved_model, tiny_tasks_dir, tmp_path, "--tasks", *GENERATED, "--ratios", "1", "0.25",
+               "--limit", "6", "--save-predictions")
+    assert [(r["task"], r["retention"]) for r in rows] == [(t, x) for x in (1.0, 0.25) for t in GENERATED]
+    n_test = {"video_shapes": 6, "audio_words": 6, "passkey": 3}  # --limit 6; the passkey test split has 3
+    for r in rows:
+        preds = r["predictions"]
+        assert r["counts"]["all"] == len(preds) == n_test[r["task"]]
+        # the score is the exact-match rate of the saved predictions, overall and per type
+        hits = [p["prediction"].strip().lower() == p["reference"].strip().lower() for p in preds]
+        assert r["accuracy"]["all"] == pytest.approx(sum(hits) / len(hits))
+        for qtype in set(r["counts"]) - {"all"}:
+            mine = [h for h, p in zip(hits, preds) if p["question_type"] == qtype]
+            assert r["counts"][qtype] == len(mine) and r["accuracy"][qtype] == pytest.approx(sum(mine) / len(mine))
+        assert r["media_tokens_per_sample"] == pytest.approx(sum(p["media_tokens"] for p in preds) / len(preds))
+    by = {(r["task"], r["retention"]): r for r in rows}
+    assert set(by["video_shapes", 1.0]["counts"]) == {"all", "direction", "shape", "color_first", "color_last", "color_change"}
+    assert set(by["audio_words", 1.0]["counts"]) - {"all"} <= {"color", "shape", "number"}
+    assert by["passkey", 1.0]["counts"].keys() == {"all", "passkey"}
+    # ratio 0.25 keeps ceil(0.25 n) tokens of each media row: 4 frames x 64 tokens -> 64
+    assert by["video_shapes", 1.0]["media_tokens_per_sample"] == 256 and by["video_shapes", 0.25]["media_tokens_per_sample"] == 64
+    for t in GENERATED:
+        assert by[t, 0.25]["media_tokens_per_sample"] < by[t, 1.0]["media_tokens_per_sample"]
+
+    saved = json.loads((tmp_path / "tasks_test.json").read_text())
+    assert {"device", "date", "commit", "model", "pipeline", "ratios", "results"} <= set(saved)
+    assert saved["pipeline"] == ["sam", "fgcs"] and saved["ratios"] == [1.0, 0.25] and len(saved["results"]) == 6
+    md = (tmp_path / "tasks_test.md").read_text()
+    assert "| task | r=1 | r=0.25 |" in md and md.count("## ") == 3 and "| 0.25 | 64.0 |" in md
+    assert (tmp_path / "tasks_test.png").stat().st_size > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"tasks test: video_shapes \d+\.\d%, audio_words \d+\.\d%, passkey \d+\.\d%", last)
+
+
+def test_accuracy_comes_from_the_predictions(saved_model, tiny_tasks_dir, tmp_path, monkeypatch):
+    """A model that answers direction and colour-first questions and the pass key right and every other
+    question wrong scores exactly that, per type and overall; relative accuracy follows."""
+    answers = {}
+    for task in GENERATED:
+        for r in json.loads((tiny_tasks_dir / task / "test.json").read_text()):
+            answers[str(r["id"])] = r["conversations"][-1]["value"]
+    right = ("-direction", "-color_first", "passkey-")
+    tok = LlavaDeftForCausalLM.from_pretrained(saved_model).tokenizer
+
+    def fake_generate(self, input_ids, attention_mask, ids=None, return_media_tokens=False, **kw):
+        texts = [answers[i] if any(k in i for k in right) else "nonsense" for i in ids]
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+        return enc, torch.full((len(ids),), 7)
+
+    monkeypatch.setattr(LlavaDeftForCausalLM, "generate", fake_generate)
+    rows = run(saved_model, tiny_tasks_dir, tmp_path, "--tasks", "video_shapes", "passkey", "--ratios", "1", "0.5")
+    by = {(r["task"], r["retention"]): r for r in rows}
+    video = by["video_shapes", 1.0]
+    assert video["accuracy"] == {"all": pytest.approx(4 / 10), "direction": 1.0, "color_first": 1.0, "shape": 0.0,
+                                 "color_last": 0.0, "color_change": 0.0}
+    assert by["passkey", 0.5]["accuracy"] == {"all": 1.0, "passkey": 1.0}
+    assert by["video_shapes", 0.5]["relative"] == pytest.approx(1.0) and video["media_tokens_per_sample"] == 7
+
+
+def test_missing_task_folder_names_the_command(saved_model, tmp_path):
+    with pytest.raises(TaskDataError, match=r"task 'video_shapes': .*video_shapes/test.json' does not exist \(the folder "
+                       rf"does not exist\); generate the tasks with `python -m llava_deft.tasks --out {tmp_path}/none`"):
+        run(saved_model, tmp_path / "none", tmp_path, "--tasks", "video_shapes")
+
+
+def test_ratios_need_a_reducer(tiny_tasks_dir, tmp_path):
+    LlavaDeftForCausalLM({"video": {"num_frames": 4}}).save_pretrained(tmp_path / "plain")
+    with pytest.raises(SystemExit, match=r"--ratios needs a reducer .*add --pipeline configs/pipeline/deft.yaml"):
+        run(tmp_path / "plain", tiny_tasks_dir, tmp_path, "--tasks", "passkey", "--ratios", "1", "0.5")
+    with pytest.raises(SystemExit, match=r"has no audio encoder .*--tasks passkey"):
+        run(tmp_path / "plain", tiny_tasks_dir, tmp_path, "--tasks", "audio_words", "passkey")
