@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from llava_deft.tasks import audio_words
+from llava_deft.tasks import prepare
 from llava_deft.tasks.prepare import MissingToolError, main, prepare_tasks
 
 TINY = {
@@ -43,7 +43,7 @@ def test_same_arguments_same_files_and_a_cache(tmp_path):
 
 
 def test_missing_espeak_stops_before_writing_or_is_skipped(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(audio_words, "espeak_version", lambda: None)
+    monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
     with pytest.raises(MissingToolError, match=r"espeak-ng is not installed.*sudo apt-get install -y espeak-ng.*--skip-missing"):
         prepare_tasks(tmp_path / "t", "small", progress=False, overrides=TINY)
     assert not (tmp_path / "t").exists()

@@ -64,6 +64,12 @@ class MissingToolError(LlavaDeftError, RuntimeError):
     """A program a task generator runs (espeak-ng) is not installed."""
 
 
+def espeak_available() -> bool:
+    """Whether the ``espeak-ng`` program is on PATH (checked without importing the audio generator, whose
+    soundfile import a machine without audio libraries lacks)."""
+    return shutil.which("espeak-ng") is not None
+
+
 def _outputs(folder: Path) -> list[Path]:
     """What a generator wrote into a task folder (removed before regenerating it)."""
     names = ["meta.json", "train.json", "test.json", "train_clips.json", "test_clips.json", "train", "test"]
@@ -131,9 +137,7 @@ def prepare_tasks(
     out = Path(out)
     manifest: dict[str, Any] = {"preset": preset, "seed": seed, "tasks": {}}
     if "audio_words" in tasks:
-        from .audio_words import espeak_version
-
-        if espeak_version() is None:
+        if not espeak_available():
             msg = f"espeak-ng is not installed: the audio task (audio_words) speaks its clips with it; {ESPEAK_INSTALL}"
             if not skip_missing:
                 raise MissingToolError(f"{msg}, or pass --skip-missing to prepare the other tasks without it")
