@@ -16,6 +16,7 @@ from llava_deft.data import LlavaJsonDataset, MultimodalCollator
 from llava_deft.errors import AudioError, MediaCountMismatchError, SampleTooLongError
 from llava_deft.model import LlavaDeftForCausalLM
 from pipeline import Modality
+from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time
 from pipeline.group import group_neighbours
 
 # 1 s chunk -> 100 mel frames -> 50 encoder tokens -> 25 after pool_stride 2 (one token per 40 ms)
@@ -105,22 +106,11 @@ def test_mixed_batch_logits_equal_one_at_a_time(model):
         rows = [[], [64], [8], [n_text(model, PASSAGE)], [23, n_text(model, "The red circle is small."), 64, 13]]
         assert [sum(r) for r in rows] == media_tokens(model)
         assert sp.media_positions.sum(1).tolist() == [sum(half(n) if reduced else n for n in r) for r in rows]
-        for i, item in enumerate(items):
-            one = model(**collate(model, [item])).logits[0]
-            real = sp.attention_mask[i].bool()
-            assert int(real.sum()) == one.shape[0], f"sample {item['id']} has a different length when batched"
-            torch.testing.assert_close(together[i][real], one, rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"sample {item['id']}: {m}")
+        assert_logits_match_one_at_a_time(model, items, lambda xs: collate(model, xs), together, sp.attention_mask)
 
 
 def test_mixed_batch_generate_equals_one_at_a_time(model):
-    items = mixed()
-    together = model.generate(**collate(model, items, generation=True), max_new_tokens=5)
-    for i, item in enumerate(items):
-        one = model.generate(**collate(model, [item], generation=True), max_new_tokens=5)
-        n = one.shape[1]
-        assert torch.equal(together[i, :n], one[0]), f"sample {item['id']} differs when batched"
-        assert torch.all(together[i, n:] == model.tokenizer.pad_token_id)
+    assert_generate_matches_one_at_a_time(model, mixed(), lambda xs: collate(model, xs, generation=True))
 
 
 def test_pipeline_rows_in_placeholder_order_with_audio_and_text_layouts(model):

@@ -16,6 +16,7 @@ from llava_deft.model import LlavaDeftForCausalLM
 from llava_deft.tasks.video_shapes import write_clip
 from llava_deft.video import VideoClip
 from pipeline import Modality
+from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time
 
 
 def image(seed: int) -> Image.Image:
@@ -79,23 +80,11 @@ def test_mixed_batch_logits_equal_one_at_a_time(model):
         reduced = bool(model.pipeline.names)  # fgcs keeps half of each row
         per_row = [0, 64, 128, 192 + 64]
         assert sp.media_positions.sum(1).tolist() == [n // 2 if reduced else n for n in per_row]
-        for i, item in enumerate(items):
-            one_batch = collate(model, [item])
-            one = model(**one_batch).logits[0]
-            real = sp.attention_mask[i].bool()
-            assert int(real.sum()) == one.shape[0], f"sample {item['id']} has a different length when batched"
-            torch.testing.assert_close(together[i][real], one, rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"sample {item['id']}: {m}")
+        assert_logits_match_one_at_a_time(model, items, lambda xs: collate(model, xs), together, sp.attention_mask)
 
 
 def test_mixed_batch_generate_equals_one_at_a_time(model):
-    items = mixed()
-    together = model.generate(**collate(model, items, generation=True), max_new_tokens=5)
-    for i, item in enumerate(items):
-        one = model.generate(**collate(model, [item], generation=True), max_new_tokens=5)
-        n = one.shape[1]
-        assert torch.equal(together[i, :n], one[0]), f"sample {item['id']} differs when batched"
-        assert torch.all(together[i, n:] == model.tokenizer.pad_token_id)
+    assert_generate_matches_one_at_a_time(model, mixed(), lambda xs: collate(model, xs, generation=True))
 
 
 def test_pipeline_rows_in_placeholder_order_with_video_layout(model):
