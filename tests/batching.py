@@ -26,3 +26,15 @@ def assert_generate_matches_one_at_a_time(model, items, collate, max_new_tokens:
         n = one.shape[1]
         assert torch.equal(together[i, :n], one[0]), f"sample {item['id']} differs when batched"
         assert torch.all(together[i, n:] == model.tokenizer.pad_token_id)
+
+
+def pipeline_inputs(model, batch) -> list:
+    """The TokenBatch of every pipeline call made by one forward of ``batch`` (no grad)."""
+    seen = []
+    hook = model.pipeline.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    return seen

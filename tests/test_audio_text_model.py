@@ -16,7 +16,7 @@ from llava_deft.data import LlavaJsonDataset, MultimodalCollator
 from llava_deft.errors import AudioError, MediaCountMismatchError, SampleTooLongError
 from llava_deft.model import LlavaDeftForCausalLM
 from pipeline import Modality
-from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time
+from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time, pipeline_inputs
 from pipeline.group import group_neighbours
 
 # 1 s chunk -> 100 mel frames -> 50 encoder tokens -> 25 after pool_stride 2 (one token per 40 ms)
@@ -114,13 +114,7 @@ def test_mixed_batch_generate_equals_one_at_a_time(model):
 
 
 def test_pipeline_rows_in_placeholder_order_with_audio_and_text_layouts(model):
-    seen = []
-    hook = model.pipeline.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(**collate(model, mixed()))
-    finally:
-        hook.remove()
+    seen = pipeline_inputs(model, collate(model, mixed()))
     assert len(seen) == 1, "the pipeline must run once for images, audio and text together"
     rows = seen[0]
     g = model.vision.grid

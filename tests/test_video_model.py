@@ -16,7 +16,7 @@ from llava_deft.model import LlavaDeftForCausalLM
 from llava_deft.tasks.video_shapes import write_clip
 from llava_deft.video import VideoClip
 from pipeline import Modality
-from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time
+from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time, pipeline_inputs
 
 
 def image(seed: int) -> Image.Image:
@@ -88,13 +88,7 @@ def test_mixed_batch_generate_equals_one_at_a_time(model):
 
 
 def test_pipeline_rows_in_placeholder_order_with_video_layout(model):
-    seen = []
-    hook = model.pipeline.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(**collate(model, mixed()))
-    finally:
-        hook.remove()
+    seen = pipeline_inputs(model, collate(model, mixed()))
     assert len(seen) == 1, "the pipeline must run once for images and videos together"
     rows = seen[0]
     g = model.vision.grid
