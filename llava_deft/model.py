@@ -44,6 +44,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
+MEDIA_INPUTS = (
+    "video_values", "video_frames", "video_counts",
+    "audio_values", "audio_lengths", "audio_counts",
+    "text_ids", "text_lengths", "text_counts",
+)
+"""The collator's video / audio / text outputs that ``forward`` and ``generate`` pass on to
+``prepare_inputs`` (see its signature); other keys of a batch are ignored."""
+
+
+def _media_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MEDIA_INPUTS}
+
 MEDIA_ORDER = ("image", "video", "audio", "text")
 """Kinds of pipeline rows, in the order their blocks are stacked before the gather into placeholder order."""
 
@@ -345,22 +357,13 @@ class LlavaDeftForCausalLM(nn.Module):
         media_counts: Tensor | None = None,
         labels: Tensor | None = None,
         ids: list[str] | None = None,
-        video_values: Tensor | None = None,
-        video_frames: Tensor | None = None,
-        video_counts: Tensor | None = None,
-        audio_values: Tensor | None = None,
-        audio_lengths: Tensor | None = None,
-        audio_counts: Tensor | None = None,
-        text_ids: Tensor | None = None,
-        text_lengths: Tensor | None = None,
-        text_counts: Tensor | None = None,
-        **unused,
+        **media,
     ) -> LlavaDeftOutput:
+        """A collator batch -> loss (LM loss + the pipeline's auxiliary losses) and logits; ``media``
+        holds its video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
         sp, aux, stats = self.prepare_inputs(
             input_ids, attention_mask, pixel_values, media_counts, labels, ids=ids,
-            video_values=video_values, video_frames=video_frames, video_counts=video_counts,
-            audio_values=audio_values, audio_lengths=audio_lengths, audio_counts=audio_counts,
-            text_ids=text_ids, text_lengths=text_lengths, text_counts=text_counts,
+            **_media_inputs(media),
         )
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids)
         loss = lm_loss = None
@@ -388,16 +391,7 @@ class LlavaDeftForCausalLM(nn.Module):
         generator: torch.Generator | None = None,
         ids: list[str] | None = None,
         return_media_tokens: bool = False,
-        video_values: Tensor | None = None,
-        video_frames: Tensor | None = None,
-        video_counts: Tensor | None = None,
-        audio_values: Tensor | None = None,
-        audio_lengths: Tensor | None = None,
-        audio_counts: Tensor | None = None,
-        text_ids: Tensor | None = None,
-        text_lengths: Tensor | None = None,
-        text_counts: Tensor | None = None,
-        **unused,
+        **media,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
         gives them) -> new token ids (B, T), padded with the pad id after EOS.
@@ -407,9 +401,7 @@ class LlavaDeftForCausalLM(nn.Module):
         """
         sp, _, _ = self.prepare_inputs(
             input_ids, attention_mask, pixel_values, media_counts, padding_side="left", ids=ids,
-            video_values=video_values, video_frames=video_frames, video_counts=video_counts,
-            audio_values=audio_values, audio_lengths=audio_lengths, audio_counts=audio_counts,
-            text_ids=text_ids, text_lengths=text_lengths, text_counts=text_counts,
+            **_media_inputs(media),
         )
         out = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
