@@ -73,3 +73,24 @@ def test_unknown_task_and_preset():
         prepare_tasks("unused", "small", ["vidoe"])
     with pytest.raises(ValueError, match=r"unknown preset 'tiny'; the presets are \['full', 'small'\]"):
         prepare_tasks("unused", "tiny")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_flac_clips_hold_the_same_samples_as_wav(tmp_path):
+    from llava_deft.audio import load_audio
+
+    prepare_tasks(tmp_path / "wav", "small", ["audio_words"], progress=False, overrides=TINY)
+    flac = {"audio_words": {**TINY["audio_words"], "audio_format": "flac"}}
+    prepare_tasks(tmp_path / "flac", "small", ["audio_words"], progress=False, overrides=flac)
+    wav_records = json.loads((tmp_path / "wav" / "audio_words" / "train.json").read_text())
+    flac_records = json.loads((tmp_path / "flac" / "audio_words" / "train.json").read_text())
+    assert [r["audio"].replace(".wav", ".flac") for r in wav_records] == [r["audio"] for r in flac_records]
+    assert all(r["audio"].endswith(".flac") for r in flac_records)
+    for w, f in zip(wav_records, flac_records):
+        a = load_audio(tmp_path / "wav" / "audio_words" / w["audio"])
+        b = load_audio(tmp_path / "flac" / "audio_words" / f["audio"])
+        assert a.shape == b.shape and a.numel() > 0 and bool((a == b).all())  # lossless
+    assert json.loads((tmp_path / "flac" / "audio_words" / "meta.json").read_text())["audio_format"] == "flac"
+    with pytest.raises(ValueError, match=r"audio_format='mp3': choose one of \['wav', 'flac'\]"):
+        prepare_tasks(tmp_path / "mp3", "small", ["audio_words"], progress=False,
+                      overrides={"audio_words": {**TINY["audio_words"], "audio_format": "mp3"}})

@@ -11,7 +11,7 @@ is a pure function of ``(seed, split, index)``, and espeak-ng's output is determ
 arguments, so a run is reproducible byte for byte on the same espeak-ng version (recorded in
 ``meta.json``). Output, with media paths relative to ``out`` (the JSON's folder, LLaVA's default)::
 
-    out/train/clips/000000.wav ...   16 kHz mono PCM-16
+    out/train/clips/000000.wav ...   16 kHz mono PCM-16 (``audio_format="flac"``: lossless FLAC, about half the bytes)
     out/train.json                   [{"id", "audio": "train/clips/000000.wav", "conversations": [...]}]
     out/train_clips.json             per clip: path, text, voice, speed, pitch, seconds
     out/meta.json                    arguments, counts and the espeak-ng version
@@ -22,6 +22,7 @@ arguments, so a run is reproducible byte for byte on the same espeak-ng version 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import shutil
@@ -114,8 +115,13 @@ def espeak_version() -> str | None:
     return out.split("Data at:")[0].strip()
 
 
+AUDIO_FORMATS = ("wav", "flac")
+"""Clip file formats the generator writes; both are lossless 16 kHz mono PCM-16 (same samples)."""
+
+
 def synthesize(spec: ClipSpec, path: Path) -> float:
-    """Speak ``spec`` with espeak-ng, write ``path`` as 16 kHz mono PCM-16 wav; return its seconds."""
+    """Speak ``spec`` with espeak-ng, write ``path`` as 16 kHz mono PCM-16 (wav or flac, by its
+    suffix); return its seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.wav"  # espeak-ng writes 22,050 Hz
         subprocess.run(
@@ -124,7 +130,16 @@ def synthesize(spec: ClipSpec, path: Path) -> float:
             capture_output=True,
         )
         wave = load_audio(raw, SAMPLING_RATE).numpy()
-    sf.write(str(path), wave, SAMPLING_RATE, subtype="PCM_16", format="WAV")
+    if path.suffix == ".flac":
+        # quantise exactly as the wav does (libsndfile's float -> PCM-16 rounding differs by format),
+        # then store those int16 samples losslessly: a flac clip decodes to its wav twin's samples
+        buf = io.BytesIO()
+        sf.write(buf, wave, SAMPLING_RATE, subtype="PCM_16", format="WAV")
+        buf.seek(0)
+        pcm, _ = sf.read(buf, dtype="int16")
+        sf.write(str(path), pcm, SAMPLING_RATE, subtype="PCM_16", format="FLAC")
+    else:
+        sf.write(str(path), wave, SAMPLING_RATE, subtype="PCM_16", format="WAV")
     return len(wave) / SAMPLING_RATE
 
 
@@ -136,17 +151,25 @@ def generate_audio_task(
     workers: int = 8,
     progress: bool = True,
     force: bool = False,
+    audio_format: str = "wav",
 ) -> dict:
     """Write the task to ``out`` (see the module docstring); returns the metadata written to ``meta.json``.
+
+    ``audio_format`` is ``"wav"`` or ``"flac"`` (lossless, about half the size: what to carry when
+    bytes are scarce); the samples, and so training and evaluation, are the same either way.
 
     A folder whose ``meta.json`` records the same arguments and espeak-ng version is left as it is
     (the cache) unless ``force``. Raises ``RuntimeError`` when espeak-ng is not installed.
     """
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format={audio_format!r}: choose one of {list(AUDIO_FORMATS)}")
     version = espeak_version()
     if version is None:
         raise RuntimeError("espeak-ng is not installed (Debian/Ubuntu: apt-get install -y espeak-ng)")
     out = Path(out)
     args = {"n_train": n_train, "n_test": n_test, "seed": seed, "espeak_ng": version}
+    if audio_format != "wav":  # recorded only when not the default, so existing wav caches stay valid
+        args["audio_format"] = audio_format
     meta_path = out / "meta.json"
     if not force and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -160,7 +183,7 @@ def generate_audio_task(
             shutil.rmtree(clip_dir)
         clip_dir.mkdir(parents=True)
         specs = [clip_spec(seed, split, i) for i in range(n)]
-        rel = [f"{split}/clips/{i:06d}.wav" for i in range(n)]
+        rel = [f"{split}/clips/{i:06d}.{audio_format}" for i in range(n)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             jobs = pool.map(lambda i: synthesize(specs[i], out / rel[i]), range(n))
             seconds = list(tqdm(jobs, total=n, desc=f"audio_words {split}", disable=not progress))
@@ -186,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=8, help="espeak-ng processes at once")
     p.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
+    p.add_argument("--audio-format", default="wav", choices=AUDIO_FORMATS, help="clip files (flac: lossless, ~half the size)")
     a = p.parse_args(argv)
-    meta = generate_audio_task(a.out, a.n_train, a.n_test, a.seed, a.workers, force=a.force)
+    meta = generate_audio_task(a.out, a.n_train, a.n_test, a.seed, a.workers, force=a.force, audio_format=a.audio_format)
     print(json.dumps(meta, indent=1))
     return 0

@@ -172,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even when meta.json matches")
     p.add_argument("--skip-missing", action="store_true", help="skip the audio task when espeak-ng is missing")
+    p.add_argument("--audio-format", default="wav", choices=("wav", "flac"),
+                   help="audio clip files: flac is lossless and about half the size (same samples)")
     a = p.parse_args(argv)
+    overrides = {"audio_words": {"audio_format": a.audio_format}} if a.audio_format != "wav" else None
     try:
-        manifest = prepare_tasks(a.out, a.preset, a.only, a.seed, a.force, a.skip_missing)
+        manifest = prepare_tasks(a.out, a.preset, a.only, a.seed, a.force, a.skip_missing, overrides=overrides)
     except MissingToolError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
