@@ -4,6 +4,8 @@
     python eval/tasks.py --model M --ratios 1 0.25 0.11                       # training-free sweep
     python eval/tasks.py --model M --pipeline configs/pipeline/deft.yaml --ratios 1 0.25
     python eval/tasks.py --model M --tasks video_shapes audio_words --tasks-dir data/tasks --limit 200
+    python eval/tasks.py --model runs/mix_tiny_deft25/final --ratios 0.25 \
+        --reference eval/results/mix_tiny_h100.json                           # vs the no-reduction model
 
 Tasks: ``video_shapes``, ``audio_words`` and ``passkey`` read ``<tasks-dir>/<task>/<split>.json``
 (written by ``python -m llava_deft.tasks --out <tasks-dir>``); ``easyvqa`` is the bundled dataset.
@@ -14,10 +16,17 @@ the model's; learned stages keep their trained weights) for every modality at on
 measures the same reducer on images, video frames, audio and passages; each row also gives its
 accuracy as a share of the same task's accuracy at ratio 1 (no reduction).
 
+``--reference`` compares with another model instead: a JSON this script wrote earlier (typically the
+no-reduction model's run, on the same split). Each row then also gives ``of_reference``, its accuracy
+as a share of the reference's ratio-1 accuracy on the same task (None where the reference has no
+ratio-1 row for the task or scored 0 there), e.g. a model trained with DeFT at retention 0.25 against
+the model trained without reduction.
+
 Writes ``<out>/<name>.json`` (run metadata, one row per task and ratio; per-sample predictions with
 ``--save-predictions``), ``<name>.md`` (a summary and one table per task) and ``<name>.png`` (accuracy
 against retention, one line per task). The last line printed is ``tasks <split>: <task> NN.N%, ...``
-for the first ratio.
+for the first ratio; with ``--reference`` the line before it gives each task's % of reference at
+each ratio.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import exact_match, run_metadata, write_json  # noqa: E402
 from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
-from llava_deft.errors import TaskDataError  # noqa: E402
+from llava_deft.errors import ReferenceResultError, TaskDataError  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 from llava_deft.tasks import DEFAULT_TASKS_DIR, TASK_NAMES, prepare_command  # noqa: E402
 
@@ -62,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="eval/results", help="output folder")
     p.add_argument("--name", default=None, help="output file stem (default tasks_<split>)")
     p.add_argument("--save-predictions", action="store_true", help="keep every sample's prediction in the JSON")
+    p.add_argument("--reference", default=None,
+                   help="a JSON this script wrote earlier (e.g. the no-reduction model's run): each row also "
+                        "gives its accuracy as a share of that run's ratio-1 accuracy on the task")
     return p.parse_args(argv)
 
 
@@ -169,6 +181,69 @@ def add_relative(rows: list[dict]) -> None:
         r["relative"] = None if not b else r["accuracy"]["all"] / b  # undefined when r=1 is missing or scored 0
 
 
+def _is_result_row(row: Any) -> bool:
+    """A row as :func:`main` writes it, as far as the comparison reads it."""
+    if not isinstance(row, dict) or not isinstance(row.get("accuracy"), dict):
+        return False
+    return (isinstance(row.get("task"), str) and isinstance(row.get("retention"), (int, float))
+            and isinstance(row["accuracy"].get("all"), (int, float)))
+
+
+def load_reference(path: str | Path, split: str, limit: int | None) -> dict:
+    """The ``--reference`` run: a JSON written earlier by this script, with its ``results`` rows.
+
+    :class:`ReferenceResultError` naming the file when it is missing, not JSON, not a result of this
+    script, or was evaluated on another split; a printed warning (the comparison still runs) when its
+    ``--limit`` differs from this run's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ReferenceResultError(f"--reference '{path}' {what}; give the <out>/<name>.json that eval/tasks.py "
+                                   f"wrote for the reference (e.g. no-reduction) model")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReferenceResultError(f"--reference '{path}' is not a readable JSON file ({e})") from e
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows or not all(_is_result_row(r) for r in rows) or "split" not in data:
+        raise ReferenceResultError(
+            f"--reference '{path}' is not an eval/tasks.py result: it needs a 'split' and a non-empty 'results' "
+            f"list of rows with 'task', 'retention' and 'accuracy' {{'all': ...}}"
+        )
+    if data["split"] != split:
+        raise ReferenceResultError(
+            f"--reference '{path}' was evaluated on the {data['split']!r} split and this run on {split!r}; "
+            f"accuracies on different questions are not comparable (use --split {data['split']} or another reference)"
+        )
+    if data.get("limit") != limit:
+        print(f"[tasks] warning: --reference '{path}' was evaluated with --limit {data.get('limit')} and this run "
+              f"with --limit {limit}: the two accuracies come from different numbers of questions", file=sys.stderr)
+    return data
+
+
+def reference_summary(path: str | Path, reference: dict) -> dict:
+    """What this run keeps of a reference run (its JSON metadata's ``reference``): where it came from, and
+    each task's overall accuracy and question count at ratio 1 (tasks without a ratio-1 row are absent)."""
+    base: dict[str, dict] = {}
+    for r in reference["results"]:
+        if r["retention"] == 1.0:
+            base.setdefault(r["task"], r)
+    return {
+        "path": str(path), **{k: reference.get(k) for k in ("model", "commit", "date", "limit")},
+        "accuracy": {t: r["accuracy"]["all"] for t, r in base.items()},
+        "questions": {t: r.get("counts", {}).get("all") for t, r in base.items()},
+    }
+
+
+def add_of_reference(rows: list[dict], ref_acc: dict[str, float]) -> None:
+    """Each row's ``of_reference``: its accuracy over the reference's ratio-1 accuracy on the same task
+    (None without one, or when the reference scored 0)."""
+    for r in rows:
+        b = ref_acc.get(r["task"])
+        r["of_reference"] = None if not b else r["accuracy"]["all"] / b
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -176,15 +251,25 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def markdown(rows: list[dict], meta: dict, model: str, pipeline: list[str], split: str) -> str:
+def markdown(rows: list[dict], meta: dict, model: str, pipeline: list[str], split: str,
+             reference: dict | None = None) -> str:
+    """The report; ``reference`` (the JSON metadata's ``reference`` entry) adds the reference's ratio-1
+    accuracy and "% of reference" columns."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     ratios = list(dict.fromkeys(r["retention"] for r in rows))
     by = {(r["task"], r["retention"]): r for r in rows}
+    ref_head = ref_rule = ""
+    header = [f"{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{model}`, pipeline {pipeline or 'none'}"]
+    if reference is not None:
+        header.append(f"% of reference: accuracy over the ratio-1 accuracy of model `{reference['model']}` "
+                      f"(commit {reference['commit']}, {reference['date']}; `{reference['path']}`)")
+        ref_head = " reference r=1 | " + " | ".join(f"r={x:g} % of reference" for x in ratios) + " |"
+        ref_rule = "---|" * (1 + len(ratios))
     lines = [
         f"# Generated tasks ({split} split): exact-match accuracy (%)", "",
-        f"{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{model}`, pipeline {pipeline or 'none'}", "",
-        "| task | " + " | ".join(f"r={x:g}" for x in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
+        *(x for h in header for x in (h, "")),
+        "| task | " + " | ".join(f"r={x:g}" for x in ratios) + " |" + ref_head,
+        "|---|" + "---|" * len(ratios) + ref_rule,
     ]
     for t in tasks:
         cells = []
@@ -192,21 +277,38 @@ def markdown(rows: list[dict], meta: dict, model: str, pipeline: list[str], spli
             r = by.get((t, x))
             rel = "" if r is None or r["relative"] is None or x == 1.0 else f" ({_pct(r['relative'])} % of r=1)"
             cells.append("–" if r is None else f"{_pct(r['accuracy']['all'])}{rel}")
+        if reference is not None:
+            cells.append(_pct(reference["accuracy"].get(t)))
+            cells += ["–" if by.get((t, x)) is None else _pct(by[t, x]["of_reference"]) for x in ratios]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     for t in tasks:
         trows = [r for r in rows if r["task"] == t]
         types = sorted({k for r in trows for k in r["accuracy"]} - {"all"})
+        ref_col = " % of reference |" if reference is not None else ""
         lines += ["", f"## {t} ({trows[0]['counts']['all']} questions)", "",
-                  "| retention | media tokens / sample | all | % of r=1 | " + " | ".join(types) + " |",
-                  "|" + "---|" * (4 + len(types))]
+                  f"| retention | media tokens / sample | all | % of r=1 |{ref_col} " + " | ".join(types) + " |",
+                  "|" + "---|" * (4 + (reference is not None) + len(types))]
         for r in trows:
             accs = " | ".join(_pct(r["accuracy"].get(k)) for k in types)
+            of_ref = f" {_pct(r['of_reference'])} |" if reference is not None else ""
             lines.append(f"| {r['retention']:g} | {r['media_tokens_per_sample']:.1f} | {_pct(r['accuracy']['all'])} | "
-                         f"{_pct(r['relative'])} | {accs} |")
+                         f"{_pct(r['relative'])} |{of_ref} {accs} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def reference_line(rows: list[dict], reference: dict) -> str:
+    """``% of reference (<model>): <task> r=<ratio> NN.N% ..., ...``: each task's % of reference at each ratio."""
+    def cell(r: dict) -> str:
+        return f"r={r['retention']:g} " + ("–" if r["of_reference"] is None else f"{_pct(r['of_reference'])}%")
+
+    tasks = dict.fromkeys(r["task"] for r in rows)
+    return f"% of reference ({reference['model']}): " + ", ".join(
+        f"{t} " + " ".join(cell(r) for r in rows if r["task"] == t) for t in tasks)
+
+
+def plot(rows: list[dict], path: Path, title: str, reference: dict[str, float] | None = None) -> None:
+    """Accuracy against retention, one line per task; ``reference`` (task -> ratio-1 accuracy of the
+    reference run) adds a dashed level in the task's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +317,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for task in dict.fromkeys(r["task"] for r in rows):
         pts = sorted((r["retention"], 100 * r["accuracy"]["all"]) for r in rows if r["task"] == task)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=task)
+        (line,) = ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=task)
+        if reference and task in reference:
+            ax.axhline(100 * reference[task], ls="--", lw=1, color=line.get_color())
     ax.set_xlabel("retention ratio (share of media tokens kept)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(title)
@@ -235,6 +339,12 @@ def main(argv=None) -> list[dict]:
     for task in args.tasks:  # every missing folder is reported before the model is loaded
         if task != "easyvqa":
             task_json(tasks_dir, task, args.split)
+    ref_meta = None
+    if args.reference:  # a bad reference fails before the model is loaded, too
+        ref_meta = reference_summary(args.reference, load_reference(args.reference, args.split, args.limit))
+        if missing := [t for t in args.tasks if t not in ref_meta["accuracy"]]:
+            print(f"[tasks] warning: --reference '{args.reference}' has no ratio-1 row for {', '.join(missing)}: "
+                  f"no % of reference there", file=sys.stderr)
     device = torch.device(args.device)
     model = LlavaDeftForCausalLM.from_pretrained(args.model, pipeline=args.pipeline).to(device).eval()
     if "audio_words" in args.tasks and model.audio is None:
@@ -261,18 +371,30 @@ def main(argv=None) -> list[dict]:
                 row["predictions"] = preds
             rows.append(row)
     add_relative(rows)
+    if ref_meta is not None:
+        add_of_reference(rows, ref_meta["accuracy"])
+        if ref_meta["limit"] == args.limit:  # else load_reference warned already
+            for r in rows:  # same split and limit but other questions, e.g. another --tasks-dir
+                n_ref = ref_meta["questions"].get(r["task"])
+                if r["retention"] == ratios[0] and n_ref is not None and n_ref != r["counts"]["all"]:
+                    print(f"[tasks] warning: {r['task']}: --reference '{args.reference}' scored {n_ref} questions "
+                          f"and this run {r['counts']['all']}", file=sys.stderr)
 
     meta = run_metadata(device)
     stem = args.name or f"tasks_{args.split}"
     out = Path(args.out)
     write_json(out / f"{stem}.json", {
         **meta, "model": str(args.model), "pipeline": model.pipeline.names, "pipeline_config": args.pipeline,
-        "tasks_dir": str(tasks_dir), "split": args.split, "limit": args.limit, "ratios": ratios, "results": rows,
+        "tasks_dir": str(tasks_dir), "split": args.split, "limit": args.limit, "ratios": ratios,
+        "reference": ref_meta, "results": rows,
     })
-    md = markdown(rows, meta, str(args.model), model.pipeline.names, args.split)
+    md = markdown(rows, meta, str(args.model), model.pipeline.names, args.split, ref_meta)
     (out / f"{stem}.md").write_text(md)
-    plot(rows, out / f"{stem}.png", f"{args.split} split: accuracy vs retention")
+    plot(rows, out / f"{stem}.png", f"{args.split} split: accuracy vs retention" + (" (dashed: reference)" if ref_meta else ""),
+         ref_meta and ref_meta["accuracy"])
     print(md)
+    if ref_meta is not None:
+        print(reference_line(rows, ref_meta))
     first = [r for r in rows if r["retention"] == ratios[0]]
     print(f"tasks {args.split}: " + ", ".join(f"{r['task']} {100 * r['accuracy']['all']:.1f}%" for r in first))
     return rows

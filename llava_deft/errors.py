@@ -77,3 +77,8 @@ class AudioError(MediaFileError):
 class TaskDataError(LlavaDeftError, FileNotFoundError):
     """A generated task's data (``<tasks dir>/<task>/<split>.json``) is missing; the message names the
     command that generates it."""
+
+
+class ReferenceResultError(LlavaDeftError, ValueError):
+    """A result JSON given as a reference (``eval/tasks.py --reference``) is missing, not JSON, not an
+    ``eval/tasks.py`` result, or not comparable with this run (another split); the message names the file."""
