@@ -23,58 +23,81 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DATA_TYPES = ("easyvqa", "llava_json", "mix")
+DATA_TYPES = ("easyvqa", "llava_json", "passkey", "mix")
+_PASSKEY_KEYS = ("size", "min_tokens", "max_tokens", "seed")  # DataSpec keys of type passkey only
 
 
 class DataSpec(_Strict):
     """Training data: ``easyvqa`` (the bundled dataset), ``llava_json`` (LLaVA conversation JSON; media
-    paths relative to ``image_folder``, by default the JSON's folder) or ``mix`` (several of those in
-    one run, listed under ``sources``)::
+    paths relative to ``image_folder``, by default the JSON's folder), ``passkey`` (pass-key passages
+    generated on the fly, no disk: :class:`llava_deft.tasks.passkey.PasskeyDataset`) or ``mix``
+    (several of those in one run, listed under ``sources``)::
 
         data:
           type: mix
           sources:
             - {type: easyvqa, group_by_image: true}
             - {type: llava_json, path: data/tasks/video_shapes/train.json, repeat: 2}
-            - {type: llava_json, path: data/tasks/passkey/train.json, limit: 1000, name: passkey}
+            - {type: passkey, size: 100000, min_tokens: 128, max_tokens: 512}
 
     ``limit`` keeps the first N items of a source (before ``repeat``); ``repeat`` lists a source N
     times per epoch (to balance small sources against big ones); ``name`` labels a source in logs and
     errors (default: its type, or the JSON's folder name). A mix's items are the concatenation of its
     sources' items; the training sampler shuffles them, so a batch holds samples of several
-    modalities and media counts. Keys that do not apply to a type are errors, not silently ignored.
+    modalities and media counts. A passkey source holds ``size`` distinct passages, item ``i`` being
+    ``passkey.make_sample(seed, split, i, min_tokens, max_tokens)`` (the same record as in a JSON the
+    generator writes with those arguments; test-split keys never occur in train). Keys that do not
+    apply to a type are errors, not silently ignored (a key counts as set when it differs from its
+    default, so a resolved config written by the trainer loads again).
     """
 
-    type: Literal["easyvqa", "llava_json", "mix"] = "easyvqa"
+    type: Literal["easyvqa", "llava_json", "passkey", "mix"] = "easyvqa"
     name: str | None = None
-    split: Literal["train", "test"] = "train"  # easyvqa only
+    split: Literal["train", "test"] = "train"  # easyvqa and passkey only
     path: str | None = None  # llava_json only
     image_folder: str | None = None  # llava_json only
     limit: int | None = Field(None, gt=0)
     repeat: int = Field(1, gt=0)
     group_by_image: bool = False  # easyvqa: one multi-turn conversation per image (LLaVA-style)
     sources: list[DataSpec] = Field(default_factory=list)  # mix only
+    # passkey only: how many distinct passages, their length range in tiny-tokenizer tokens, the generator seed
+    size: int | None = Field(None, gt=0)
+    min_tokens: int = 128
+    max_tokens: int = 512
+    seed: int = 0
 
     @model_validator(mode="after")
     def _keys_fit_type(self) -> "DataSpec":
         label = self.label()
         who = f"data source of type {self.type!r}" if label == self.type else f"data source {label!r} ({self.type})"
         wrong = []
-        if self.type != "easyvqa" and self.split != "train":
-            wrong.append("split (easyvqa only; for llava_json point path at the split's JSON)")
+        if self.type not in ("easyvqa", "passkey") and self.split != "train":
+            wrong.append("split (easyvqa and passkey only; for llava_json point path at the split's JSON)")
         if self.type != "easyvqa" and self.group_by_image:
             wrong.append("group_by_image (easyvqa only)")
         if self.type != "llava_json":
             wrong += [f"{k} (llava_json only)" for k in ("path", "image_folder") if getattr(self, k) is not None]
         if self.type != "mix" and self.sources:
             wrong.append("sources (type mix only)")
+        if self.type != "passkey":
+            defaults = {k: DataSpec.model_fields[k].default for k in _PASSKEY_KEYS}
+            wrong += [f"{k} (passkey only)" for k, v in defaults.items() if getattr(self, k) != v]
         if wrong:
             raise ValueError(f"{who} sets keys that do not apply to it: {', '.join(wrong)}")
         if self.type == "llava_json" and self.path is None:
             raise ValueError(f"{who} needs path (the LLaVA JSON file)")
+        if self.type == "passkey":
+            if self.size is None:
+                raise ValueError(f"{who} needs size (how many distinct passages to generate)")
+            from .tasks.passkey import check_lengths
+
+            try:
+                check_lengths(self.min_tokens, self.max_tokens)
+            except ValueError as err:
+                raise ValueError(f"{who}: {err}") from None
         if self.type == "mix":
             if not self.sources:
-                raise ValueError(f"{who} needs a non-empty list of sources (each an easyvqa or llava_json spec)")
+                raise ValueError(f"{who} needs a non-empty list of sources (each an easyvqa, llava_json or passkey spec)")
             nested = [i for i, s in enumerate(self.sources) if s.type == "mix"]
             if nested:
                 raise ValueError(f"{who}: sources {nested} are mixes themselves; list their sources directly")
@@ -176,11 +199,15 @@ def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_
 
 def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None):
     from .data import EasyVQADataset, LlavaJsonDataset
+    from .tasks.passkey import PasskeyDataset
 
     who = f"{where} ({spec.label()!r}, {spec.type})"
     if spec.type == "easyvqa":
         ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
         return _limit_repeat(ds, None, spec.repeat)
+    if spec.type == "passkey":
+        ds = PasskeyDataset(spec.size, split=spec.split, seed=spec.seed, min_tokens=spec.min_tokens, max_tokens=spec.max_tokens)
+        return _limit_repeat(ds, spec.limit, spec.repeat)
     path = Path(spec.path)
     if not path.is_file():
         hint = ""

@@ -38,7 +38,8 @@ Output (LLaVA conversation JSON; no media files)::
 
 Everything is a function of ``seed``: sample ``i`` of a split draws from its own generator seeded by
 ``(seed, split, i)``, so it does not depend on how many samples are made; the same arguments give the
-same JSON bytes.
+same JSON bytes. Training need not read the JSON: :class:`PasskeyDataset` generates any number of
+passages on the fly (``data: {type: passkey, size: 100000}`` in a training config).
 
     .venv/bin/python scripts/make_passkey_task.py --out data/passkey   # 2,000 train / 500 test passages
 """
@@ -56,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 from tqdm import tqdm
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from llava_deft.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer
@@ -273,11 +275,50 @@ def make_sample(seed: int, split: str, index: int, min_tokens: int = 256, max_to
     }
 
 
-def _check_lengths(min_tokens: int, max_tokens: int) -> None:
+def check_lengths(min_tokens: int, max_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``[min_tokens, max_tokens]`` is a range of passage lengths
+    :func:`make_sample` can draw from."""
     if min_tokens < MIN_TOKENS:
         raise ValueError(f"min_tokens must be >= {MIN_TOKENS}, got {min_tokens}")
     if max_tokens < min_tokens:
         raise ValueError(f"max_tokens must be >= min_tokens ({min_tokens}), got {max_tokens}")
+
+
+class PasskeyDataset(Dataset):
+    """``size`` pass-key passages generated on the fly, no disk: item ``i`` is
+    ``make_sample(seed, split, i, min_tokens, max_tokens)`` as a training sample, exactly what
+    ``LlavaJsonDataset`` gives for that record in a JSON written by :func:`generate_split` (same id,
+    messages and ``"texts"``; no images, videos or audios).
+
+    A training source as large as wanted: the written train split holds 2,000 passages, few enough to
+    be memorised. About 3 ms an item (128-512 tokens, one CPU core).
+
+        ds = PasskeyDataset(100_000, split="train")   # ds[i]["texts"] == [passage i]
+    """
+
+    def __init__(self, size: int, split: str = "train", seed: int = 0, min_tokens: int = 128, max_tokens: int = 512):
+        if size <= 0:
+            raise ValueError(f"size must be > 0, got {size}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        check_lengths(min_tokens, max_tokens)
+        self.size, self.split, self.seed = size, split, seed
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        # imported here: llava_deft.data pulls in open_clip, timm and decord, which the generator CLI never needs
+        from llava_deft.data import _parse_llava_record
+
+        if not -self.size <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} pass-key passages")
+        index %= self.size
+        record = make_sample(self.seed, self.split, index, self.min_tokens, self.max_tokens)
+        where = f"pass-key generator (split {self.split!r}, seed {self.seed})"
+        sample_id, messages, media = _parse_llava_record(record, index, where)
+        return {"id": sample_id, "messages": messages, "images": [], "videos": [], "audios": [], "texts": media["text"]}
 
 
 def generate_split(
@@ -287,7 +328,7 @@ def generate_split(
     """Write ``n`` samples of ``split`` to ``out/split.json``; returns its path."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    _check_lengths(min_tokens, max_tokens)
+    check_lengths(min_tokens, max_tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = [
@@ -307,7 +348,7 @@ def make_passkey_task(
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    _check_lengths(min_tokens, max_tokens)
+    check_lengths(min_tokens, max_tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
