@@ -154,11 +154,11 @@ def test_two_step_mixed_run_exports_and_loads(tiny_tasks_dir, tmp_path):
            "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "num_workers=0",
            "model.video.num_frames=4", "data.sources.0.limit=16",
            f"data.sources.1.path={t}/video_shapes/train.json", f"data.sources.2.path={t}/audio_words/train.json",
-           f"data.sources.3.path={t}/passkey/train.json"]
+           "data.sources.3.size=12"]  # pass-key passages generated on the fly
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    assert "[train] data: mix of 4 sources (easyvqa 2, video_shapes 15, audio_words 28, passkey 12)" in res.stdout
+    assert "[train] data: mix of 4 sources (easyvqa 4, video_shapes 30, audio_words 42, passkey 12)" in res.stdout
     assert "frozen vision=False llm=False audio=False" in res.stdout
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
