@@ -462,6 +462,42 @@ def protocol_table(rows: list[dict], protocol: str, ref: dict | None, order: lis
     return "\n".join(lines)
 
 
+def type_table(raw: list[dict], order: list[str], base: str) -> str:
+    """Accuracy by question type of the base and the trained rows (rtd fast or none): per cell
+    'mean ± std [min-max]' over its seeds, in %, and a last line with each type's range over every
+    seed of every cell shown, which tells whether a type (not the reducers) carries the spread."""
+    keep = [r for r in raw if r["protocol"] in (BASE, "trained") and r.get("rtd_mode") in (None, "fast")]
+    types = [k for k in dict.fromkeys(k for r in keep for k in r["accuracy"]) if k != "all"]
+    if not keep or not types:
+        return ""
+    cells: dict[tuple, list[dict]] = {}
+    for r in sorted(keep, key=lambda r: (r["protocol"] != BASE, -r["ratio"])):
+        cells.setdefault((r["protocol"], r["reducer"], round(float(r["ratio"]), 9)), []).append(r)
+    rank = {n: i for i, n in enumerate([base, *order])}
+    keys = sorted(cells, key=lambda k: (k[0] != BASE, rank.get(k[1], len(rank)), -k[2]))
+
+    def stat(values: list[float]) -> str:
+        v = [100 * x for x in values]
+        if len(v) == 1:
+            return f"{v[0]:.1f}"
+        return f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f} [{min(v):.1f}-{max(v):.1f}]"
+
+    lines = ["| run | ratio | n | all | " + " | ".join(types) + " |", "|---|---|---|---|" + "---|" * len(types)]
+    for key in keys:
+        rs = cells[key]
+        label = "no reduction (base)" if key[0] == BASE else key[1]
+        per = [stat([r["accuracy"][t] for r in rs if t in r["accuracy"]]) if any(t in r["accuracy"] for r in rs) else "—"
+               for t in types]
+        lines.append(f"| {label} | {ratio_tag(key[2])} | {len(rs)} | {stat([r['accuracy']['all'] for r in rs])} | "
+                     + " | ".join(per) + " |")
+    spread = ", ".join(
+        f"{t} {100 * min(vals):.1f}-{100 * max(vals):.1f}"
+        for t in types if (vals := [r["accuracy"][t] for r in keep if t in r["accuracy"]])
+    )
+    lines += ["", f"Range over every run above, by type: {spread}."]
+    return "\n".join(lines)
+
+
 def build_report(
     doc: dict, name: str, base: str, rtd_ratio: float, reducers: list[str],
     thresholds: dict[float, float] = THRESHOLDS, failed: list[str] = (), runs_dir: str = "", unfinished: list[str] = (),
@@ -510,6 +546,10 @@ def build_report(
     for proto in PROTOCOLS:
         if any(r["protocol"] == proto for r in rows):
             out += ["", f"## {PROTOCOL_TITLES[proto]}", "", protocol_table(rows, proto, ref, order)]
+    by_type = type_table(raw, order, base)
+    if by_type:
+        out += ["", "## By question type (base and trained, rtd fast)", "",
+                "Each cell: mean ± sample std [min-max] over its seeds, % exact match.", "", by_type]
     checks = acceptance_checks(raw, base, rtd_ratio, thresholds, reducers)
     out += ["", "## Acceptance checks", "",
             f"Thresholds ({base}, rtd fast, % of base accuracy): "

@@ -364,3 +364,23 @@ def test_time_budget_evaluates_finished_runs_as_they_finish_and_lists_the_unfini
     assert sorted((p, r) for p, r, _, _ in calls) == [("trained", "deft"), ("trained", "random")]
     assert "unfinished" not in capsys.readouterr().out
     assert len(ds.load_results(out / "tb.json")["rows"]) == 5
+
+
+def test_report_breaks_accuracy_down_by_question_type_over_seeds():
+    def typed(protocol, reducer, ratio, yes_no, seed, mode=None):
+        r = row(protocol, reducer, ratio, (1.0 + yes_no) / 2, 16, mode=mode, seed=seed)
+        r["accuracy"] = {"all": (1.0 + yes_no) / 2, "color": 1.0, "yes/no": yes_no}
+        return r
+
+    rows = [typed("base", "deft", 1.0, 0.98, 0, "fast"), typed("base", "deft", 1.0, 0.90, 1, "fast"),
+            typed("trained", "deft", 0.25, 0.96, 0, "fast"), typed("trained", "deft", 0.25, 0.86, 1, "fast"),
+            typed("trained", "deft", 0.25, 0.50, 0, "hybrid"),  # not rtd fast: left out
+            typed("training_free", "deft", 0.25, 0.10, 0, "fast"),  # not trained: left out
+            typed("trained", "random", 0.25, 0.92, 0)]
+    md = ds.build_report({"commands": ["c"], "rows": rows}, "x", "deft", 0.11, ["deft", "random"])
+    table = md.split("## By question type")[1].split("## Acceptance")[0].strip().splitlines()
+    assert table[4] == "| run | ratio | n | all | color | yes/no |"
+    assert table[6] == "| no reduction (base) | 1 | 2 | 97.0 ± 2.8 [95.0-99.0] | 100.0 ± 0.0 [100.0-100.0] | 94.0 ± 5.7 [90.0-98.0] |"
+    assert table[7] == "| deft | 0.25 | 2 | 95.5 ± 3.5 [93.0-98.0] | 100.0 ± 0.0 [100.0-100.0] | 91.0 ± 7.1 [86.0-96.0] |"
+    assert table[8] == "| random | 0.25 | 1 | 96.0 | 100.0 | 92.0 |"
+    assert table[-1] == "Range over every run above, by type: color 100.0-100.0, yes/no 86.0-98.0."
