@@ -29,7 +29,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -108,13 +107,13 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
 # ---------------------------------------------------------------------------------- distributed
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU); one rank works too."""
-    if "RANK" not in os.environ:  # plain `python -m llava_deft.train`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    if "RANK" not in os.environ and not dist.is_initialized():
+        # plain `python -m llava_deft.train`: a world of one, rendezvous through an in-process store.
+        # (No TCP port: picking a free one and binding it later races with other runs started at once.)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above, or joins the launcher's
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

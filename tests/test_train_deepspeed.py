@@ -123,3 +123,24 @@ def test_two_llava_stages_freeze_then_finetune(mixed_dataset, tmp_path):
     assert not torch.equal(s1["projector.0.weight"], init["projector.0.weight"])
     assert any(not torch.equal(s2[k], s1[k]) for k in frozen if k.startswith("llm."))
     assert (out / "final" / "model.safetensors").read_bytes() == (out / "stage1_finetune" / "export" / "model.safetensors").read_bytes()
+
+
+def test_world_of_one_needs_no_port_so_parallel_runs_cannot_collide():
+    """``python -m llava_deft.train`` without a launcher rendezvous in-process, binding no TCP port
+    (the sweep starts many such runs at once; picking a free port and binding it later raced:
+    EADDRINUSE). Two processes start at once with MASTER_PORT naming a port this test holds: a TCP
+    store there would fail, and a port picked by the code would replace MASTER_PORT."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = ("import os, torch.distributed as dist; from llava_deft.train import init_distributed; "
+                "print(init_distributed(), dist.get_world_size(), dist.get_backend(), os.environ.get('MASTER_PORT'))")
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+        env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == f"(0, 1, 0) 1 gloo {port}"
