@@ -1,6 +1,7 @@
 """Training recipe config (pydantic, validated whole): model, data, LLaVA stages, optimisation.
 
-Precedence: defaults < YAML file < command-line flags < ``a.b=value`` overrides.  The resolved
+Precedence: defaults < YAML file (over its ``base:`` file, then its ``overrides:``) < command-line
+flags < ``a.b=value`` overrides.  The resolved
 config is written into the run folder as ``train_config.yaml``.
 """
 
@@ -164,25 +165,60 @@ class TrainConfig(_Strict):
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or the defaults), then ``a.b=value`` overrides.
+
+    A file may build on another: ``base: other.yaml`` (relative to the file) is read first and this
+    file's keys are merged over it (mappings key by key, anything else, lists included, replaced);
+    ``overrides: [a.b=value, ...]`` in a file is applied after the merge, the base's list first,
+    and ``overrides`` given here come last.
+    """
     data: dict = {}
     desc = "train config"
+    file_overrides: list[str] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"train config file '{p}' does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        desc = f"train config '{p}'"
-        if isinstance(data.get("model"), str):  # model config paths are relative to the train config
-            m = Path(data["model"])
-            data["model"] = str(m if m.is_absolute() or m.exists() else p.parent / m)
-    if isinstance(data.get("model"), str):  # embed the model YAML: the run's config is self-contained
-        data["model"] = read_model_config_file(data["model"])
-    data = apply_overrides(data, overrides or [])
+        data, file_overrides = _read_train_yaml(Path(path), [])
+        desc = f"train config '{path}'"
+    data = apply_overrides(data, file_overrides + list(overrides or []))
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
         errs = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+
+
+def _read_train_yaml(p: Path, chain: list[Path]) -> tuple[dict, list[str]]:
+    """One train YAML with its ``base:`` chain merged in and the model YAML embedded (so the run's
+    config is self-contained), and its ``overrides:`` (the base's first)."""
+    if not p.is_file():
+        via = f" (the base of '{chain[-1]}')" if chain else ""
+        raise FileNotFoundError(f"train config file '{p}'{via} does not exist")
+    if p.resolve() in chain:
+        raise ConfigError(f"train config '{p}' is its own base: " + " -> ".join(map(str, [*chain, p.resolve()])))
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"train config '{p}' must be a mapping, got {type(data).__name__}")
+    own = data.pop("overrides", None) or []
+    if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
+        raise ConfigError(f"train config '{p}': 'overrides' must be a list of 'key.path=value' strings, got {own!r}")
+    if isinstance(data.get("model"), str):  # model config paths are relative to the train config
+        m = Path(data["model"])
+        data["model"] = read_model_config_file(m if m.is_absolute() or m.exists() else p.parent / m)
+    base = data.pop("base", None)
+    if base is None:
+        return data, own
+    if not isinstance(base, str):
+        raise ConfigError(f"train config '{p}': 'base' must be a path to another train YAML, got {base!r}")
+    b = Path(base)
+    parent, inherited = _read_train_yaml(b if b.is_absolute() else p.parent / b, [*chain, p.resolve()])
+    return _merge(parent, data), inherited + own
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: mappings key by key, every other value replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None):

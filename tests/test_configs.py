@@ -40,6 +40,46 @@ def test_train_config_errors_by_message(tmp_path):
     assert isinstance(load_train_config(None), TrainConfig)
 
 
+def test_train_config_base_and_overrides_equal_the_command_line_they_write_down():
+    """configs/train/mix_tiny_deft25.yaml (base: mix_tiny.yaml + overrides) is the H200 run's command."""
+    from_file = load_train_config(ROOT / "configs/train/mix_tiny_deft25.yaml")
+    by_hand = load_train_config(ROOT / "configs/train/mix_tiny.yaml", [
+        "num_workers=14", "output_dir=runs/mix_tiny_deft25", "stages.0.epochs=3", "stages.0.retention_hold_ratio=0.3",
+        "stages.0.retention_ramp_ratio=0.3", "model.pipeline.stages.1.retention_ratio=0.25"])
+    assert from_file == by_hand
+    assert from_file.model["pipeline"]["stages"][1] == {**by_hand.model["pipeline"]["stages"][1], "retention_ratio": 0.25}
+    # command-line overrides still come last
+    assert load_train_config(ROOT / "configs/train/mix_tiny_deft25.yaml", ["stages.0.epochs=1"]).stages[0].epochs == 1
+
+
+def test_train_config_base_merges_mappings_replaces_lists_and_chains(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("seed: 1\nsave_steps: 7\ndata: {type: easyvqa, limit: 5}\n"
+                                     "stages: [{lr: 0.5}, {lr: 0.25}]\noverrides: [log_steps=3, seed=2]\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ndata: {limit: 9}\nstages: [{lr: 0.1}]\noverrides: [seed=4]\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nsave_steps: 8\n")
+    cfg = load_train_config(tmp_path / "c.yaml")
+    assert (cfg.seed, cfg.save_steps, cfg.log_steps) == (4, 8, 3)  # b's overrides after a's
+    assert (cfg.data.type, cfg.data.limit) == ("easyvqa", 9)  # mapping merged key by key
+    assert [s.lr for s in cfg.stages] == [0.1]  # a list is replaced whole
+
+
+def test_train_config_base_errors_name_the_file(tmp_path):
+    (tmp_path / "loop1.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop1.yaml\n")
+    with pytest.raises(ConfigError, match=r"train config '.*loop1.yaml' is its own base: .*loop1.yaml -> .*loop2.yaml -> .*loop1.yaml"):
+        load_train_config(tmp_path / "loop1.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"train config file '.*gone.yaml' \(the base of '.*orphan.yaml'\) does not exist"):
+        load_train_config(tmp_path / "orphan.yaml")
+    (tmp_path / "bad.yaml").write_text("overrides: seed=3\n")
+    with pytest.raises(ConfigError, match=r"'overrides' must be a list of 'key.path=value' strings, got 'seed=3'"):
+        load_train_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"train config '.*list.yaml' must be a mapping, got list"):
+        load_train_config(tmp_path / "list.yaml")
+
+
 def _describe(m: LlavaDeftForCausalLM, clip) -> dict:
     """What a model config can change, as comparable values (``clip``: a video file to sample)."""
     return {
