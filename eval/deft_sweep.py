@@ -612,11 +612,15 @@ def plot_sweep(rows: list[dict], path: Path, base: str, reducers: list[str], tit
         ax.set_title(PROTOCOL_TITLES[proto].split(" (")[0])
         ax.set_xlabel("visual tokens per image")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles: dict[str, object] = {}  # one legend for both panels, beside them (inside it hid the points)
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axes[0].set_ylabel("exact-match accuracy (%, mean over seeds ± std)")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
