@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import exact_match, run_metadata, write_json  # noqa: E402
+from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
 from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 
@@ -113,6 +114,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    training = read_training_record(args.model)  # a corrupt record fails before the model loads
     model = LlavaDeftForCausalLM.from_pretrained(args.model, pipeline=args.pipeline).to(device).eval()
     if args.data_path:
         if not args.image_folder:
@@ -138,11 +140,13 @@ def main(argv=None) -> list[dict]:
         rows.append({"retention": 1.0 if r is None else r, **res})
     types = sorted(k for k in rows[0]["accuracy"] if k != "all")
     table = markdown_table(rows, types)
-    meta = run_metadata(device)
+    meta = {**run_metadata(device), "training": training}
     stem = args.name or ("easyvqa_" + args.split if not args.data_path else Path(args.data_path).stem)
     out = Path(args.out)
     write_json(out / f"{stem}.json", {**meta, "model": str(args.model), "pipeline": model.pipeline.names, "dataset": label, "results": rows})
-    md = f"# {label}: exact-match accuracy (%)\n\n{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{args.model}`, pipeline {model.pipeline.names or 'none'}\n\n{table}\n"
+    trained = describe_training(meta["training"])
+    md = (f"# {label}: exact-match accuracy (%)\n\n{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{args.model}`, "
+          f"pipeline {model.pipeline.names or 'none'}\n\n" + (f"{trained}\n\n" if trained else "") + f"{table}\n")
     (out / f"{stem}.md").write_text(md)
     if len(rows) > 1:
         plot(rows, out / f"{stem}.png", f"{label}: accuracy vs kept tokens")

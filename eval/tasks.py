@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import exact_match, run_metadata, write_json  # noqa: E402
+from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
 from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
 from llava_deft.errors import ReferenceResultError, TaskDataError  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
@@ -260,6 +261,8 @@ def markdown(rows: list[dict], meta: dict, model: str, pipeline: list[str], spli
     by = {(r["task"], r["retention"]): r for r in rows}
     ref_head = ref_rule = ""
     header = [f"{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{model}`, pipeline {pipeline or 'none'}"]
+    if trained := describe_training(meta.get("training")):
+        header.append(trained)
     if reference is not None:
         header.append(f"% of reference: accuracy over the ratio-1 accuracy of model `{reference['model']}` "
                       f"(commit {reference['commit']}, {reference['date']}; `{reference['path']}`)")
@@ -345,6 +348,7 @@ def main(argv=None) -> list[dict]:
         if missing := [t for t in args.tasks if t not in ref_meta["accuracy"]]:
             print(f"[tasks] warning: --reference '{args.reference}' has no ratio-1 row for {', '.join(missing)}: "
                   f"no % of reference there", file=sys.stderr)
+    training = read_training_record(args.model)  # a corrupt record fails before the model loads, too
     device = torch.device(args.device)
     model = LlavaDeftForCausalLM.from_pretrained(args.model, pipeline=args.pipeline).to(device).eval()
     if "audio_words" in args.tasks and model.audio is None:
@@ -380,7 +384,7 @@ def main(argv=None) -> list[dict]:
                     print(f"[tasks] warning: {r['task']}: --reference '{args.reference}' scored {n_ref} questions "
                           f"and this run {r['counts']['all']}", file=sys.stderr)
 
-    meta = run_metadata(device)
+    meta = {**run_metadata(device), "training": training}
     stem = args.name or f"tasks_{args.split}"
     out = Path(args.out)
     write_json(out / f"{stem}.json", {

@@ -11,7 +11,9 @@ export, as LLaVA's finetune starts from the pretrain projector).  Run folder lay
     output_dir/train_log.jsonl            one line per logging step
     output_dir/stage{i}_{name}/checkpoints/  DeepSpeed checkpoints (resume)
     output_dir/stage{i}_{name}/export/       consolidated safetensors export of that stage
-    output_dir/final/                        export of the last stage: ``load_model(output_dir/final)``
+    output_dir/final/                        export of the last stage: ``load_model(output_dir/final)``,
+                                             with train_config.yaml and training.json (command, commit,
+                                             device, steps: llava_deft.provenance)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .config import ModelConfig, apply_overrides, load_model_config, read_model_
 from .data import MultimodalCollator  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .model import LlavaDeftForCausalLM  # noqa: E402
+from .provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
 from pipeline import RetentionSchedule  # noqa: E402
 
 from .train_config import MixedDataset, StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
@@ -298,6 +301,17 @@ def run_stage(
     return export_dir
 
 
+def stage_summary(log_path: Path, n_stages: int) -> list[dict]:
+    """Per stage, its last logged step and loss (``train_log.jsonl``; a resumed run appends to it)."""
+    last: dict[int, dict] = {}
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["stage"]] = rec
+    return [{"steps": last[i]["step"], "final_loss": last[i]["loss"]} if i in last else {"steps": None, "final_loss": None}
+            for i in range(n_stages)]
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
     if rank == 0:
@@ -321,6 +335,8 @@ def seed_everything(seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    started = utc_now()
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)
     rank, world, _ = init_distributed()
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        (out / TRAIN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model_cfg = load_model_config(cfg.model)
     check_stages(cfg, model_cfg)
     dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate())
@@ -340,6 +356,10 @@ def main(argv: list[str] | None = None) -> Path:
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(prev, final)
+        shutil.copy(out / TRAIN_CONFIG, final / TRAIN_CONFIG)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        record = training_record(argv, started, world, device, stage_summary(out / "train_log.jsonl", len(cfg.stages)))
+        (final / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         print(f"[train] final model: {final}")
     dist.barrier()
     return final

@@ -20,6 +20,7 @@ def test_retention_sweep_writes_table_json_and_plot(tiny_model, tmp_path, capsys
         assert 0.0 <= r["accuracy"]["all"] <= 1.0
     saved = json.loads((tmp_path / "out" / "easyvqa_test.json").read_text())
     assert saved["pipeline"] == ["sam", "fgcs"] and {"device", "date", "commit"} <= set(saved)
+    assert saved["training"] is None  # saved by save_pretrained, not by a training run
     assert (tmp_path / "out" / "easyvqa_test.png").stat().st_size > 0
     assert "| 0.25 | 16.0 |" in (tmp_path / "out" / "easyvqa_test.md").read_text()
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -32,3 +33,18 @@ def test_retention_without_a_reducer_is_refused(tmp_path):
     LlavaDeftForCausalLM().save_pretrained(tmp_path / "m")
     with pytest.raises(SystemExit, match="has none; add --pipeline configs/pipeline/fgcs.yaml"):
         easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "4", "--retention", "0.5", "--out", str(tmp_path)])
+
+
+def test_report_names_how_the_model_was_trained(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    record = {"command": "python -m llava_deft.train --config configs/train/easyvqa_tiny.yaml", "commit": "abc1234",
+              "device": "CPU", "world_size": 1, "stages": [{"steps": 189, "final_loss": 0.31}], "finished": "2026-12-01 14:00 UTC"}
+    (tmp_path / "m" / "training.json").write_text(json.dumps(record))
+    easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "4", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert json.loads((tmp_path / "out" / "easyvqa_test.json").read_text())["training"] == record
+    assert ("Trained by `python -m llava_deft.train --config configs/train/easyvqa_tiny.yaml` (commit abc1234, CPU, "
+            "world size 1, 189 steps, final training loss 0.3100, finished 2026-12-01 14:00 UTC).") \
+        in (tmp_path / "out" / "easyvqa_test.md").read_text()
+    (tmp_path / "m" / "training.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"'.*m/training.json' must hold a JSON object, got list"):
+        easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "4", "--out", str(tmp_path / "out"), "--device", "cpu"])

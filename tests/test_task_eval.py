@@ -83,6 +83,28 @@ def answer_right(monkeypatch, saved_model, tasks_dir, right):
     monkeypatch.setattr(LlavaDeftForCausalLM, "generate", fake_generate)
 
 
+def test_training_record_of_the_model_reaches_json_and_report(tiny_tasks_dir, tmp_path):
+    """A training export's training.json is copied into the results and named in the report; a model
+    saved otherwise has none, and a corrupt record is an error naming the file."""
+    model_dir = tmp_path / "trained"
+    LlavaDeftForCausalLM({"video": {"num_frames": 4}}).save_pretrained(model_dir)
+    run(model_dir, tiny_tasks_dir, tmp_path / "plain", "--tasks", "passkey", "--limit", "1")
+    assert json.loads((tmp_path / "plain" / "tasks_test.json").read_text())["training"] is None
+    assert "Trained by" not in (tmp_path / "plain" / "tasks_test.md").read_text()
+    record = {"command": "python -m llava_deft.train --config configs/train/mix_tiny_deft25.yaml", "commit": "abc1234",
+              "device": "NVIDIA H200", "world_size": 1, "stages": [{"steps": 3753, "final_loss": 0.2521}],
+              "started": "2026-12-01 13:27 UTC", "finished": "2026-12-01 13:34 UTC", "train_config": "train_config.yaml"}
+    (model_dir / "training.json").write_text(json.dumps(record))
+    run(model_dir, tiny_tasks_dir, tmp_path / "rec", "--tasks", "passkey", "--limit", "1")
+    assert json.loads((tmp_path / "rec" / "tasks_test.json").read_text())["training"] == record
+    assert ("Trained by `python -m llava_deft.train --config configs/train/mix_tiny_deft25.yaml` (commit abc1234, "
+            "NVIDIA H200, world size 1, 3753 steps, final training loss 0.2521, finished 2026-12-01 13:34 UTC).") \
+        in (tmp_path / "rec" / "tasks_test.md").read_text()
+    (model_dir / "training.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"'.*trained/training.json' is not valid JSON"):
+        run(model_dir, tiny_tasks_dir, tmp_path / "bad", "--tasks", "passkey", "--limit", "1")
+
+
 def test_accuracy_comes_from_the_predictions(saved_model, tiny_tasks_dir, tmp_path, monkeypatch):
     """A model that answers direction and colour-first questions and the pass key right and every other
     question wrong scores exactly that, per type and overall; relative accuracy follows."""

@@ -7,6 +7,7 @@ interrupted, resumes from the checkpoint, exports, and the export loads through 
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -88,6 +89,14 @@ def test_zero_train_checkpoint_resume_export_load(zero, mixed_dataset, tmp_path)
     assert steps == [1, 2, 3, 4, 5, 6]  # run 1 logged 1-4, the resumed run 5-6
     assert (stage / "export" / "model.safetensors").read_bytes() != first_export
 
+    # the export carries its recipe and how it was made (the launcher's --local_rank left out)
+    record = json.loads((out / "final" / "training.json").read_text())
+    assert record["command"] == shlex.join(["deepspeed", "--num_gpus", "2", "-m", "llava_deft.train",
+                                            *common, "--max_steps", "6", "--resume"])
+    assert record["world_size"] == 2 and record["device"] == "CPU" and record["commit"]
+    assert [s["steps"] for s in record["stages"]] == [6] and record["stages"][0]["final_loss"] > 0
+    assert (out / "final" / "train_config.yaml").read_text() == (out / "train_config.yaml").read_text()
+
     import llava_deft
 
     model = llava_deft.load_model(out / "final", device="cpu")
@@ -123,6 +132,11 @@ def test_two_llava_stages_freeze_then_finetune(mixed_dataset, tmp_path):
     assert not torch.equal(s1["projector.0.weight"], init["projector.0.weight"])
     assert any(not torch.equal(s2[k], s1[k]) for k in frozen if k.startswith("llm."))
     assert (out / "final" / "model.safetensors").read_bytes() == (out / "stage1_finetune" / "export" / "model.safetensors").read_bytes()
+    record = json.loads((out / "final" / "training.json").read_text())
+    assert record["command"] == shlex.join(["python", *cmd[1:]]) and record["world_size"] == 1
+    assert [s["steps"] for s in record["stages"]] == [2, 2]
+    recipe = load_train_config(out / "final" / "train_config.yaml")  # the copied recipe loads as it ran
+    assert [s.name for s in recipe.stages] == ["align", "finetune"] and recipe.output_dir == str(out)
 
 
 def test_world_of_one_needs_no_port_so_parallel_runs_cannot_collide():
