@@ -25,9 +25,8 @@ if str(ROOT) not in sys.path:  # so that `python eval/bench_collate.py` finds ll
     sys.path.insert(0, str(ROOT))
 
 from llava_deft.config import load_model_config  # noqa: E402
-from llava_deft.data import EasyVQADataset, MultimodalCollator  # noqa: E402
-from llava_deft.encoders import build_image_encoder  # noqa: E402
-from llava_deft.tokenizer import load_tokenizer  # noqa: E402
+from llava_deft.data import EasyVQADataset, MultimodalCollator, build_collator  # noqa: E402
+from llava_deft.model import create_model_and_processors  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,9 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_model_config(args.model)
-    encoder, transform = build_image_encoder(cfg.vision)
-    tokenizer = load_tokenizer(None)
-    media_tokens = encoder.grid[0] * encoder.grid[1]  # before any reduction stage, as the model counts
+    _, processors = create_model_and_processors(cfg)
     ds = EasyVQADataset("train", group_by_image=args.group_by_image)
     n = len(ds) if args.n <= 0 else min(args.n, len(ds))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
@@ -73,11 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for label, cache_size in (("off", 0), ("on", args.cache_size)):
-        collate = MultimodalCollator(
-            tokenizer, transform, media_tokens_per_image=media_tokens, max_length=cfg.max_length,
-            padding_side="left" if args.generation else "right", generation=args.generation,
-            cache_size=cache_size,
-        )
+        collate = build_collator(processors, generation=args.generation, cache_size=cache_size)
         for pas in ("1 (cold)", "2 (warm)"):
             tok_hits, img_hits = collate.token_cache.hits, collate.image_cache.hits
             seconds = time_pass(collate, batches)

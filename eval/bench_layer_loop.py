@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `python eval/bench_layer_loop.py` finds llava_deft
     sys.path.insert(0, str(ROOT))
 
-from llava_deft.llm import DecoderLM, build_llm  # noqa: E402
+from llava_deft.model.llm import DecoderLM, build_llm  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

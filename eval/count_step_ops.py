@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llava_deft.data import EasyVQADataset, MultimodalCollator  # noqa: E402
+from llava_deft.data import EasyVQADataset, build_collator  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 
 aten = torch.ops.aten
@@ -63,7 +63,7 @@ def main(argv=None) -> dict[str, int]:
     if any(hasattr(s, "retention_ratio") for s in model.pipeline.stages):
         model.pipeline.set_retention(args.ratio)
     data = EasyVQADataset("train", limit=args.batch_size)
-    collate = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length)
+    collate = build_collator(model.processors)
     batch = collate([data[i] for i in range(args.batch_size)])
 
     counter = OpCounter()

@@ -903,7 +903,7 @@ class Launcher:
 
 
 def _load_recipe(path: str):
-    from llava_deft.train_config import load_train_config
+    from llava_deft.config import load_train_config
 
     return load_train_config(path)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import exact_match, run_metadata, write_json  # noqa: E402
 from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
-from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
+from llava_deft.data import EasyVQADataset, LlavaJsonDataset, build_collator  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 
 
@@ -49,10 +49,7 @@ def parse_args(argv=None):
 @torch.no_grad()
 def evaluate(model: LlavaDeftForCausalLM, dataset, batch_size: int, max_new_tokens: int, device, desc: str) -> dict:
     """Greedy answers for every item; exact match overall and per question type."""
-    collate = MultimodalCollator(
-        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-        padding_side="left", generation=True,
-    )
+    collate = build_collator(model.processors, generation=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda s: (collate(s), s))
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import exact_match, run_metadata, write_json  # noqa: E402
 from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
-from llava_deft.data import EasyVQADataset, LlavaJsonDataset, MultimodalCollator  # noqa: E402
+from llava_deft.data import EasyVQADataset, LlavaJsonDataset, build_collator  # noqa: E402
 from llava_deft.errors import ReferenceResultError, TaskDataError  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 from llava_deft.tasks import DEFAULT_TASKS_DIR, TASK_NAMES, prepare_command  # noqa: E402
@@ -140,11 +140,7 @@ def predict(model: LlavaDeftForCausalLM, dataset: Dataset, batch_size: int, max_
             desc: str, workers: int = 0) -> list[dict]:
     """Greedy answers: one ``{"id", "question_type", "prediction", "reference", "media_tokens"}`` per item,
     ``media_tokens`` being what the sample's media (after reduction) gave the LLM."""
-    collate = MultimodalCollator(
-        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-        padding_side="left", generation=True, media_tokens_per_frame=model.media_tokens_per_frame,
-        audio_processor=model.audio_processor,
-    )
+    collate = build_collator(model.processors, generation=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=lambda s: (collate(s), [x.get("question_type", "all") for x in s]))
     out = []

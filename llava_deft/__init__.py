@@ -4,28 +4,27 @@
     model = llava_deft.load_model("runs/easyvqa_tiny/final")
     print(model.generate("what shape is this?", images=["img.png"]))
 
-Submodules import lazily, so ``llava_deft.llm`` works where only torch + transformers exist.
+    model, processors = llava_deft.create_model_and_processors("configs/model/tiny.yaml")
+
+Rooms (each imports only the rooms above it in this list; ``pipeline`` is below them all):
+``errors``, ``config`` (model and train configs), ``encoders`` (image, video, audio), ``modality`` (the
+one list of modalities), ``model`` (the LLaVA model, tokenizer, projector, splice, ``model.llm``: our
+layer loop), ``tasks`` (generated tasks), ``data`` (datasets, collator), ``train``, ``inference``, ``cli``.
+Exports import lazily, so ``llava_deft.model.llm`` works where only torch + transformers exist.
 """
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load_model": ("llava_deft.inference", "load_model"),
-    "LlavaDeft": ("llava_deft.inference", "LlavaDeft"),
-    "LlavaDeftForCausalLM": ("llava_deft.model", "LlavaDeftForCausalLM"),
-    "load_model_config": ("llava_deft.config", "load_model_config"),
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'llava_deft' has no attribute {name!r}")
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "load_model": ".inference",
+    "LlavaDeft": ".inference",
+    "LlavaDeftForCausalLM": ".model",
+    "create_model_and_processors": ".model",
+    "Processors": ".model",
+    "load_model_config": ".config",
+})
+__all__ = __dir__()

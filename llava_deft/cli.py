@@ -34,7 +34,7 @@ def _kind(path: Path) -> str:
 
 def validate(paths: list[str]) -> int:
     """Validate each config file whole; print every error with its path. Returns the number of bad files."""
-    from .train_config import load_train_config
+    from .config import load_train_config
 
     bad = 0
     for p in map(Path, paths):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "validate":
             return 1 if validate(args.paths) else 0
         if args.cmd == "export-easyvqa":
-            from .data import export_easyvqa
+            from .data.easyvqa import export_easyvqa
 
             print(export_easyvqa(args.out_dir, args.split, args.limit))
             return 0

@@ -22,30 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import MEDIA_KEYS, MultimodalCollator
-from .errors import MediaFileError
-from .model import LlavaDeftForCausalLM
-from .tokenizer import MEDIA_TOKENS
-from .video import VideoClip
+from .data.collate import build_collator
+from .encoders.video import VideoClip
+from .model.llava import LlavaDeftForCausalLM
+from .modality import MODALITIES
 
 ImageLike = str | Path | Image.Image
 VideoLike = str | Path | VideoClip | torch.Tensor
 """A video file, a ``VideoClip``, or ``(T, H, W, 3)`` uint8 frames."""
 AudioLike = str | Path | torch.Tensor | np.ndarray
 """An audio file, or an ``(S,)`` mono waveform at the model's audio rate."""
-
-
-def _open(img: ImageLike) -> Image.Image:
-    if isinstance(img, Image.Image):
-        return img.convert("RGB")
-    path = Path(img)
-    if not path.is_file():
-        raise MediaFileError(f"image '{path}' does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError) as e:
-        raise MediaFileError(f"image '{path}' cannot be decoded: {e}") from None
 
 
 class LlavaDeft:
@@ -56,23 +42,8 @@ class LlavaDeft:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = device
         self.tokenizer = model.tokenizer
-        self.collator = MultimodalCollator(
-            model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-            padding_side="left", generation=True, media_tokens_per_frame=model.media_tokens_per_frame,
-            audio_processor=model.audio_processor,
-        )
-
-    def _load(self, kind: str, item: Any) -> Any:
-        """One media item as the collator takes it: files are read the way the model's config says."""
-        if kind == "image":
-            return _open(item)
-        if kind == "video":
-            return self.model.load_video(item) if isinstance(item, (str, Path)) else item
-        if kind == "audio":
-            return self.model.load_audio(item) if isinstance(item, (str, Path)) else torch.as_tensor(item)
-        if not isinstance(item, str):
-            raise TypeError(f"a text passage must be a string, got {type(item).__name__}")
-        return item
+        self.processors = model.processors
+        self.collator = build_collator(self.processors, generation=True)
 
     def build_batch(
         self,
@@ -88,11 +59,12 @@ class LlavaDeft:
         for i, prompt in enumerate(prompts):
             sample: dict[str, Any] = {"id": f"prompt {i}"}
             prefix = ""
-            for kind, per_prompt in media.items():
-                items = [self._load(kind, x) for x in (per_prompt[i] if per_prompt is not None else [])]
-                if items and MEDIA_TOKENS[kind] not in prompt:
-                    prefix += f"{MEDIA_TOKENS[kind]}\n" * len(items)
-                sample[MEDIA_KEYS[kind]] = items
+            for key, kind in MODALITIES.items():
+                per_prompt = media[key]
+                items = [kind.load(x, self.processors.media) for x in (per_prompt[i] if per_prompt is not None else [])]
+                if items and kind.placeholder not in prompt:
+                    prefix += f"{kind.placeholder}\n" * len(items)
+                sample[kind.sample_key] = items
             sample["messages"] = [{"role": "user", "content": prefix + prompt}]
             samples.append(sample)
         batch = self.collator(samples)
@@ -118,7 +90,8 @@ class LlavaDeft:
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         per_prompt = {}
-        for name, given in (("image", images), ("video", videos), ("audio", audios), ("text", texts)):
+        given_by_kind = {"image": images, "video": videos, "audio": audios, "text": texts}
+        for name, given in ((key, given_by_kind[key]) for key in MODALITIES):
             if given is None:
                 continue
             if isinstance(given, (str, Path)) or (not single and any(isinstance(x, (str, Path)) for x in given)):

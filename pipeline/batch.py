@@ -14,6 +14,10 @@ Shapes (``B`` rows, ``N`` padded length, ``D`` width, ``S`` semantic width)::
     layout    (B, 3)     long   original grid (T, H, W); T*H*W == original length
     scores    (B, N)     float  set by the last scorer (higher = keep)
     features  (B, N, S)  float  semantic features set by ``sam``
+
+Row operations on fresh batches (before any stage ran), for callers that gather media of
+several kinds into one pipeline call: ``TokenBatch.cat_rows(parts)``, ``batch.take_rows(order)``
+and ``TokenBatch.empty(dim)``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -128,11 +133,75 @@ class TokenBatch:
             )
         return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay)
 
+    @classmethod
+    def empty(cls, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "TokenBatch":
+        """A batch of no rows: tokens ``(0, 1, dim)`` of ``dtype``; mask ``(0, 1)`` bool; index ``(0, 1)``,
+        modality ``(0,)`` and layout ``(0, 3)`` long. Lets a caller with no media keep one code path."""
+        return cls(
+            tokens=torch.zeros(0, 1, dim, dtype=dtype, device=device),
+            mask=torch.zeros(0, 1, dtype=torch.bool, device=device),
+            index=torch.zeros(0, 1, dtype=torch.long, device=device),
+            modality=torch.zeros(0, dtype=torch.long, device=device),
+            layout=torch.zeros(0, 3, dtype=torch.long, device=device),
+        )
+
+    @classmethod
+    def cat_rows(cls, parts: list["TokenBatch"]) -> "TokenBatch":
+        """Stack fresh batches row-wise: ``(B_i, N_i, D)`` -> ``(sum B_i, max N_i, D)``.
+
+        Shorter parts are padded at the end with zero tokens and mask False; ``index`` is
+        ``0..N-1`` on every row (fresh batches index their tokens in order); tokens take the
+        first part's dtype (e.g. text rows from the LLM's embeddings, media rows from a
+        projector). ``modality`` and ``layout`` are concatenated. Every part must be fresh (no
+        stage has run on it, see :meth:`take_rows`), else ``ValueError``.
+        """
+        if not parts:
+            raise ValueError("TokenBatch.cat_rows needs at least one batch")
+        for i, p in enumerate(parts):
+            p._require_fresh(f"TokenBatch.cat_rows (parts[{i}])")
+        n = max(p.tokens.shape[1] for p in parts)
+
+        def pad(x: Tensor, value) -> Tensor:  # (b, N_i, ...) -> (b, n, ...) at the end of dim 1
+            return F.pad(x, (0, 0, 0, n - x.shape[1]) if x.dim() == 3 else (0, n - x.shape[1]), value=value)
+
+        dtype = parts[0].tokens.dtype
+        rows = sum(p.tokens.shape[0] for p in parts)
+        return cls(
+            tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),  # (B, N, D)
+            mask=torch.cat([pad(p.mask, False) for p in parts]),  # (B, N)
+            index=torch.arange(n, device=parts[0].tokens.device).expand(rows, n).clone(),  # (B, N)
+            modality=torch.cat([p.modality for p in parts]),  # (B,)
+            layout=torch.cat([p.layout for p in parts]),  # (B, 3)
+        )
+
     # ------------------------------------------------------------------ helpers
     @property
     def lengths(self) -> Tensor:
         """Real tokens per row, (B,) long."""
         return self.mask.sum(1)
+
+    def take_rows(self, order: Tensor) -> "TokenBatch":
+        """Rows ``order`` (``(B',)`` long indices or a ``(B,)`` bool mask) of a fresh batch.
+
+        Only fresh batches (straight from :meth:`from_tokens`, :meth:`cat_rows` or
+        :meth:`empty`) are taken apart: ``scores``, ``features``, ``pruned``, ``losses`` and
+        ``stats`` describe what stages did, and losses and stats are batch-wide sums that do not
+        split by row, so a batch with any of them set raises ``ValueError`` instead of dropping them.
+        """
+        self._require_fresh("TokenBatch.take_rows")
+        return TokenBatch(
+            tokens=self.tokens[order], mask=self.mask[order], index=self.index[order],
+            modality=self.modality[order], layout=self.layout[order],
+        )
+
+    def _require_fresh(self, what: str) -> None:
+        set_fields = [k for k in ("scores", "features", "pruned") if getattr(self, k) is not None]
+        set_fields += [k for k in ("losses", "stats") if getattr(self, k)]
+        if set_fields:
+            raise ValueError(
+                f"{what} takes fresh batches (before any stage ran), but this one has {set_fields} set; "
+                "those would be dropped. Combine or reorder rows before the pipeline runs"
+            )
 
     def replace(self, **changes) -> "TokenBatch":
         """A shallow copy with fields replaced; dicts are copied so stages never alias them."""

@@ -2,7 +2,8 @@
 
 A pipeline config is a mapping ``{"stages": [{"name": "sam", ...}, {"name": "fgcs", ...}]}``
 (a bare list of stages is accepted too), from a dict or a YAML file.  Every stage's options
-are checked by that stage's own pydantic ``Config``; all errors are reported at once, each
+are checked by that stage's own pydantic ``Config`` (derived from its ``__init__`` signature by
+``@register``, see :mod:`pipeline.registry`); all errors are reported at once, each
 with its path, e.g. ``stages.1.fgcs.retention_ratoi: Extra inputs are not permitted
 (allowed keys of 'fgcs': ...)``.
 """
@@ -17,12 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .registry import _STAGES, list_stages
+from .types import StageConfig
 
-
-class StageConfig(BaseModel):
-    """Base of every stage's ``Config``: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["PipelineConfigError", "StageConfig", "load_config_source", "validate_config"]
 
 
 class PipelineConfigError(ValueError):

@@ -1,11 +1,15 @@
 """``DeFTModule``: the DeFT seed's module API as a facade over the ``sam -> fgcs -> rtd`` stages.
 
-    deft = DeFTModule(token_dim=256)                     # semantic_dim=512, retention_ratio=0.482, ...
+    deft = DeFTModule(token_dim=256)                     # the stages' defaults: semantic_dim=512, ...
     out = deft(tokens=x, modality="image", spatial_shape=(16, 16))     # x (B, 256, 256) or (256, 256)
     out["retained_tokens"], out["retained_indices"]
 
 The same stages are what ``use_deft: true`` in a model config (or ``configs/pipeline/deft.yaml``)
 builds, so a model trained through the config can be driven through this API and back.
+
+The seed's knobs default to the stages' own defaults (:func:`pipeline.stage_defaults`, read once
+at import), so the values are declared in one place, the stages' ``__init__`` signatures, and
+still show in ``inspect.signature`` here.
 """
 
 from __future__ import annotations
@@ -15,24 +19,31 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import stages as _stages  # noqa: F401  (the defaults below are read from the registered stages)
 from .batch import Modality, TokenBatch
 from .builder import build_pipeline
+from .registry import stage_defaults
 
 MODALITIES = {"image": Modality.IMAGE, "video": Modality.VIDEO, "audio": Modality.AUDIO, "text": Modality.TEXT}
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
 
+_SAM, _FGCS, _RTD = stage_defaults("sam"), stage_defaults("fgcs"), stage_defaults("rtd")
+
 
 def deft_pipeline_config(
-    semantic_dim: int = 512,
-    retention_ratio: float = 0.482,
+    semantic_dim: int = _SAM["semantic_dim"],
+    retention_ratio: float = _FGCS["retention_ratio"],
     enable_rtd: bool = True,
-    alpha_var: float = 0.1,
-    rtd_bottleneck_ratio: int = 4,
+    alpha_var: float = _FGCS["alpha_var"],
+    rtd_bottleneck_ratio: int = _RTD["bottleneck_ratio"],
     **fgcs_options: Any,
 ) -> dict:
     """The pipeline config of DeFT with the seed's knobs: ``sam -> fgcs [-> rtd]``.
 
-    ``fgcs_options`` go to the ``fgcs`` stage (e.g. ``group_weight``, ``feedback_weight``).
+    Defaults are the stages' own: ``semantic_dim`` = sam's ``semantic_dim`` (512),
+    ``retention_ratio`` and ``alpha_var`` = fgcs's (0.482, 0.1), ``rtd_bottleneck_ratio`` = rtd's
+    ``bottleneck_ratio`` (4). The knobs are always written into the config, so it reads the same
+    as the seed's. ``fgcs_options`` go to the ``fgcs`` stage (e.g. ``group_weight``, ``feedback_weight``).
     """
     stages: list[dict] = [
         {"name": "sam", "semantic_dim": semantic_dim},
@@ -68,6 +79,8 @@ class DeFTModule(nn.Module):
     """DeFT with the seed's signature: SAM (``semantic_dim``) -> FGCS (``retention_ratio``,
     ``alpha_var``) -> RTD (``rtd_bottleneck_ratio``, when ``enable_rtd``).
 
+    Defaults are the stages' own, as in :func:`deft_pipeline_config` (today 512, 0.482, 0.1, 4).
+
     ``forward(tokens, modality, spatial_shape, task_loss, inference_mode, mask)`` returns a dict:
 
     - ``retained_tokens`` (B, K, D): what the LLM would see (kept, plus recovered ones in hybrid /
@@ -87,11 +100,11 @@ class DeFTModule(nn.Module):
     def __init__(
         self,
         token_dim: int,
-        semantic_dim: int = 512,
-        retention_ratio: float = 0.482,
+        semantic_dim: int = _SAM["semantic_dim"],
+        retention_ratio: float = _FGCS["retention_ratio"],
         enable_rtd: bool = True,
-        alpha_var: float = 0.1,
-        rtd_bottleneck_ratio: int = 4,
+        alpha_var: float = _FGCS["alpha_var"],
+        rtd_bottleneck_ratio: int = _RTD["bottleneck_ratio"],
         **fgcs_options: Any,
     ):
         super().__init__()

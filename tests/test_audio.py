@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
-from llava_deft.audio import AudioEncoder, build_feature_extractor, load_audio, log_mel
+from llava_deft.encoders.audio import AudioEncoder, build_feature_extractor, load_audio, log_mel
 from llava_deft.data import LlavaJsonDataset
 from llava_deft.errors import AudioError, CheckpointError, MediaFileError
 from llava_deft.tasks.audio_words import clip_spec, espeak_version, generate_audio_task

@@ -5,6 +5,7 @@ time, pipeline rows and layouts, count and input errors, gradients, save/load, a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from llava_deft.data import LlavaJsonDataset, MultimodalCollator
+from llava_deft.data import LlavaJsonDataset, MultimodalCollator, build_collator
 from llava_deft.errors import AudioError, MediaCountMismatchError, SampleTooLongError
 from llava_deft.model import LlavaDeftForCausalLM
 from pipeline import Modality
@@ -55,9 +56,7 @@ def mixed():
 
 
 def collate(model, items, generation=False, max_length=1024):
-    c = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image, max_length,
-                           padding_side="left" if generation else "right", generation=generation,
-                           media_tokens_per_frame=model.media_tokens_per_frame, audio_processor=model.audio_processor)
+    c = build_collator(replace(model.processors, max_length=max_length), generation=generation)
     return c(items)
 
 

@@ -9,7 +9,7 @@ import torch
 from llava_deft.config import ModelConfig, load_model_config
 from llava_deft.errors import ConfigError
 from llava_deft.model import LlavaDeftForCausalLM
-from llava_deft.train_config import TrainConfig, load_train_config
+from llava_deft.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,8 +106,8 @@ def _describe(m: LlavaDeftForCausalLM, clip) -> dict:
 
 
 def _changes(tmp_path):
-    from llava_deft.llm import build_llm
-    from llava_deft.tokenizer import load_tokenizer
+    from llava_deft.model.llm import build_llm
+    from llava_deft.model.tokenizer import load_tokenizer
 
     llm_dir = tmp_path / "llm"
     tok = load_tokenizer()
@@ -116,7 +116,7 @@ def _changes(tmp_path):
     tok_dir = tmp_path / "tok"
     tok.add_tokens(["<extra_word>"])
     tok.save_pretrained(tok_dir)
-    from llava_deft.audio import AudioEncoder
+    from llava_deft.encoders.audio import AudioEncoder
 
     torch.manual_seed(1)
     AudioEncoder().save_weights(tmp_path / "audio.safetensors")

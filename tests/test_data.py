@@ -27,7 +27,7 @@ from llava_deft.errors import (
     MediaFileError,
     SampleTooLongError,
 )
-from llava_deft.tokenizer import load_tokenizer
+from llava_deft.model.tokenizer import load_tokenizer
 
 SIZE = 16
 
@@ -305,13 +305,14 @@ def test_left_padded_generation_batch(tok, test_split):
 
 def test_build_generation_inputs(tok):
     prompts, images = ["<image>\nwhat color is the shape?", "hello"], [[solid(5)], []]
-    batch = build_generation_inputs(tok, prompts, images, transform, 4, 64, system="Be brief.")
+    gen = MultimodalCollator(tok, transform, 4, 64, padding_side="left", generation=True)
+    batch = build_generation_inputs(gen, prompts, images, system="Be brief.")
     assert batch["ids"] == ["prompt-0", "prompt-1"] and batch["media_counts"].tolist() == [1, 0]
     assert batch["pixel_values"].shape == (1, 3, SIZE, SIZE)
     assert batch["attention_mask"][1, 0] == 0 and batch["input_ids"][1, 0] == tok.pad_token_id
     assert tok.decode(batch["input_ids"][0]).startswith("<s>Be brief.\nUSER: <image>\nwhat color")
     with pytest.raises(MediaCountMismatchError, match="prompt-0"):
-        build_generation_inputs(tok, ["no placeholder"], [[solid(5)]], transform, 4, 64)
+        build_generation_inputs(gen, ["no placeholder"], [[solid(5)]])
 
 
 # ------------------------------------------------------------------------------------------- caches

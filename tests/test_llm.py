@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from llava_deft.llm import (
+from llava_deft.model.llm import (
     SUPPORTED_MODEL_TYPES,
     TINY_LLM,
     DecoderLM,

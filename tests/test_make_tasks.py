@@ -77,7 +77,7 @@ def test_unknown_task_and_preset():
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_flac_clips_hold_the_same_samples_as_wav(tmp_path):
-    from llava_deft.audio import load_audio
+    from llava_deft.encoders.audio import load_audio
 
     prepare_tasks(tmp_path / "wav", "small", ["audio_words"], progress=False, overrides=TINY)
     flac = {"audio_words": {**TINY["audio_words"], "audio_format": "flac"}}

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_deft.data import MultimodalCollator
+from llava_deft.data import build_collator
 from llava_deft.errors import ConfigError
 from llava_deft.model import LlavaDeftForCausalLM
 from llava_deft.train import check_stages
-from llava_deft.train_config import MixedDataset, build_dataset, load_train_config
+from llava_deft.config import load_train_config
+from llava_deft.data.sources import MixedDataset, build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,9 +130,7 @@ def test_one_batch_of_every_modality_trains(tiny_tasks_dir):
     model = LlavaDeftForCausalLM(MIX_MODEL)
     cfg = load_train_config(None, mix(tiny_tasks_dir))
     ds = build_dataset(cfg.data, model.config.video.sampling(), model.config.audio.sampling_rate())
-    collate = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image,
-                                 model.config.max_length, media_tokens_per_frame=model.media_tokens_per_frame,
-                                 audio_processor=model.audio_processor)
+    collate = build_collator(model.processors)
     picks = [0, 6, 10, len(ds) - 1, 1]  # image, video, audio, passage, image
     batch = collate([ds[i] for i in picks])
     assert batch["media_counts"].tolist() == [1, 0, 0, 0, 1]

@@ -1,6 +1,7 @@
 """LlavaDeftForCausalLM: splicing, labels, errors, save/load, encoders, freezing, batched generation."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,11 +9,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from llava_deft.config import load_model_config
-from llava_deft.data import MultimodalCollator
-from llava_deft.encoders import build_image_encoder
+from llava_deft.data import build_collator
+from llava_deft.encoders.image import build_image_encoder
 from llava_deft.errors import CheckpointError, ConfigError, MediaCountMismatchError
 from llava_deft.model import LlavaDeftForCausalLM
-from llava_deft.splice import IGNORE_INDEX
+from llava_deft.model.splice import IGNORE_INDEX
 from tests.conftest import TINY_PIPE
 
 
@@ -30,14 +31,14 @@ def samples():
 
 
 def collate(model, items, generation=False):
-    c = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image, 512,
-                           padding_side="left" if generation else "right", generation=generation)
+    c = build_collator(replace(model.processors, max_length=512), generation=generation)
     return c(items)
 
 
 def test_forward_shapes_and_label_masking(tiny_model):
     batch = collate(tiny_model, samples())
-    sp, aux, stats = tiny_model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["media_counts"], batch["labels"])
+    sp, aux, stats = tiny_model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 pixel_values=batch["pixel_values"], media_counts=batch["media_counts"])
     kept = 16  # ceil(0.25 * 64)
     n_text = batch["attention_mask"].sum(1)
     assert sp.attention_mask.sum(1).tolist() == (n_text + torch.tensor([1, 0, 2]) * (kept - 1)).tolist()

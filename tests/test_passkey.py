@@ -26,7 +26,7 @@ from llava_deft.tasks.passkey import (
     make_sample,
     split_keys,
 )
-from llava_deft.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer, media_token_ids
+from llava_deft.model.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer, media_token_ids
 
 NEEDLE_RE = re.compile(r"The pass key is (\d{5})\. Remember it\.")
 

@@ -13,8 +13,9 @@ import pytest
 from llava_deft.data import LlavaJsonDataset
 from llava_deft.errors import ConfigError
 from llava_deft.tasks import passkey
-from llava_deft.tasks.passkey import PasskeyDataset
-from llava_deft.train_config import DataSpec, MixedDataset, build_dataset, load_train_config
+from llava_deft.data.passkey import PasskeyDataset
+from llava_deft.config import DataSpec, load_train_config
+from llava_deft.data.sources import MixedDataset, build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

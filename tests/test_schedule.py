@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llava_deft.train_config import StageSpec
+from llava_deft.config import StageSpec
 from pipeline import RetentionSchedule, TokenBatch, build_pipeline
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llava_deft.splice import IGNORE_INDEX, splice_media
+from llava_deft.model.splice import IGNORE_INDEX, splice_media
 
 PH = 99
 

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from llava_deft.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer, media_token_ids
+from llava_deft.model.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer, media_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 

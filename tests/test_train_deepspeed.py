@@ -113,7 +113,7 @@ def test_two_llava_stages_freeze_then_finetune(mixed_dataset, tmp_path):
     from safetensors.torch import load_file
 
     from llava_deft.model import LlavaDeftForCausalLM
-    from llava_deft.train_config import load_train_config
+    from llava_deft.config import load_train_config
 
     js, images = mixed_dataset
     out = tmp_path / "two"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llava_deft.errors import MediaFileError, VideoError
-from llava_deft.video import (
+from llava_deft.encoders.video import (
     VideoClip,
     frames_to_pixels,
     load_video,

@@ -4,17 +4,18 @@ pooling, count errors, and LlavaJsonDataset's "video" records."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from llava_deft.data import LlavaJsonDataset, MultimodalCollator
+from llava_deft.data import LlavaJsonDataset, build_collator
 from llava_deft.errors import MediaCountMismatchError, VideoError
 from llava_deft.model import LlavaDeftForCausalLM
 from llava_deft.tasks.video_shapes import write_clip
-from llava_deft.video import VideoClip
+from llava_deft.encoders.video import VideoClip
 from pipeline import Modality
 from tests.batching import assert_generate_matches_one_at_a_time, assert_logits_match_one_at_a_time, pipeline_inputs
 
@@ -46,9 +47,7 @@ def mixed():
 
 
 def collate(model, items, generation=False):
-    c = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image, 1024,
-                           padding_side="left" if generation else "right", generation=generation,
-                           media_tokens_per_frame=model.media_tokens_per_frame)
+    c = build_collator(replace(model.processors, max_length=1024), generation=generation)
     return c(items)
 
 
@@ -124,8 +123,7 @@ def test_video_count_mismatch_names_sample(model):
 def test_video_tokens_count_towards_max_length(model):
     from llava_deft.errors import SampleTooLongError
 
-    c = MultimodalCollator(model.tokenizer, model.image_transform, model.media_tokens_per_image, 150,
-                           media_tokens_per_frame=model.media_tokens_per_frame)
+    c = build_collator(replace(model.processors, max_length=150))
     c([turn("short", "<video> q", "a", videos=[video(0, 1)])])
     with pytest.raises(SampleTooLongError, match="sample 'long'.*1 video"):
         c([turn("long", "<video> q", "a", videos=[video(0, 3)])])

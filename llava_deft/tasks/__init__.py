@@ -11,6 +11,7 @@ This module imports nothing heavy: configs and error messages use the names belo
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 TASK_NAMES = ("video_shapes", "audio_words", "passkey")
@@ -22,3 +23,13 @@ DEFAULT_TASKS_DIR = "data/tasks"
 def prepare_command(out: str | Path = DEFAULT_TASKS_DIR) -> str:
     """The command that writes every generated task under ``out`` (named in missing-data errors)."""
     return f"python -m llava_deft.tasks --out {out}"
+
+
+def task_parser(doc: str, out_help: str, train_help: str, test_help: str) -> argparse.ArgumentParser:
+    """The flags every single-task generator takes: ``--out``, ``--n-train`` (2,000), ``--n-test`` (500), ``--seed``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0].split("\n")[0])
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--n-train", type=int, default=2000, help=train_help)
+    p.add_argument("--n-test", type=int, default=500, help=test_help)
+    p.add_argument("--seed", type=int, default=0)
+    return p

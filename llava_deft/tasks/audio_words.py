@@ -21,7 +21,6 @@ arguments, so a run is reproducible byte for byte on the same espeak-ng version 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -36,8 +35,9 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from ..audio import SAMPLING_RATE, load_audio
-from ..tokenizer import MEDIA_TOKENS
+from ..encoders.audio import SAMPLING_RATE, load_audio
+from ..modality import PLACEHOLDERS
+from . import task_parser
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -98,7 +98,7 @@ def clip_samples(spec: ClipSpec, seed: int, split: str, index: int, audio_path: 
             "id": f"audio_words-{split}-{index:06d}-{qtype}",
             "audio": audio_path,
             "conversations": [
-                {"from": "human", "value": f"{MEDIA_TOKENS['audio']}\n{rng.choice(QUESTIONS[qtype])}"},
+                {"from": "human", "value": f"{PLACEHOLDERS['audio']}\n{rng.choice(QUESTIONS[qtype])}"},
                 {"from": "gpt", "value": answer},
             ],
         }
@@ -202,11 +202,7 @@ def generate_audio_task(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-train", type=int, default=2000, help="train clips (1 to 3 questions each)")
-    p.add_argument("--n-test", type=int, default=500, help="test clips")
-    p.add_argument("--seed", type=int, default=0)
+    p = task_parser(__doc__, "output folder", "train clips (1 to 3 questions each)", "test clips")
     p.add_argument("--workers", type=int, default=8, help="espeak-ng processes at once")
     p.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
     p.add_argument("--audio-format", default="wav", choices=AUDIO_FORMATS, help="clip files (flac: lossless, ~half the size)")

@@ -21,7 +21,7 @@ as ``<image>``/``<video>``/``<audio>`` stand for their media::
 with it); ``text_tokens`` is the passage's exact length in tokens of the committed tiny tokenizer
 (``load_tokenizer(None)``, no special tokens), drawn uniformly in ``[min_tokens, max_tokens]``.
 
-``<text>`` is ``MEDIA_TOKENS["text"]``, one special token of the committed tiny tokenizer (id 1162,
+``<text>`` is ``PLACEHOLDERS["text"]``, one special token of the committed tiny tokenizer (id 1162,
 appended after the BPE vocabulary so no other id moved). ``LlavaJsonDataset`` reads the ``"text"``
 field, ``MultimodalCollator`` tokenises the passage, and the model embeds it with the LLM's input
 embeddings and routes it through the reduction pipeline as a TEXT row spliced at ``<text>``.
@@ -38,7 +38,7 @@ Output (LLaVA conversation JSON; no media files)::
 
 Everything is a function of ``seed``: sample ``i`` of a split draws from its own generator seeded by
 ``(seed, split, i)``, so it does not depend on how many samples are made; the same arguments give the
-same JSON bytes. Training need not read the JSON: :class:`PasskeyDataset` generates any number of
+same JSON bytes. Training need not read the JSON: :class:`llava_deft.data.passkey.PasskeyDataset` generates any number of
 passages on the fly (``data: {type: passkey, size: 100000}`` in a training config).
 
     .venv/bin/python scripts/make_passkey_task.py --out data/passkey   # 2,000 train / 500 test passages
@@ -46,7 +46,6 @@ passages on the fly (``data: {type: passkey, size: 100000}`` in a training confi
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -57,12 +56,14 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 from tqdm import tqdm
-from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from llava_deft.tokenizer import MEDIA_TOKENS, TINY_TOKENIZER_DIR, load_tokenizer
+from ..config.train import PASSKEY_MIN_TOKENS, check_passkey_lengths
+from ..model.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from ..modality import PLACEHOLDERS
+from . import task_parser
 
-TEXT_TOKEN = MEDIA_TOKENS["text"]
+TEXT_TOKEN = PLACEHOLDERS["text"]
 """Placeholder for the passage in the prompt (``<text>``, one token of the tiny tokenizer)."""
 
 NEEDLE = "The pass key is {key}. Remember it."
@@ -74,8 +75,9 @@ SPLITS = {"train": 0, "test": 1}
 GENERATOR_VERSION = 1
 """Bumped whenever the same arguments would give different passages."""
 
-MIN_TOKENS = 64
+MIN_TOKENS = PASSKEY_MIN_TOKENS
 """Smallest passage allowed: the needle (about 20 tokens) plus room for filler on both sides."""
+check_lengths = check_passkey_lengths
 
 _NOUNS = (
     "man woman child dog cat bird horse fish tree flower garden house room door window table chair "
@@ -275,52 +277,6 @@ def make_sample(seed: int, split: str, index: int, min_tokens: int = 256, max_to
     }
 
 
-def check_lengths(min_tokens: int, max_tokens: int) -> None:
-    """Raise ``ValueError`` unless ``[min_tokens, max_tokens]`` is a range of passage lengths
-    :func:`make_sample` can draw from."""
-    if min_tokens < MIN_TOKENS:
-        raise ValueError(f"min_tokens must be >= {MIN_TOKENS}, got {min_tokens}")
-    if max_tokens < min_tokens:
-        raise ValueError(f"max_tokens must be >= min_tokens ({min_tokens}), got {max_tokens}")
-
-
-class PasskeyDataset(Dataset):
-    """``size`` pass-key passages generated on the fly, no disk: item ``i`` is
-    ``make_sample(seed, split, i, min_tokens, max_tokens)`` as a training sample, exactly what
-    ``LlavaJsonDataset`` gives for that record in a JSON written by :func:`generate_split` (same id,
-    messages and ``"texts"``; no images, videos or audios).
-
-    A training source as large as wanted: the written train split holds 2,000 passages, few enough to
-    be memorised. About 3 ms an item (128-512 tokens, one CPU core).
-
-        ds = PasskeyDataset(100_000, split="train")   # ds[i]["texts"] == [passage i]
-    """
-
-    def __init__(self, size: int, split: str = "train", seed: int = 0, min_tokens: int = 128, max_tokens: int = 512):
-        if size <= 0:
-            raise ValueError(f"size must be > 0, got {size}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        check_lengths(min_tokens, max_tokens)
-        self.size, self.split, self.seed = size, split, seed
-        self.min_tokens, self.max_tokens = min_tokens, max_tokens
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        # imported here: llava_deft.data pulls in open_clip, timm and decord, which the generator CLI never needs
-        from llava_deft.data import _parse_llava_record
-
-        if not -self.size <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} pass-key passages")
-        index %= self.size
-        record = make_sample(self.seed, self.split, index, self.min_tokens, self.max_tokens)
-        where = f"pass-key generator (split {self.split!r}, seed {self.seed})"
-        sample_id, messages, media = _parse_llava_record(record, index, where)
-        return {"id": sample_id, "messages": messages, "images": [], "videos": [], "audios": [], "texts": media["text"]}
-
-
 def generate_split(
     out: str | Path, split: str, n: int, min_tokens: int = 256, max_tokens: int = 1024, seed: int = 0,
     progress: bool = True,
@@ -369,13 +325,10 @@ def make_passkey_task(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (train.json, test.json, meta.json)")
-    parser.add_argument("--n-train", type=int, default=2000, help="train passages (1 question each)")
-    parser.add_argument("--n-test", type=int, default=500, help="test passages (1 question each)")
+    parser = task_parser(__doc__, "output folder (train.json, test.json, meta.json)",
+                         "train passages (1 question each)", "test passages (1 question each)")
     parser.add_argument("--min-tokens", type=int, default=256, help="shortest passage, in tiny-tokenizer tokens")
     parser.add_argument("--max-tokens", type=int, default=1024, help="longest passage, in tiny-tokenizer tokens")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     paths = make_passkey_task(

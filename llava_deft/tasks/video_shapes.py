@@ -32,7 +32,6 @@ build, the same clip bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -45,7 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from llava_deft.tokenizer import MEDIA_TOKENS
+from ..modality import PLACEHOLDERS
+from . import task_parser
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -217,7 +217,7 @@ def generate_split(
                 "video": rel,
                 "question_type": qtype,
                 "conversations": [
-                    {"from": "human", "value": f"{MEDIA_TOKENS['video']}\n{question}"},
+                    {"from": "human", "value": f"{PLACEHOLDERS['video']}\n{question}"},
                     {"from": "gpt", "value": answer},
                 ],
             })
@@ -253,14 +253,11 @@ def make_video_task(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (train.json, test.json, {train,test}/clips/)")
-    parser.add_argument("--n-train", type=int, default=2000, help="train clips (5 questions each)")
-    parser.add_argument("--n-test", type=int, default=500, help="test clips (5 questions each)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip")
-    parser.add_argument("--fps", type=int, default=8, help="frame rate written into the clips")
-    parser.add_argument("--size", type=int, default=64, help="frame width and height in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = task_parser(__doc__, "output folder (train.json, test.json, {train,test}/clips/)",
+                         "train clips (5 questions each)", "test clips (5 questions each)")
+    for flag, default, what in (("frames", 16, "frames per clip"), ("fps", 8, "frame rate written into the clips"),
+                                ("size", 64, "frame width and height in pixels")):
+        parser.add_argument(f"--{flag}", type=int, default=default, help=what)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     paths = make_video_task(

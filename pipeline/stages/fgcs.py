@@ -41,17 +41,14 @@ pass a straight-through gate so the task loss also reaches the scorer directly:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from ..batch import TokenBatch
-from ..config import StageConfig
 from ..group import group_mean, group_neighbours
 from ..ops import budget, keep_mask_topk, merge_into_kept, split_by_mask
 from ..registry import register
+from ..types import NonNegFloat, NonNegInt, PosInt, Ratio
 
 
 def feedback_importance(grad: Tensor, tokens: Tensor) -> Tensor:
@@ -122,31 +119,18 @@ class FGCS(nn.Module):
 
     selects_tokens = True  # kept tokens are input rows (the gates leave their values unchanged); not with merge_pruned
 
-    class Config(StageConfig):
-        name: Literal["fgcs"] = "fgcs"
-        retention_ratio: float = Field(0.482, gt=0, le=1)
-        hidden_dim: int = Field(256, gt=0)
-        semantic_weight: float = Field(1.0, ge=0)
-        group_weight: float = Field(0.5, ge=0)
-        feedback_weight: float = Field(1.0, ge=0)
-        alpha_var: float = Field(0.1, ge=0)
-        text_k: int = Field(5, ge=0)
-        video_radius: int = Field(2, ge=0)
-        explore_temperature: float = Field(0.0, ge=0)
-        merge_pruned: bool = False
-
     def __init__(
         self,
         dim: int,
-        retention_ratio: float = 0.482,
-        hidden_dim: int = 256,
-        semantic_weight: float = 1.0,
-        group_weight: float = 0.5,
-        feedback_weight: float = 1.0,
-        alpha_var: float = 0.1,
-        text_k: int = 5,
-        video_radius: int = 2,
-        explore_temperature: float = 0.0,
+        retention_ratio: Ratio = 0.482,
+        hidden_dim: PosInt = 256,
+        semantic_weight: NonNegFloat = 1.0,
+        group_weight: NonNegFloat = 0.5,
+        feedback_weight: NonNegFloat = 1.0,
+        alpha_var: NonNegFloat = 0.1,
+        text_k: NonNegInt = 5,
+        video_radius: NonNegInt = 2,
+        explore_temperature: NonNegFloat = 0.0,
         merge_pruned: bool = False,
         feature_dim: int | None = None,
     ):

@@ -6,15 +6,12 @@ chosen per row from ``retention_ratio`` so the output never exceeds the shared t
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from torch import nn
 
 from ..batch import TokenBatch
-from ..config import StageConfig
 from ..ops import pool_grid
 from ..registry import register
+from ..types import Ratio
 
 
 @register("pool")
@@ -31,11 +28,7 @@ class GridPool(nn.Module):
 
     selects_tokens = False  # output tokens are window means, not input rows
 
-    class Config(StageConfig):
-        name: Literal["pool"] = "pool"
-        retention_ratio: float = Field(0.25, gt=0, le=1)
-
-    def __init__(self, dim: int | None = None, retention_ratio: float = 0.25):
+    def __init__(self, dim: int | None = None, retention_ratio: Ratio = 0.25):
         super().__init__()
         self.retention_ratio = retention_ratio
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..batch import TokenBatch
-from ..config import StageConfig
 from ..ops import select_topk
 from ..registry import register
+from ..types import Ratio
 
 
 @register("random")
@@ -24,12 +21,7 @@ class RandomReducer(nn.Module):
 
     selects_tokens = True  # kept tokens are input rows
 
-    class Config(StageConfig):
-        name: Literal["random"] = "random"
-        retention_ratio: float = Field(0.482, gt=0, le=1)
-        seed: int = 0
-
-    def __init__(self, dim: int | None = None, retention_ratio: float = 0.482, seed: int = 0):
+    def __init__(self, dim: int | None = None, retention_ratio: Ratio = 0.482, seed: int = 0):
         super().__init__()
         self.retention_ratio = retention_ratio
         self.seed = seed

@@ -11,16 +11,16 @@ among the retained tokens before the LLM.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from ..batch import PrunedTokens, TokenBatch, sort_key
-from ..config import StageConfig
 from ..ops import budget, gather_rows, keep_mask_topk
 from ..registry import register
+from ..types import NonNegFloat, Ratio
 
 Mode = Literal["fast", "hybrid", "adaptive"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -138,22 +138,14 @@ class RTD(nn.Module):
     selects_tokens = False  # recovered tokens are reconstructions, not input rows
     needs_pruned = True  # acts on what an earlier reducer put in ``batch.pruned``
 
-    class Config(StageConfig):
-        name: Literal["rtd"] = "rtd"
-        mode: Mode = "fast"
-        bottleneck_ratio: int = Field(4, gt=1)
-        recover_ratio: float = Field(0.25, gt=0, le=1)
-        adaptive_threshold: float = Field(0.5, ge=0)
-        recon_weight: float = Field(1.0, ge=0)
-
     def __init__(
         self,
         dim: int,
-        mode: str = "fast",
-        bottleneck_ratio: int = 4,
-        recover_ratio: float = 0.25,
-        adaptive_threshold: float = 0.5,
-        recon_weight: float = 1.0,
+        mode: Mode = "fast",
+        bottleneck_ratio: Annotated[int, Field(gt=1)] = 4,  # > 1: the code must be narrower than D
+        recover_ratio: Ratio = 0.25,
+        adaptive_threshold: NonNegFloat = 0.5,
+        recon_weight: NonNegFloat = 1.0,
     ):
         super().__init__()
         self.set_mode(mode)

@@ -6,15 +6,12 @@ Long-Context Modeling", ICML 2025 (New In ML), https://dev.icml.cc/virtual/2025/
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..batch import TokenBatch
-from ..config import StageConfig
 from ..registry import register
+from ..types import PosInt
 
 
 @register("sam")
@@ -28,11 +25,7 @@ class SemanticAbstraction(nn.Module):
 
     selects_tokens = True  # output tokens are the input tokens, untouched
 
-    class Config(StageConfig):
-        name: Literal["sam"] = "sam"
-        semantic_dim: int = Field(512, gt=0)
-
-    def __init__(self, dim: int, semantic_dim: int = 512):
+    def __init__(self, dim: int, semantic_dim: PosInt = 512):
         super().__init__()
         self.feature_dim_out = semantic_dim
         self.mlp = nn.Sequential(nn.Linear(dim, semantic_dim), nn.GELU(), nn.Linear(semantic_dim, semantic_dim))

@@ -13,12 +13,12 @@ from typing import Callable
 import open_clip
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.data import create_transform, resolve_model_data_config
 from torch import Tensor, nn
 
-from .config import VisionConfig
-from .errors import CheckpointError
+from ..config.model import VisionConfig
+from ..errors import CheckpointError
+from .weights import read_safetensors
 
 
 class ImageEncoder(nn.Module):
@@ -98,16 +98,6 @@ def build_image_encoder(cfg: VisionConfig) -> tuple[ImageEncoder, Callable]:
     return enc, enc.transform()
 
 
-def read_safetensors(path: str | Path, kind: str) -> dict[str, Tensor]:
-    """A local ``.safetensors`` state dict; a missing file or any other format (pickles) is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} weights file '{path}' does not exist")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{kind} weights '{path}' must be a .safetensors file (pickles are never loaded)")
-    return load_file(str(path))
-
-
 def load_encoder_weights(enc: ImageEncoder, path: str | Path) -> None:
     """Load a local safetensors state dict into ``enc.model`` (strict; mismatches are reported)."""
     state = read_safetensors(path, "vision")
@@ -121,12 +111,3 @@ def load_encoder_weights(enc: ImageEncoder, path: str | Path) -> None:
             f"vision weights '{path}' do not match the encoder: missing {sorted(missing)[:5]}..., "
             f"unexpected {sorted(unexpected)[:5]}..."
         )
-
-
-def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """LLaVA's projectors: ``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear)."""
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise ValueError(f"unknown projector {kind!r}; choose 'linear' or 'mlp2x_gelu'")

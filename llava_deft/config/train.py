@@ -7,28 +7,33 @@ config is written into the run folder as ``train_config.yaml``.
 
 from __future__ import annotations
 
-import bisect
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torch.utils.data import ConcatDataset, Subset
+from pydantic import Field, ValidationError, model_validator
 
-from .config import apply_overrides, read_model_config_file
-from .errors import ConfigError, DatasetFormatError, MediaFileError
-from .tasks import TASK_NAMES, prepare_command
+from ..errors import ConfigError
+from .base import Strict, apply_overrides, config_error, error_lines, read_yaml_mapping
+from .model import read_model_config_file
+
+PASSKEY_MIN_TOKENS = 64
+"""Shortest pass-key passage allowed: the needle (about 20 tokens) plus room for filler on both sides."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def check_passkey_lengths(min_tokens: int, max_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``[min_tokens, max_tokens]`` is a range of passage lengths the
+    pass-key generator (``llava_deft.tasks.passkey.make_sample``) can draw from."""
+    if min_tokens < PASSKEY_MIN_TOKENS:
+        raise ValueError(f"min_tokens must be >= {PASSKEY_MIN_TOKENS}, got {min_tokens}")
+    if max_tokens < min_tokens:
+        raise ValueError(f"max_tokens must be >= min_tokens ({min_tokens}), got {max_tokens}")
 
 
 DATA_TYPES = ("easyvqa", "llava_json", "passkey", "mix")
 _PASSKEY_KEYS = ("size", "min_tokens", "max_tokens", "seed")  # DataSpec keys of type passkey only
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     """Training data: ``easyvqa`` (the bundled dataset), ``llava_json`` (LLaVA conversation JSON; media
     paths relative to ``image_folder``, by default the JSON's folder), ``passkey`` (pass-key passages
     generated on the fly, no disk: :class:`llava_deft.tasks.passkey.PasskeyDataset`) or ``mix``
@@ -90,10 +95,8 @@ class DataSpec(_Strict):
         if self.type == "passkey":
             if self.size is None:
                 raise ValueError(f"{who} needs size (how many distinct passages to generate)")
-            from .tasks.passkey import check_lengths
-
             try:
-                check_lengths(self.min_tokens, self.max_tokens)
+                check_passkey_lengths(self.min_tokens, self.max_tokens)
             except ValueError as err:
                 raise ValueError(f"{who}: {err}") from None
         if self.type == "mix":
@@ -117,7 +120,7 @@ class DataSpec(_Strict):
         return self.type
 
 
-class StageSpec(_Strict):
+class StageSpec(Strict):
     """One LLaVA training stage. Stage 1 ("align"): LLM and encoder frozen, projector and pipeline
     train; stage 2 ("finetune"): the LLM trains too."""
 
@@ -147,7 +150,7 @@ class StageSpec(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     model: dict[str, Any] | str | None = None
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec()], min_length=1)
@@ -182,8 +185,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        errs = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+        raise config_error(desc, error_lines(e)) from None
 
 
 def _read_train_yaml(p: Path, chain: list[Path]) -> tuple[dict, list[str]]:
@@ -194,9 +196,7 @@ def _read_train_yaml(p: Path, chain: list[Path]) -> tuple[dict, list[str]]:
         raise FileNotFoundError(f"train config file '{p}'{via} does not exist")
     if p.resolve() in chain:
         raise ConfigError(f"train config '{p}' is its own base: " + " -> ".join(map(str, [*chain, p.resolve()])))
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"train config '{p}' must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(p, "train config")
     own = data.pop("overrides", None) or []
     if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
         raise ConfigError(f"train config '{p}': 'overrides' must be a list of 'key.path=value' strings, got {own!r}")
@@ -219,69 +219,3 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None):
-    """The dataset a :class:`DataSpec` names. ``video`` is the model's frame sampling
-    (``VideoConfig.sampling()``) and ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``),
-    both for LLaVA JSON records with "video" / "audio" keys. A mix is a :class:`MixedDataset`;
-    errors name the source (``data.sources.2 ('video_shapes', llava_json): ...``)."""
-    if spec.type != "mix":
-        return _build_source(spec, "data", video, sampling_rate)
-    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate) for i, s in enumerate(spec.sources)]
-    mixed = MixedDataset(parts, [s.label() for s in spec.sources])
-    return _limit_repeat(mixed, spec.limit, spec.repeat)
-
-
-def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None):
-    from .data import EasyVQADataset, LlavaJsonDataset
-    from .tasks.passkey import PasskeyDataset
-
-    who = f"{where} ({spec.label()!r}, {spec.type})"
-    if spec.type == "easyvqa":
-        ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
-        return _limit_repeat(ds, None, spec.repeat)
-    if spec.type == "passkey":
-        ds = PasskeyDataset(spec.size, split=spec.split, seed=spec.seed, min_tokens=spec.min_tokens, max_tokens=spec.max_tokens)
-        return _limit_repeat(ds, spec.limit, spec.repeat)
-    path = Path(spec.path)
-    if not path.is_file():
-        hint = ""
-        if path.parent.name in TASK_NAMES:
-            hint = f"; generate the task data with `{prepare_command(path.parent.parent)}`"
-        raise FileNotFoundError(f"{who}: LLaVA JSON file '{path}' does not exist{hint}")
-    kwargs: dict[str, Any] = dict(video or {})
-    if sampling_rate is not None:
-        kwargs["sampling_rate"] = sampling_rate
-    try:
-        ds = LlavaJsonDataset(path, spec.image_folder, **kwargs)
-    except (DatasetFormatError, MediaFileError) as err:
-        raise type(err)(f"{who}: {err}") from err
-    if len(ds) == 0:
-        raise DatasetFormatError(f"{who}: '{path}' holds no records; a source must give at least one sample")
-    return _limit_repeat(ds, spec.limit, spec.repeat)
-
-
-def _limit_repeat(ds, limit: int | None, repeat: int):
-    if limit is not None and limit < len(ds):
-        ds = Subset(ds, range(limit))
-    return ConcatDataset([ds] * repeat) if repeat > 1 else ds
-
-
-class MixedDataset(ConcatDataset):
-    """Several training sources as one dataset: the concatenation of their items, in source order.
-
-    ``names[i]`` and ``sizes[i]`` describe source ``i`` (its items after ``limit`` and ``repeat``);
-    ``source_of(index)`` says which source an item comes from.
-    """
-
-    def __init__(self, parts: list, names: list[str]):
-        super().__init__(parts)
-        self.names = list(names)
-        self.sizes = [len(p) for p in parts]
-
-    def source_of(self, index: int) -> str:
-        return self.names[bisect.bisect_right(self.cumulative_sizes, index % len(self))]
-
-    def summary(self) -> str:
-        return ", ".join(f"{n} {k}" for n, k in zip(self.names, self.sizes))

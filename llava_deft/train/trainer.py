@@ -42,30 +42,23 @@ import yaml  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .config import ModelConfig, apply_overrides, load_model_config, read_model_config_file  # noqa: E402
-from .data import MultimodalCollator  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .model import LlavaDeftForCausalLM  # noqa: E402
-from .provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
 from pipeline import RetentionSchedule  # noqa: E402
 
-from .train_config import MixedDataset, StageSpec, TrainConfig, build_dataset, load_train_config  # noqa: E402
+from ..config import ModelConfig, StageSpec, TrainConfig, apply_overrides, load_model_config, load_train_config, read_model_config_file  # noqa: E402
+from ..data.collate import build_collator  # noqa: E402
+from ..data.sources import MixedDataset, build_dataset  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
+from ..model.llava import LlavaDeftForCausalLM  # noqa: E402
+from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
 
-# LLaVA's flag names -> our config keys
+# LLaVA's flag names -> (our config key, type); "stages.*." sets the key in every stage
 LLAVA_FLAGS = {
-    "data_path": ("data.path", str),
-    "image_folder": ("data.image_folder", str),
-    "per_device_train_batch_size": ("per_device_batch_size", int),
-    "gradient_accumulation_steps": ("gradient_accumulation_steps", int),
-    "learning_rate": ("stages.*.lr", float),
-    "num_train_epochs": ("stages.*.epochs", float),
-    "max_steps": ("stages.*.max_steps", int),
-    "save_steps": ("save_steps", int),
-    "logging_steps": ("log_steps", int),
-    "seed": ("seed", int),
-    "output_dir": ("output_dir", str),
+    "data_path": ("data.path", str), "image_folder": ("data.image_folder", str), "model_config": ("model", str),
+    "per_device_train_batch_size": ("per_device_batch_size", int), "seed": ("seed", int),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps", int), "learning_rate": ("stages.*.lr", float),
+    "num_train_epochs": ("stages.*.epochs", float), "max_steps": ("stages.*.max_steps", int),
+    "save_steps": ("save_steps", int), "logging_steps": ("log_steps", int), "output_dir": ("output_dir", str),
     "deepspeed": ("deepspeed", str),
-    "model_config": ("model", str),
 }
 
 
@@ -219,10 +212,7 @@ def run_stage(
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
 
-    collate = MultimodalCollator(
-        model.tokenizer, model.image_transform, model.media_tokens_per_image, model.config.max_length,
-        media_tokens_per_frame=model.media_tokens_per_frame, audio_processor=model.audio_processor,
-    )
+    collate = build_collator(model.processors)
     per_rank = len(dataset) // world
     micro_per_epoch = per_rank // cfg.per_device_batch_size
     steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)

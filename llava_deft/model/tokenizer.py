@@ -17,12 +17,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
+from ..modality import PLACEHOLDERS
 
-MEDIA_TOKENS: dict[str, str] = {"image": "<image>", "video": "<video>", "audio": "<audio>", "text": "<text>"}
-"""Placeholder text per modality; each must be one token of the tokenizer to be used (only ``<image>``
-is required: a tokenizer without the others, e.g. one saved before ``<text>`` existed, just cannot take
-that modality)."""
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
+
+MEDIA_TOKENS: dict[str, str] = PLACEHOLDERS
+"""Placeholder text per modality (the registry's, ``llava_deft.modality``); each must be one token of
+the tokenizer to be used (only ``<image>`` is required: a tokenizer without the others, e.g. one saved
+before ``<text>`` existed, just cannot take that modality)."""
 
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:

@@ -16,19 +16,67 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline import PipelineConfigError, validate_config
+from pipeline import PipelineConfigError, deft_pipeline_config, stage_defaults, validate_config
 
-from .errors import ConfigError
+from .base import Strict, apply_overrides, config_error, error_lines, read_yaml_mapping
+
+SAMPLING_RATE = 16000
+
+# Keys an audio config may set (WhisperConfig's names for the model; the feature extractor reads
+# num_mel_bins, sampling_rate, hop_length, n_fft and chunk_length). max_source_positions is derived
+# from the chunk: chunk_length * sampling_rate / hop_length mel frames, halved by conv2's stride.
+DEFAULT_AUDIO_CONFIG: dict[str, Any] = {
+    "d_model": 128,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 512,
+    "num_mel_bins": 80,
+    "activation_function": "gelu",
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.0,
+    "scale_embedding": False,
+    "chunk_length": 5,
+    "sampling_rate": SAMPLING_RATE,
+    "hop_length": 160,
+    "n_fft": 400,
+}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VisionConfig(_Strict):
+def resolve_audio_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """``DEFAULT_AUDIO_CONFIG`` updated by ``config``; unknown keys and inconsistent sizes raise ``ValueError``."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULT_AUDIO_CONFIG) - {"max_source_positions"})
+    if unknown:
+        raise ValueError(f"unknown audio config key(s) {unknown}; valid keys: {sorted(DEFAULT_AUDIO_CONFIG)}")
+    cfg = {**DEFAULT_AUDIO_CONFIG, **config}
+    if cfg["d_model"] % cfg["encoder_attention_heads"]:
+        raise ValueError(
+            f"audio d_model {cfg['d_model']} is not divisible by encoder_attention_heads {cfg['encoder_attention_heads']}"
+        )
+    n_samples = cfg["chunk_length"] * cfg["sampling_rate"]
+    frames = n_samples // cfg["hop_length"]
+    if frames % 2:
+        raise ValueError(
+            f"audio chunk of {cfg['chunk_length']} s gives {frames} mel frames; conv2 (stride 2) needs an even count"
+        )
+    positions = frames // 2
+    if cfg.setdefault("max_source_positions", positions) != positions:
+        raise ValueError(
+            f"max_source_positions {cfg['max_source_positions']} does not match the chunk: "
+            f"{cfg['chunk_length']} s -> {frames} frames -> {positions} positions (leave it out to derive it)"
+        )
+    return cfg
+
+_FGCS, _SAM, _RTD = stage_defaults("fgcs"), stage_defaults("sam"), stage_defaults("rtd")
+
+
+class VisionConfig(Strict):
     backend: Literal["timm", "open_clip"] = "timm"
     name: str = "vit_tiny_patch16_224"
     # constructor overrides (timm: create_model kwargs; open_clip: model kwargs such as vision_cfg)
@@ -40,11 +88,11 @@ class VisionConfig(_Strict):
     freeze: bool = False
 
 
-class ProjectorConfig(_Strict):
+class ProjectorConfig(Strict):
     type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
 
 
-class LLMConfig(_Strict):
+class LLMConfig(Strict):
     """Exactly one of ``config`` (HF config dict with ``model_type``) or ``path`` (local directory)."""
 
     config: dict[str, Any] | None = None
@@ -60,8 +108,8 @@ class LLMConfig(_Strict):
         return v
 
 
-class VideoConfig(_Strict):
-    """How a video becomes tokens: frames sampled as in ``llava_deft.video.sample_frame_indices``
+class VideoConfig(Strict):
+    """How a video becomes tokens: frames sampled as in ``llava_deft.encoders.video.sample_frame_indices``
     (``num_frames`` uniformly, or one every ``1/fps`` s with ``fps``; at most ``max_frames``), each
     frame through the image encoder, its token grid average-pooled with ``pool_stride`` (LLaVA-NeXT's
     ``mm_spatial_pool_stride``; 1 = no pooling)."""
@@ -76,12 +124,12 @@ class VideoConfig(_Strict):
         return {"num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames}
 
 
-class AudioConfig(_Strict):
-    """The audio encoder (``llava_deft.audio.AudioEncoder``, Whisper-style, random init unless
+class AudioConfig(Strict):
+    """The audio encoder (``llava_deft.encoders.audio.AudioEncoder``, Whisper-style, random init unless
     ``weights``) and its own projector into the LLM width. Off by default, so configs and checkpoints
     without audio build exactly the modules they did before.
 
-    ``encoder``: keys of ``llava_deft.audio.DEFAULT_AUDIO_CONFIG`` (d_model, encoder_layers, ...,
+    ``encoder``: keys of ``DEFAULT_AUDIO_CONFIG`` (below) (d_model, encoder_layers, ...,
     num_mel_bins, chunk_length in s, sampling_rate); ``weights``: a local ``.safetensors`` state dict
     of the encoder (ours or a Whisper checkpoint's ``model.encoder.*``); ``pool_stride``: average-pool
     the encoder's tokens over time (one token per 20 ms at 1); ``freeze``: keep the encoder fixed (its
@@ -114,15 +162,7 @@ class AudioConfig(_Strict):
         return int(resolve_audio_config(self.encoder)["sampling_rate"])
 
 
-def resolve_audio_config(encoder: dict[str, Any]) -> dict[str, Any]:
-    """``llava_deft.audio.resolve_audio_config``, imported here on use: ``audio`` imports ``encoders``,
-    which imports this module."""
-    from .audio import resolve_audio_config as resolve
-
-    return resolve(encoder)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
@@ -134,11 +174,12 @@ class ModelConfig(_Strict):
     # the DeFT seed's switches: use_deft builds `sam -> fgcs [-> rtd]` (pipeline.deft_pipeline_config)
     # instead of `pipeline`; the deft_* knobs need use_deft: true
     use_deft: bool = False
-    deft_semantic_dim: int = Field(512, gt=0)
-    deft_retention_ratio: float = Field(0.482, gt=0, le=1)
+    # defaults are the stages' own (pipeline.stage_defaults), so they are declared once
+    deft_semantic_dim: int = Field(_SAM["semantic_dim"], gt=0)
+    deft_retention_ratio: float = Field(_FGCS["retention_ratio"], gt=0, le=1)
     deft_enable_rtd: bool = True
-    deft_alpha_var: float = Field(0.1, ge=0)
-    deft_rtd_bottleneck_ratio: int = Field(4, gt=1)
+    deft_alpha_var: float = Field(_FGCS["alpha_var"], ge=0)
+    deft_rtd_bottleneck_ratio: int = Field(_RTD["bottleneck_ratio"], gt=1)
 
     @model_validator(mode="after")
     def _deft_switches(self):
@@ -155,13 +196,9 @@ class ModelConfig(_Strict):
         """The reduction pipeline to build: the DeFT stages when ``use_deft``, else ``pipeline``."""
         if not self.use_deft:
             return self.pipeline
-        from pipeline import deft_pipeline_config
-
         return deft_pipeline_config(
-            semantic_dim=self.deft_semantic_dim,
-            retention_ratio=self.deft_retention_ratio,
-            enable_rtd=self.deft_enable_rtd,
-            alpha_var=self.deft_alpha_var,
+            semantic_dim=self.deft_semantic_dim, retention_ratio=self.deft_retention_ratio,
+            enable_rtd=self.deft_enable_rtd, alpha_var=self.deft_alpha_var,
             rtd_bottleneck_ratio=self.deft_rtd_bottleneck_ratio,
         )
 
@@ -177,25 +214,6 @@ class ModelConfig(_Strict):
 
 
 DEFT_KEYS = ("deft_semantic_dim", "deft_retention_ratio", "deft_enable_rtd", "deft_alpha_var", "deft_rtd_bottleneck_ratio")
-
-
-def _format_errors(e: ValidationError) -> list[str]:
-    out = []
-    for err in e.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            model = ModelConfig
-            for part in err["loc"][:-1]:
-                field = model.model_fields.get(str(part))
-                ann = field.annotation if field else None
-                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-                if model is None:
-                    break
-            if model is not None:
-                msg = f"{msg} (allowed keys: {sorted(model.model_fields)})"
-        out.append(f"{path}: {msg}")
-    return out
 
 
 def load_model_config(source: str | Path | dict | ModelConfig | None = None, overrides: list[str] | None = None) -> ModelConfig:
@@ -218,8 +236,7 @@ def load_model_config(source: str | Path | dict | ModelConfig | None = None, ove
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as e:
-        errs = _format_errors(e)
-        raise ConfigError(f"{desc} has {len(errs)} error(s):\n  " + "\n  ".join(errs)) from None
+        raise config_error(desc, error_lines(e, ModelConfig)) from None
 
 
 def read_model_config_file(path: str | Path) -> dict:
@@ -227,39 +244,8 @@ def read_model_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config file '{path}' does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"model config '{path}' must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "model config")
     if isinstance(data.get("pipeline"), str):
         p = Path(data["pipeline"])
         data["pipeline"] = str(p if p.is_absolute() or p.exists() else path.parent / p)
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested copy of ``data``.
-
-    A numeric part indexes a list (``stages.1.lr=1e-4``); missing mapping levels are created.
-    """
-    import copy
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.split(".")
-        for depth, p in enumerate(parts):
-            if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"override {item!r}: '{p}' is not an index of a list of {len(node)}")
-            elif not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: cannot go into '{p}', its parent is not a mapping or list")
-            if depth == len(parts) - 1:
-                break
-            if isinstance(node, dict) and node.get(p) is None:
-                node[p] = {}
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = yaml.safe_load(raw)
     return data

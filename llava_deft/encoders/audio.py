@@ -29,32 +29,12 @@ from torch import Tensor, nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .encoders import read_safetensors
-from .errors import AudioError, CheckpointError
+from ..config.model import DEFAULT_AUDIO_CONFIG, SAMPLING_RATE, resolve_audio_config
+from ..errors import AudioError, CheckpointError
+from .weights import read_safetensors
 
-SAMPLING_RATE = 16000
-
-# Keys an audio config may set (WhisperConfig's names for the model; the feature extractor reads
-# num_mel_bins, sampling_rate, hop_length, n_fft and chunk_length). max_source_positions is derived
-# from the chunk: chunk_length * sampling_rate / hop_length mel frames, halved by conv2's stride.
-DEFAULT_AUDIO_CONFIG: dict[str, Any] = {
-    "d_model": 128,
-    "encoder_layers": 2,
-    "encoder_attention_heads": 4,
-    "encoder_ffn_dim": 512,
-    "num_mel_bins": 80,
-    "activation_function": "gelu",
-    "dropout": 0.0,
-    "attention_dropout": 0.0,
-    "activation_dropout": 0.0,
-    "encoder_layerdrop": 0.0,
-    "scale_embedding": False,
-    "chunk_length": 5,
-    "sampling_rate": SAMPLING_RATE,
-    "hop_length": 160,
-    "n_fft": 400,
-}
-
+__all__ = ["SAMPLING_RATE", "DEFAULT_AUDIO_CONFIG", "resolve_audio_config", "load_audio", "log_mel",
+           "build_feature_extractor", "audio_token_count", "AudioProcessor", "AudioEncoder"]
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -179,32 +159,6 @@ class AudioProcessor:
 
 
 # ---------------------------------------------------------------------------------------------- encoder
-
-
-def resolve_audio_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    """``DEFAULT_AUDIO_CONFIG`` updated by ``config``; unknown keys and inconsistent sizes raise ``ValueError``."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULT_AUDIO_CONFIG) - {"max_source_positions"})
-    if unknown:
-        raise ValueError(f"unknown audio config key(s) {unknown}; valid keys: {sorted(DEFAULT_AUDIO_CONFIG)}")
-    cfg = {**DEFAULT_AUDIO_CONFIG, **config}
-    if cfg["d_model"] % cfg["encoder_attention_heads"]:
-        raise ValueError(
-            f"audio d_model {cfg['d_model']} is not divisible by encoder_attention_heads {cfg['encoder_attention_heads']}"
-        )
-    n_samples = cfg["chunk_length"] * cfg["sampling_rate"]
-    frames = n_samples // cfg["hop_length"]
-    if frames % 2:
-        raise ValueError(
-            f"audio chunk of {cfg['chunk_length']} s gives {frames} mel frames; conv2 (stride 2) needs an even count"
-        )
-    positions = frames // 2
-    if cfg.setdefault("max_source_positions", positions) != positions:
-        raise ValueError(
-            f"max_source_positions {cfg['max_source_positions']} does not match the chunk: "
-            f"{cfg['chunk_length']} s -> {frames} frames -> {positions} positions (leave it out to derive it)"
-        )
-    return cfg
 
 
 class AudioEncoder(nn.Module):

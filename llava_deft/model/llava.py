@@ -31,33 +31,25 @@ from torch import Tensor, nn
 
 from pipeline import Modality, TokenBatch, build_pipeline
 
-from .audio import AudioEncoder, load_audio
-from .config import DEFT_KEYS, ModelConfig, load_model_config
-from .encoders import build_image_encoder, build_projector
-from .errors import CheckpointError, MediaCountMismatchError
+from ..config.model import DEFT_KEYS, ModelConfig, load_model_config
+from ..encoders.audio import AudioEncoder
+from ..encoders.image import build_image_encoder
+from ..encoders.video import pool_frame_tokens
+from ..errors import CheckpointError, MediaCountMismatchError
+from ..modality import MEDIA_INPUTS, MODALITIES
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
+from .processors import Processors, media_options
+from .projector import build_projector
 from .splice import IGNORE_INDEX, splice_media
 from .tokenizer import load_tokenizer, media_token_ids
-from .video import load_video, pool_frame_tokens
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
-MEDIA_INPUTS = (
-    "video_values", "video_frames", "video_counts",
-    "audio_values", "audio_lengths", "audio_counts",
-    "text_ids", "text_lengths", "text_counts",
-)
-"""The collator's video / audio / text outputs that ``forward`` and ``generate`` pass on to
-``prepare_inputs`` (see its signature); other keys of a batch are ignored."""
-
-
 def _media_inputs(batch: dict) -> dict:
+    """The collator's media tensors (``llava_deft.modality.MEDIA_INPUTS``) of a batch; other keys are ignored."""
     return {k: v for k, v in batch.items() if k in MEDIA_INPUTS}
-
-MEDIA_ORDER = ("image", "video", "audio", "text")
-"""Kinds of pipeline rows, in the order their blocks are stacked before the gather into placeholder order."""
 
 
 @dataclass
@@ -82,12 +74,10 @@ class LlavaDeftForCausalLM(nn.Module):
         self.projector = build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
         self.pipeline = build_pipeline(cfg.pipeline_config(), dim=self.llm.hidden_size)
         placeholders = media_token_ids(self.tokenizer)
-        self.media_token_ids = {kind: placeholders.get(kind, -1) for kind in MEDIA_ORDER}
+        self.media_token_ids = {kind: placeholders.get(kind, -1) for kind in MODALITIES}
         """Placeholder id per kind; -1 (matches no token) where the tokenizer lacks the placeholder."""
-        self.image_token_id = self.media_token_ids["image"]
-        self.video_token_id = self.media_token_ids["video"]
-        self.audio_token_id = self.media_token_ids["audio"]
-        self.text_token_id = self.media_token_ids["text"]
+        for kind, token_id in self.media_token_ids.items():  # image_token_id, video_token_id, ...
+            setattr(self, f"{kind}_token_id", token_id)
         self.media_tokens_per_image = self.vision.grid[0] * self.vision.grid[1]
         stride = cfg.video.pool_stride
         self.video_grid = (math.ceil(self.vision.grid[0] / stride), math.ceil(self.vision.grid[1] / stride))
@@ -102,6 +92,11 @@ class LlavaDeftForCausalLM(nn.Module):
         self.audio_processor = self.audio.processor if self.audio is not None else None
         """The collator's ``audio_processor`` (log-mel features, tokens per clip); None without audio."""
         self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
+
+    @property
+    def processors(self) -> Processors:
+        """What a collator or dataset needs of this model (``llava_deft.data.build_collator(model.processors)``)."""
+        return Processors.of(self)
 
     # ------------------------------------------------------------------ training set-up
     def apply_freeze(self, vision: bool, llm: bool, audio: bool | None = None) -> None:
@@ -194,12 +189,12 @@ class LlavaDeftForCausalLM(nn.Module):
         layout = torch.stack([lengths, torch.ones_like(lengths), torch.ones_like(lengths)], 1)  # (P, 3)
         return TokenBatch.from_tokens(tokens, mask, modality=Modality.TEXT, layout=layout)
 
-    def _blank(self) -> TokenBatch:
+    def blank_image(self) -> TokenBatch:
         """One blank image, for batches without images or videos (see ``_media``)."""
         h, w = self.vision.image_size
         return self.encode_images(torch.zeros(1, 3, h, w, device=self.device, dtype=self.projector_dtype()))
 
-    def _blank_audio(self) -> TokenBatch:
+    def blank_audio(self) -> TokenBatch:
         """One silent chunk through the audio encoder, for batches without audio (see ``_media``)."""
         feats = torch.zeros(1, self.audio.num_mel_bins, self.audio.num_frames, device=self.device)
         return self.encode_audios(feats)
@@ -210,7 +205,7 @@ class LlavaDeftForCausalLM(nn.Module):
 
         Rows are gathered into placeholder order (sample order, then position in the prompt), whatever
         their kind: a placeholder's row is ``offset[kind] + its rank among placeholders of its kind``
-        (one-hot cumsum), the blocks being stacked in ``MEDIA_ORDER``.
+        (one-hot cumsum), the blocks being stacked in ``MODALITIES`` order.
 
         An encoder that gets no input in this batch still runs once on a blank input that enters the
         graph with weight 0 (a blank image when there is no image nor video; silence when audio is
@@ -218,16 +213,15 @@ class LlavaDeftForCausalLM(nn.Module):
         pipeline): every rank then runs the same modules, which ZeRO-3 needs (a rank skipping the
         encoder while another gathers its parameters hangs).
         """
-        idle = []
-        if "image" not in rows and "video" not in rows:
-            idle.append(self._blank() if rows else self.pipeline(self._blank()))
-        if self.audio is not None and "audio" not in rows:
-            idle.append(self._blank_audio())
+        busy = {MODALITIES[k].encoder for k in rows}
+        idle = [b for kind in MODALITIES.values() if kind.encoder not in busy and (b := kind.blank(self)) is not None]
+        if not rows:  # the blank image also goes through the pipeline
+            idle = [self.pipeline(b) if b.modality[0] == Modality.IMAGE else b for b in idle]
         zero = sum(t.sum() for b in idle for t in [b.tokens, *b.losses.values()]) * 0.0 if idle else None
         if not rows:
             return None, zero, {}, {}
-        kinds = [k for k in MEDIA_ORDER if k in rows]
-        batch = rows[kinds[0]] if len(kinds) == 1 else _cat_rows([rows[k] for k in kinds])
+        kinds = [k for k in MODALITIES if k in rows]
+        batch = rows[kinds[0]] if len(kinds) == 1 else TokenBatch.cat_rows([rows[k] for k in kinds])
         dev = input_ids.device
         kind_ids = torch.tensor([self.media_token_ids[k] for k in kinds], device=dev)  # (K,)
         ph = (input_ids.unsqueeze(-1) == kind_ids).any(-1) & attention_mask.bool()  # (B, L)
@@ -236,102 +230,48 @@ class LlavaDeftForCausalLM(nn.Module):
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank among placeholders of its kind
         sizes = torch.tensor([rows[k].tokens.shape[0] for k in kinds], device=dev)  # (K,)
         order = (sizes.cumsum(0) - sizes)[kind] + rank  # (P,) row of each placeholder's media
-        out = self.pipeline(_take_rows(batch, order.to(batch.tokens.device)))
+        out = self.pipeline(batch.take_rows(order.to(batch.tokens.device)))
         return out, zero, out.losses, out.stats
 
-    def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, counts_by_kind: dict, ids=None):
-        """Per sample and kind, placeholders == media (``counts_by_kind``: placeholder id ->
-        (token, counts (B,) or None, media in the batch))."""
+    def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, media: dict, n_items: dict[str, int], ids=None):
+        """Per sample and kind, placeholders == media (``media[kind.counts_key]`` items per sample,
+        ``n_items[kind]`` in the batch)."""
         am = attention_mask.bool()
-        for token_id, (token, media_counts, n_media) in counts_by_kind.items():
-            per_sample = ((input_ids == token_id) & am).sum(1)
-            counts = media_counts if media_counts is not None else torch.zeros_like(per_sample)
+        for key, kind in MODALITIES.items():
+            per_sample = ((input_ids == self.media_token_ids[key]) & am).sum(1)
+            counts = media.get(kind.counts_key)
+            counts = counts if counts is not None else torch.zeros_like(per_sample)
             bad = (per_sample != counts.to(per_sample.device)).nonzero().flatten().tolist()
             if bad:
                 i = bad[0]
                 name = ids[i] if ids is not None else f"#{i} of the batch"
-                raise MediaCountMismatchError(str(name), token, int(per_sample[i]), int(counts[i]))
-            if int(counts.sum()) != n_media:
-                raise MediaCountMismatchError("<batch>", token, int(counts.sum()), n_media)
+                raise MediaCountMismatchError(str(name), kind.placeholder, int(per_sample[i]), int(counts[i]))
+            if int(counts.sum()) != n_items[key]:
+                raise MediaCountMismatchError("<batch>", kind.placeholder, int(counts.sum()), n_items[key])
 
-    def prepare_inputs(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        pixel_values: Tensor | None = None,
-        media_counts: Tensor | None = None,
-        labels: Tensor | None = None,
-        padding_side: str = "right",
-        ids: list[str] | None = None,
-        video_values: Tensor | None = None,
-        video_frames: Tensor | None = None,
-        video_counts: Tensor | None = None,
-        audio_values: Tensor | None = None,
-        audio_lengths: Tensor | None = None,
-        audio_counts: Tensor | None = None,
-        text_ids: Tensor | None = None,
-        text_lengths: Tensor | None = None,
-        text_counts: Tensor | None = None,
-    ):
+    def prepare_inputs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+                       padding_side: str = "right", ids: list[str] | None = None, **media):
         """Check counts, encode and reduce every media item, splice into the prompt's embeddings.
 
-        Media arguments are the collator's outputs (see ``MultimodalCollator``); ``audio_lengths`` and
-        ``text_lengths`` may be None (every clip fills its chunk, every passage its row).
+        Media arguments are the collator's outputs (``llava_deft.modality.MEDIA_INPUTS``: images as
+        ``pixel_values`` / ``media_counts``, then ``video_*``, ``audio_*``, ``text_*``); ``audio_lengths``
+        and ``text_lengths`` may be None (every clip fills its chunk, every passage its row).
         """
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        n_videos = 0 if video_frames is None else int(video_frames.shape[0])
-        n_frames = 0 if video_values is None else int(video_values.shape[0])
-        if n_frames != (0 if video_frames is None else int(video_frames.sum())) or (
-            video_frames is not None and bool((video_frames < 1).any())
-        ):
-            raise ValueError(
-                f"video_values has {n_frames} frames but video_frames {None if video_frames is None else video_frames.tolist()} "
-                f"sums to another number (or has a video without frames); pass the collator's output unchanged"
-            )
-        n_audios = 0 if audio_values is None else int(audio_values.shape[0])
-        if audio_lengths is not None and audio_values is not None and (
-            audio_lengths.shape != (n_audios,) or bool((audio_lengths < 1).any())
-        ):
-            raise ValueError(
-                f"audio_lengths {audio_lengths.tolist()} must give a positive sample count for each of the "
-                f"{n_audios} clips of audio_values; pass the collator's output unchanged"
-            )
-        n_texts = 0 if text_ids is None else int(text_ids.shape[0])
-        if text_lengths is not None and text_ids is not None and (
-            text_lengths.shape != (n_texts,) or bool((text_lengths < 1).any()) or bool((text_lengths > text_ids.shape[1]).any())
-        ):
-            raise ValueError(
-                f"text_lengths {text_lengths.tolist()} must give 1..{text_ids.shape[1]} tokens for each of the "
-                f"{n_texts} passages of text_ids; pass the collator's output unchanged"
-            )
-        self._check_counts(input_ids, attention_mask, {
-            self.image_token_id: ("<image>", media_counts, n_images),
-            self.video_token_id: ("<video>", video_counts, n_videos),
-            self.audio_token_id: ("<audio>", audio_counts, n_audios),
-            self.text_token_id: ("<text>", text_counts, n_texts),
-        }, ids)
-        rows = {}
-        if n_images:
-            rows["image"] = self.encode_images(pixel_values)
-        if n_frames:
-            rows["video"] = self.encode_videos(video_values, video_frames)
-        if n_audios:
-            rows["audio"] = self.encode_audios(audio_values, audio_lengths)
-        if n_texts:
-            rows["text"] = self.encode_texts(text_ids, text_lengths)
+        unknown = sorted(set(media) - set(MEDIA_INPUTS))
+        if unknown:
+            raise TypeError(f"prepare_inputs got unknown media inputs {unknown}; expected some of {list(MEDIA_INPUTS)}")
+        n_items = {}
+        for key, kind in MODALITIES.items():
+            kind.validate(media)
+            n_items[key] = kind.num_items(media)
+        self._check_counts(input_ids, attention_mask, media, n_items, ids)
+        rows = {key: kind.encode(self, media) for key, kind in MODALITIES.items() if n_items[key]}
         media, zero, losses, stats = self._media(input_ids, attention_mask, rows)
         text = self.llm.embed(input_ids)
         if zero is not None:
             text = text + zero.to(text.dtype)
         if media is None:  # no media rows: an empty (0, 1, D) batch keeps one splice path
-            d = text.shape[-1]
-            media = TokenBatch(
-                tokens=text.new_zeros(0, 1, d),
-                mask=torch.zeros(0, 1, dtype=torch.bool, device=text.device),
-                index=torch.zeros(0, 1, dtype=torch.long, device=text.device),
-                modality=torch.zeros(0, dtype=torch.long, device=text.device),
-                layout=torch.zeros(0, 3, dtype=torch.long, device=text.device),
-            )
+            media = TokenBatch.empty(text.shape[-1], dtype=text.dtype, device=text.device)
         kind_ids = torch.tensor(list(self.media_token_ids.values()), device=input_ids.device)
         is_placeholder = (input_ids.unsqueeze(-1) == kind_ids).any(-1)  # (B, L)
         spliced = splice_media(
@@ -342,29 +282,18 @@ class LlavaDeftForCausalLM(nn.Module):
 
     def load_video(self, path):
         """Read a clip the way this model's config samples frames (``video.num_frames/fps/max_frames``)."""
-        return load_video(path, **self.config.video.sampling())
+        return MODALITIES["video"].load(path, media_options(self.config))
 
     def load_audio(self, path) -> Tensor:
         """Read an audio file as the ``(S,)`` mono waveform at this model's audio rate (``AudioError`` naming it)."""
-        return load_audio(path, self.config.audio.sampling_rate())
+        return MODALITIES["audio"].load(path, media_options(self.config))
 
     # ------------------------------------------------------------------ forward / loss
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        pixel_values: Tensor | None = None,
-        media_counts: Tensor | None = None,
-        labels: Tensor | None = None,
-        ids: list[str] | None = None,
-        **media,
-    ) -> LlavaDeftOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+                ids: list[str] | None = None, **media) -> LlavaDeftOutput:
         """A collator batch -> loss (LM loss + the pipeline's auxiliary losses) and logits; ``media``
-        holds its video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
-        sp, aux, stats = self.prepare_inputs(
-            input_ids, attention_mask, pixel_values, media_counts, labels, ids=ids,
-            **_media_inputs(media),
-        )
+        holds its image / video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
+        sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids)
         loss = lm_loss = None
         if sp.labels is not None:
@@ -381,8 +310,6 @@ class LlavaDeftForCausalLM(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        pixel_values: Tensor | None = None,
-        media_counts: Tensor | None = None,
         max_new_tokens: int = 16,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -399,10 +326,7 @@ class LlavaDeftForCausalLM(nn.Module):
         With ``return_media_tokens`` also the number of media tokens each prompt gave the LLM (B,)
         (passage tokens included).
         """
-        sp, _, _ = self.prepare_inputs(
-            input_ids, attention_mask, pixel_values, media_counts, padding_side="left", ids=ids,
-            **_media_inputs(media),
-        )
+        sp, _, _ = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
         out = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
             max_new_tokens=max_new_tokens,
@@ -466,30 +390,12 @@ class LlavaDeftForCausalLM(nn.Module):
         return model
 
 
-def _cat_rows(parts: list[TokenBatch]) -> TokenBatch:
-    """Stack fresh TokenBatches (no scores, pruned or losses yet) row-wise, padding N to the longest
-    with mask False."""
-    n = max(p.tokens.shape[1] for p in parts)
-
-    def pad(x: Tensor, value) -> Tensor:
-        return F.pad(x, (0, 0, 0, n - x.shape[1]) if x.dim() == 3 else (0, n - x.shape[1]), value=value)
-
-    dtype = parts[0].tokens.dtype  # text rows come from the LLM's embeddings, media rows from a projector
-    return TokenBatch(
-        tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),
-        mask=torch.cat([pad(p.mask, False) for p in parts]),
-        index=torch.arange(n, device=parts[0].tokens.device).expand(sum(p.tokens.shape[0] for p in parts), n).clone(),
-        modality=torch.cat([p.modality for p in parts]),
-        layout=torch.cat([p.layout for p in parts]),
-    )
-
-
-def _take_rows(batch: TokenBatch, order: Tensor) -> TokenBatch:
-    """Rows ``order`` of a fresh TokenBatch (index gather along B)."""
-    return TokenBatch(
-        tokens=batch.tokens[order], mask=batch.mask[order], index=batch.index[order],
-        modality=batch.modality[order], layout=batch.layout[order],
-    )
+def create_model_and_processors(config: ModelConfig | dict | str | Path | None = None, tokenizer=None):
+    """``(LlavaDeftForCausalLM, Processors)`` from a model config (YAML path, dict, validated config, or
+    None for the tiny default), as ``open_clip.create_model_and_transforms`` does. A saved model:
+    ``LlavaDeftForCausalLM.from_pretrained(path)`` and its ``.processors``."""
+    model = LlavaDeftForCausalLM(config, tokenizer=tokenizer)
+    return model, model.processors
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

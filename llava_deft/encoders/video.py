@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava_deft.errors import MediaFileError, VideoError
+from ..errors import MediaFileError, VideoError
 
 # decord raises DECORDError for most failures and a bare RuntimeError for some (e.g. "Error reading").
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError)
