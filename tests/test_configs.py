@@ -18,7 +18,8 @@ def test_every_shipped_config_validates():
     models = sorted((ROOT / "configs" / "model").rglob("*.yaml"))
     trains = sorted((ROOT / "configs" / "train").rglob("*.yaml"))
     ds = sorted((ROOT / "configs" / "deepspeed").rglob("*.json"))
-    assert len(models) >= 1 and len(trains) >= 1 and len(ds) == 3
+    # exact counts: a listing that misses files (a non-recursive glob) must fail here
+    assert (len(models), len(trains), len(ds)) == (5, 7, 3), "a config was added or removed: update these counts"
     for p in models:
         load_model_config(p)
     for p in trains:

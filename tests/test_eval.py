@@ -6,25 +6,46 @@ import re
 import pytest
 
 from eval import easyvqa
+from llava_deft.data import EasyVQADataset, pad_sequences
+from llava_deft.model import LlavaDeftForCausalLM
 from tests.conftest import TINY_PIPE
 
 
-def test_retention_sweep_writes_table_json_and_plot(tiny_model, tmp_path, capsys):
+def answer_every_third(monkeypatch):
+    """Generation that answers item i of easy-VQA test with its reference when i % 3 == 0, else "zzz"
+    (the media-token count still comes from the real model)."""
+    real = LlavaDeftForCausalLM.generate
+
+    def fake(self, input_ids, attention_mask, references=None, ids=None, **kw):
+        _, n_media = real(self, input_ids, attention_mask, ids=ids, **{**kw, "max_new_tokens": 1})
+        texts = [ref if int(i.rsplit("-", 1)[1]) % 3 == 0 else "zzz" for ref, i in zip(references, ids)]
+        out, _ = pad_sequences([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.tokenizer.pad_token_id)
+        return out, n_media
+
+    monkeypatch.setattr(LlavaDeftForCausalLM, "generate", fake)
+
+
+def test_retention_sweep_writes_table_json_and_plot(tiny_model, tmp_path, capsys, monkeypatch):
     tiny_model.save_pretrained(tmp_path / "m")
+    answer_every_third(monkeypatch)
+    types = EasyVQADataset("test", limit=24).question_types
     rows = easyvqa.main(["--model", str(tmp_path / "m"), "--limit", "24", "--batch-size", "12",
                          "--retention", "1", "0.25", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert [r["retention"] for r in rows] == [1.0, 0.25]
     assert [r["tokens_per_image"] for r in rows] == [64.0, 16.0]  # ceil(ratio * 64) kept per image
     for r in rows:
         assert sum(r["counts"][k] for k in r["counts"] if k != "all") == r["counts"]["all"] == 24
-        assert 0.0 <= r["accuracy"]["all"] <= 1.0
+        assert r["accuracy"]["all"] == pytest.approx(8 / 24)  # items 0, 3, ..., 21 answered right
+        for t in set(types):
+            right = sum(1 for i, q in enumerate(types) if q == t and i % 3 == 0)
+            assert r["counts"][t] == types.count(t) and r["accuracy"][t] == pytest.approx(right / types.count(t))
     saved = json.loads((tmp_path / "out" / "easyvqa_test.json").read_text())
     assert saved["pipeline"] == ["sam", "fgcs"] and {"device", "date", "commit"} <= set(saved)
     assert saved["training"] is None  # saved by save_pretrained, not by a training run
     assert (tmp_path / "out" / "easyvqa_test.png").stat().st_size > 0
     assert "| 0.25 | 16.0 |" in (tmp_path / "out" / "easyvqa_test.md").read_text()
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"easy-VQA test accuracy: \d+\.\d%", last)
+    assert last == "easy-VQA test accuracy: 33.3%"
 
 
 def test_retention_without_a_reducer_is_refused(tmp_path):

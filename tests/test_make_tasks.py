@@ -9,6 +9,8 @@ import pytest
 from llava_deft.tasks import prepare
 from llava_deft.tasks.prepare import MissingToolError, main, prepare_tasks
 
+from llava_deft.tasks.audio_words import clip_spec
+
 TINY = {
     "video_shapes": {"n_train": 2, "n_test": 1, "frames": 4},
     "passkey": {"n_train": 2, "n_test": 1, "min_tokens": 64, "max_tokens": 80},
@@ -62,7 +64,9 @@ def test_audio_task_with_espeak(tmp_path):
     done = prepare_tasks(tmp_path, "small", ["audio_words"], progress=False, overrides=TINY)
     assert done["tasks"]["audio_words"]["status"] == "generated"
     records = json.loads((tmp_path / "audio_words" / "test.json").read_text())
-    assert len(records) == done["tasks"]["audio_words"]["records"]["test"] >= 1
+    # one record per question of each test clip: as many as the clip specs hold answers
+    want = sum(len(clip_spec(0, "test", i).answers) for i in range(TINY["audio_words"]["n_test"]))
+    assert want >= 1 and len(records) == done["tasks"]["audio_words"]["records"]["test"] == want
     assert all((tmp_path / "audio_words" / r["audio"]).is_file() for r in records)
     assert prepare_tasks(tmp_path, "small", ["audio_words"], progress=False, overrides=TINY)[
         "tasks"]["audio_words"]["status"] == "cached"
