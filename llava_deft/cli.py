@@ -20,6 +20,7 @@ from pipeline import PipelineConfigError, list_stages, validate_config
 
 from .config import load_model_config
 from .errors import ConfigError, LlavaDeftError
+from .modality import MODALITIES
 
 
 def _kind(path: Path) -> str:
@@ -70,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train (same flags as python -m llava_deft.train)", add_help=False)
     g = sub.add_parser("generate", help="answer a prompt with a saved model")
     g.add_argument("--model", required=True)
-    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    g.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
-    g.add_argument("--audio", action="append", default=[], help="audio file (wav/flac; the model needs audio.enabled)")
-    g.add_argument("--text", action="append", default=[], help="text passage routed through the pipeline at <text>")
+    for key, kind in MODALITIES.items():  # --image, --video, --audio, --text
+        what = f"{kind.noun} file" if kind.from_files else f"{kind.noun} routed through the pipeline at {kind.placeholder}"
+        g.add_argument(f"--{key}", action="append", default=[], help=f"{what} (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("prompt")
 
@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .inference import load_model
 
-        print(load_model(args.model).generate(
-            args.prompt, images=args.image, videos=args.video, audios=args.audio, texts=args.text,
-            max_new_tokens=args.max_new_tokens,
-        ))
+        media = {kind.sample_key: getattr(args, key) for key, kind in MODALITIES.items()}
+        print(load_model(args.model).generate(args.prompt, max_new_tokens=args.max_new_tokens, **media))
         return 0
     except LlavaDeftError as err:
         print(f"llava-deft {args.cmd}: {err}", file=sys.stderr)
