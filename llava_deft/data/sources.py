@@ -1,0 +1,79 @@
+"""The training data a recipe's ``data:`` names (:class:`llava_deft.config.DataSpec`), as one dataset."""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import ConcatDataset, Subset
+
+from ..config.train import DataSpec
+from ..errors import DatasetFormatError, MediaFileError
+from ..tasks import TASK_NAMES, prepare_command
+from .easyvqa import EasyVQADataset
+from .llava_json import LlavaJsonDataset
+from .passkey import PasskeyDataset
+
+
+def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None):
+    """The dataset a :class:`DataSpec` names. ``video`` is the model's frame sampling
+    (``VideoConfig.sampling()``) and ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``),
+    both for LLaVA JSON records with "video" / "audio" keys. A mix is a :class:`MixedDataset`;
+    errors name the source (``data.sources.2 ('video_shapes', llava_json): ...``)."""
+    if spec.type != "mix":
+        return _build_source(spec, "data", video, sampling_rate)
+    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate) for i, s in enumerate(spec.sources)]
+    mixed = MixedDataset(parts, [s.label() for s in spec.sources])
+    return _limit_repeat(mixed, spec.limit, spec.repeat)
+
+
+def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None):
+    who = f"{where} ({spec.label()!r}, {spec.type})"
+    if spec.type == "easyvqa":
+        ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
+        return _limit_repeat(ds, None, spec.repeat)
+    if spec.type == "passkey":
+        ds = PasskeyDataset(spec.size, split=spec.split, seed=spec.seed, min_tokens=spec.min_tokens, max_tokens=spec.max_tokens)
+        return _limit_repeat(ds, spec.limit, spec.repeat)
+    path = Path(spec.path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.name in TASK_NAMES:
+            hint = f"; generate the task data with `{prepare_command(path.parent.parent)}`"
+        raise FileNotFoundError(f"{who}: LLaVA JSON file '{path}' does not exist{hint}")
+    kwargs: dict[str, Any] = dict(video or {})
+    if sampling_rate is not None:
+        kwargs["sampling_rate"] = sampling_rate
+    try:
+        ds = LlavaJsonDataset(path, spec.image_folder, **kwargs)
+    except (DatasetFormatError, MediaFileError) as err:
+        raise type(err)(f"{who}: {err}") from err
+    if len(ds) == 0:
+        raise DatasetFormatError(f"{who}: '{path}' holds no records; a source must give at least one sample")
+    return _limit_repeat(ds, spec.limit, spec.repeat)
+
+
+def _limit_repeat(ds, limit: int | None, repeat: int):
+    if limit is not None and limit < len(ds):
+        ds = Subset(ds, range(limit))
+    return ConcatDataset([ds] * repeat) if repeat > 1 else ds
+
+
+class MixedDataset(ConcatDataset):
+    """Several training sources as one dataset: the concatenation of their items, in source order.
+
+    ``names[i]`` and ``sizes[i]`` describe source ``i`` (its items after ``limit`` and ``repeat``);
+    ``source_of(index)`` says which source an item comes from.
+    """
+
+    def __init__(self, parts: list, names: list[str]):
+        super().__init__(parts)
+        self.names = list(names)
+        self.sizes = [len(p) for p in parts]
+
+    def source_of(self, index: int) -> str:
+        return self.names[bisect.bisect_right(self.cumulative_sizes, index % len(self))]
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {k}" for n, k in zip(self.names, self.sizes))
