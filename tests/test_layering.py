@@ -131,3 +131,12 @@ def test_light_rooms_import_without_vision_or_video_libraries(module):
             f"print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_no_source_file_of_the_package_is_git_ignored():
+    """A fresh clone must hold every module (an ignore rule such as ``data/`` once hid ``llava_deft/data/``)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "llava_deft", "pipeline", "eval"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert [p for p in out if p.endswith((".py", ".yaml", ".json")) and "__pycache__" not in p] == []
