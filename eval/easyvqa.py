@@ -116,7 +116,7 @@ def main(argv=None) -> list[dict]:
     if args.data_path:
         if not args.image_folder:
             raise SystemExit("--data-path needs --image-folder")
-        dataset = LlavaJsonDataset(args.data_path, args.image_folder)
+        dataset = LlavaJsonDataset(args.data_path, args.image_folder, options=model.processors.media)
         label = Path(args.data_path).stem
     else:
         dataset = EasyVQADataset(args.split)

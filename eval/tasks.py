@@ -124,10 +124,7 @@ def load_task(model: LlavaDeftForCausalLM, task: str, tasks_dir: Path, split: st
     if task == "easyvqa":
         ds = EasyVQADataset(split)
     else:
-        base = LlavaJsonDataset(
-            task_json(tasks_dir, task, split), tasks_dir / task,
-            **model.config.video.sampling(), sampling_rate=model.config.audio.sampling_rate(),
-        )
+        base = LlavaJsonDataset(task_json(tasks_dir, task, split), tasks_dir / task, options=model.processors.media)
         ds = TaskSplit(task, base)
     return Subset(ds, range(min(limit, len(ds)))) if limit else ds
 

@@ -22,39 +22,74 @@ The collator and model are passed in (duck-typed: ``ctx`` is a ``MultimodalColla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import Modality, TokenBatch
 
+from .config.model import LimitsConfig
 from .encoders.audio import SAMPLING_RATE, load_audio
 from .encoders.video import VideoClip, frames_to_pixels, load_video
-from .errors import AudioError, MediaFileError, SampleTooLongError, VideoError
+from .errors import AudioError, MediaFileError, MediaLimitError, SampleTooLongError, VideoError
 
 
 @dataclass(frozen=True)
 class MediaOptions:
-    """How files are read: a video's frame sampling (``VideoConfig.sampling()``), the audio rate."""
+    """How files are read: a video's frame sampling (``VideoConfig.sampling()``), the audio rate, and
+    what a file may hold (``limits``: the model config's ``limits:``, checked before decoding)."""
 
     num_frames: int = 8
     fps: float | None = None
     max_frames: int | None = None
     sampling_rate: int = SAMPLING_RATE
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def video_sampling(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames}
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file fully (so decoding errors surface here) as RGB."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of one high-bit-depth channel: 16-bit grayscale PNG / TIFF open as ``I;16`` (older PIL:
+``I``), which ``convert("RGB")`` clips to 255 (white) instead of scaling."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit grayscale is scaled to 8 bits (``value >> 8``: 32768 -> 128) before
+    the conversion; 16-bit RGB(A) PNGs already open as 8-bit ``RGB`` / ``RGBA``."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)  # (H, W)
+        img = Image.fromarray((values >> 8).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file fully (so decoding errors surface here) as RGB (``to_rgb``).
+
+    With ``max_pixels``, the size is read from the header first (``Image.open`` decodes nothing) and
+    an image of more pixels raises ``MediaLimitError`` naming the file and ``limits.max_image_pixels``;
+    so does one PIL itself refuses as a decompression bomb.
+    """
+    raise_it = "; raise limits.max_image_pixels in the model config if you trust the file, or downscale it"
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise MediaLimitError(path, (
+            f"PIL refuses it as a possible decompression bomb ({err}); if you trust the file, raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS in your program and limits.max_image_pixels in the model config, "
+            f"or downscale it"), "image file") from err
+    with img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise MediaLimitError(path, (
+                f"{img.width} x {img.height} = {img.width * img.height:,} pixels is over "
+                f"limits.max_image_pixels = {max_pixels:,}{raise_it}"), "image file")
+        return to_rgb(img)
 
 
 class MediaKind:
@@ -155,14 +190,20 @@ class ImageKind(MediaKind):
     def from_object(self, item):
         if not isinstance(item, Image.Image):
             raise TypeError(f"an image must be a path or a PIL image, got {type(item).__name__}")
-        return item.convert("RGB")
+        return to_rgb(item)
 
     def read(self, path, opts, where):
         suffix = f" {where}" if where else ""
         if not path.is_file():
             raise MediaFileError(f"image '{path}'{suffix} does not exist")
+        if path.stat().st_size == 0:
+            raise MediaFileError(f"image '{path}'{suffix} is empty (0 bytes)")
         try:
-            return load_rgb(path)
+            return load_rgb(path, opts.limits.max_image_pixels)
+        except MediaLimitError as err:
+            if not where:
+                raise
+            raise err.located(where) from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise MediaFileError(f"image '{path}'{suffix} cannot be decoded: {err}") from err
 
@@ -200,11 +241,12 @@ class VideoKind(MediaKind):
         if not path.is_file():
             raise MediaFileError(f"video '{path}'" + (f" {where}" if where else "") + " does not exist")
         try:
-            return load_video(path, **opts.video_sampling())
-        except VideoError as err:
+            return load_video(path, **opts.video_sampling(), max_seconds=opts.limits.max_video_seconds,
+                              max_frame_pixels=opts.limits.max_video_frame_pixels)
+        except (VideoError, MediaLimitError) as err:
             if not where:
                 raise
-            raise VideoError(err.path, f"{err.problem} {where}") from err
+            raise err.located(where) from err
 
     def prepare(self, ctx, items, sample, sample_id):
         return [video_frames(v) for v in items]
@@ -249,11 +291,11 @@ class AudioKind(MediaKind):
         if where and not path.is_file():
             raise MediaFileError(f"audio '{path}' {where} does not exist")
         try:
-            return load_audio(path, opts.sampling_rate)
-        except AudioError as err:
+            return load_audio(path, opts.sampling_rate, max_seconds=opts.limits.max_audio_seconds)
+        except (AudioError, MediaLimitError) as err:
             if not where:
                 raise
-            raise AudioError(err.path, f"{err.problem} {where}") from err
+            raise err.located(where) from err
 
     def prepare(self, ctx, items, sample, sample_id):
         if items and ctx.audio_processor is None:
@@ -284,7 +326,8 @@ class AudioKind(MediaKind):
 
     def stack(self, ctx, samples, prepared):
         waves = [w for per in prepared for w in per]
-        return {"audio_values": ctx.audio_processor.features(waves) if waves else None,  # (A, n_mels, frames)
+        names = [f"audio clip {j} of sample {str(s['id'])!r}" for s, per in zip(samples, prepared) for j in range(len(per))]
+        return {"audio_values": ctx.audio_processor.features(waves, names) if waves else None,  # (A, n_mels, frames)
                 "audio_lengths": torch.tensor([w.shape[0] for w in waves], dtype=torch.long),
                 self.counts_key: _counts(samples, self.sample_key)}
 
@@ -313,13 +356,13 @@ class TextKind(MediaKind):
         return item
 
     def prepare(self, ctx, items, sample, sample_id):
-        """Passages as token ids (no special tokens); empty passages and passages holding a placeholder
-        token are refused."""
+        """Passages as token ids (no special tokens: ``ctx.plain_text`` escapes their text as a message's);
+        empty passages and passages holding a placeholder token are refused."""
         if not items:
             return []
         if not all(isinstance(t, str) for t in items):
             raise ValueError(f"sample {sample_id!r}: 'texts' must be a list of passage strings")
-        encoded = ctx.tokenizer(list(items), add_special_tokens=False)["input_ids"]
+        encoded = ctx.tokenizer([ctx.plain_text(t) for t in items], add_special_tokens=False)["input_ids"]
         placeholders = {i: MODALITIES[m].placeholder for m, i in ctx.media_ids.items()}
         for j, ids in enumerate(encoded):
             if not ids:

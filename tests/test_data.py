@@ -190,11 +190,13 @@ def test_llava_json_missing_and_corrupt_image(tmp_path):
         dict(GOOD, id="gone", image="missing.png"),
         dict(GOOD, id="bad", image="broken.png"),
     ]
-    ds = LlavaJsonDataset(write_json(tmp_path / "set.json", records), tmp_path)  # lazy: no error yet
-    with pytest.raises(MediaFileError, match=r"missing\.png.*sample 'gone' of .*set\.json.*does not exist"):
-        ds[0]
+    path = write_json(tmp_path / "set.json", records)
+    # a missing file is found when the dataset is built (a stat); a corrupt one when it is decoded
+    with pytest.raises(DatasetFormatError, match=r"set\.json: record 0 \(id 'gone'\): key 'image' file 'missing\.png' does not exist"):
+        LlavaJsonDataset(path, tmp_path)
+    ds = LlavaJsonDataset(path, tmp_path, skip_invalid=True)
     with pytest.raises(MediaFileError, match=r"broken\.png.*sample 'bad' of .*set\.json.*cannot be decoded"):
-        ds[1]
+        ds[0]
 
 
 def test_llava_json_missing_file_and_folder(tmp_path):

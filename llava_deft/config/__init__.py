@@ -9,6 +9,7 @@ from .model import (
     DEFT_KEYS,
     SAMPLING_RATE,
     AudioConfig,
+    LimitsConfig,
     LLMConfig,
     ModelConfig,
     ProjectorConfig,
@@ -21,7 +22,7 @@ from .model import (
 from .train import DataSpec, StageSpec, TrainConfig, check_passkey_lengths, load_train_config
 
 __all__ = [
-    "DEFAULT_AUDIO_CONFIG", "DEFT_KEYS", "SAMPLING_RATE", "AudioConfig", "DataSpec", "LLMConfig", "ModelConfig",
+    "DEFAULT_AUDIO_CONFIG", "DEFT_KEYS", "SAMPLING_RATE", "AudioConfig", "DataSpec", "LimitsConfig", "LLMConfig", "ModelConfig",
     "ProjectorConfig", "StageSpec", "Strict", "TrainConfig", "VideoConfig", "VisionConfig", "apply_overrides",
     "check_passkey_lengths", "load_model_config", "load_train_config", "read_model_config_file",
     "resolve_audio_config",

@@ -47,7 +47,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping (an empty file is ``{}``); ``what`` names it in errors."""
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # the parser's message names no file
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} '{path}' must be a mapping, got {type(data).__name__}")
     return data

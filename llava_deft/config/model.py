@@ -1,11 +1,12 @@
 """Model config: one pydantic model, validated whole before any weight is touched.
 
-    vision:    image encoder (timm ViT name or open_clip model name) + its kwargs / local weights
+    vision:    image encoder (timm ViT, open_clip tower or HF CLIPVisionModel) + its kwargs / local weights
     projector: "linear" | "mlp2x_gelu"
     llm:       an HF config dict (llama / qwen2 / qwen3 ...) or a local directory
     pipeline:  reduction stages (see ``pipeline.validate_config``), or a YAML path
     video:     frame sampling (num_frames | fps, max_frames) and per-frame spatial pooling (pool_stride)
     audio:     the Whisper-style audio encoder (off by default): enabled, encoder, weights, pool_stride, freeze
+    limits:    what a media file may hold (image pixels, video length and frame size, audio length)
     tokenizer: None for the committed tiny tokenizer, else a local directory
 
 Every key is read by ``LlavaDeftForCausalLM``; unknown keys are errors that list the allowed keys.
@@ -76,16 +77,74 @@ def resolve_audio_config(config: dict[str, Any] | None) -> dict[str, Any]:
 _FGCS, _SAM, _RTD = stage_defaults("fgcs"), stage_defaults("sam"), stage_defaults("rtd")
 
 
+# The tiny HF CLIP tower of ``vision.backend: hf_clip`` (a CLIPVisionConfig dict), the same size as
+# the tiny timm default: 64 px, 8 px patches (an 8 x 8 grid), width 128, 2 layers.
+TINY_CLIP_VISION: dict[str, Any] = {
+    "image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
+    "num_hidden_layers": 2, "num_attention_heads": 4,
+}
+
+
 class VisionConfig(Strict):
-    backend: Literal["timm", "open_clip"] = "timm"
+    """The image encoder. ``backend`` picks it:
+
+    - ``timm`` / ``open_clip``: ``name`` (a timm model / an open_clip model name), ``kwargs``
+      (constructor overrides), ``feature_layer`` (which block's output feeds the projector);
+    - ``hf_clip``: transformers' ``CLIPVisionModel``, built from ``kwargs`` (a ``CLIPVisionConfig``
+      dict; default ``TINY_CLIP_VISION``) or loaded from ``path`` (a local CLIPVisionModel / CLIPModel
+      directory, safetensors only); features as LLaVA takes them: ``vision_feature_layer`` indexes the
+      tower's hidden states (0 = the embeddings, -2 = LLaVA-1.5's penultimate layer) and
+      ``vision_feature_select_strategy`` ``default`` drops the CLS token (tokens on the patch grid) or
+      ``full`` keeps it (N + 1 tokens, reported as a ``1 x (N + 1)`` strip: no square grid, so no video
+      ``pool_stride``); ``image_processor``: ``CLIPImageProcessor`` settings (size, crop_size,
+      image_mean, ...; default: the path's preprocessor config, else CLIP's at the tower's size).
+
+    ``weights`` (a local .safetensors state dict of the encoder) and ``freeze`` apply to every backend;
+    a key that belongs to another backend than the one chosen is an error.
+    """
+
+    backend: Literal["timm", "open_clip", "hf_clip"] = "timm"
     name: str = "vit_tiny_patch16_224"
-    # constructor overrides (timm: create_model kwargs; open_clip: model kwargs such as vision_cfg)
+    # constructor overrides (timm: create_model kwargs; open_clip: model kwargs such as vision_cfg;
+    # hf_clip: CLIPVisionConfig keys)
     kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4}
     )
     weights: str | None = None  # local .safetensors with the encoder's state dict
     feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     freeze: bool = False
+    path: str | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    image_processor: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_clip_default_kwargs(cls, data):
+        # kwargs' default is timm's; an hf_clip tower without kwargs is the tiny CLIP (or, with path, the directory's)
+        if isinstance(data, dict) and data.get("backend") == "hf_clip" and "kwargs" not in data:
+            data = {**data, "kwargs": {} if data.get("path") else dict(TINY_CLIP_VISION)}
+        return data
+
+    @model_validator(mode="after")
+    def _keys_of_the_backend(self):
+        fields = type(self).model_fields
+        changed = {k for k, f in fields.items() if getattr(self, k) != f.get_default(call_default_factory=True)}
+        own = {"timm": ("name", "feature_layer"), "open_clip": ("name", "feature_layer"),
+               "hf_clip": ("path", "vision_feature_layer", "vision_feature_select_strategy", "image_processor")}
+        foreign = sorted(k for k in changed if k not in own[self.backend]
+                         and any(k in keys for b, keys in own.items() if b != self.backend))
+        if foreign:
+            where = "backend hf_clip" if self.backend != "hf_clip" else "backends timm and open_clip"
+            raise ValueError(f"vision {foreign} apply only to {where}, not {self.backend!r}")
+        if self.backend == "hf_clip" and self.path is not None and self.kwargs:
+            raise ValueError("vision.path (a CLIP directory) and vision.kwargs (a CLIPVisionConfig) exclude each other: give one")
+        return self
+
+    def patch_grid(self) -> bool:
+        """Whether the encoder's tokens lie on its patch grid (every backend but hf_clip's ``full``,
+        whose CLS token comes first)."""
+        return not (self.backend == "hf_clip" and self.vision_feature_select_strategy == "full")
 
 
 class ProjectorConfig(Strict):
@@ -162,10 +221,26 @@ class AudioConfig(Strict):
         return int(resolve_audio_config(self.encoder)["sampling_rate"])
 
 
+class LimitsConfig(Strict):
+    """What a media file may hold, checked from its header before anything is decoded (a file over a
+    limit raises ``MediaLimitError`` naming the file, the limit and its key): ``max_image_pixels``
+    (width × height of an image; 40 M, e.g. 8000 × 5000; PIL itself also refuses images over
+    2 × ``PIL.Image.MAX_IMAGE_PIXELS`` = 179 M pixels as decompression bombs), ``max_video_seconds``
+    (a clip's length; 10 minutes), ``max_video_frame_pixels`` (width × height of a video frame; 4K UHD,
+    3840 × 2160) and ``max_audio_seconds`` (a clip's length; 10 minutes, although the audio encoder
+    takes only clips up to its chunk). Raise one in the model config, e.g. ``limits.max_image_pixels=100000000``."""
+
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_frame_pixels: int = Field(3840 * 2160, gt=0)
+    max_audio_seconds: float = Field(600.0, gt=0)
+
+
 class ModelConfig(Strict):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     pipeline: dict[str, Any] | list | str | None = None
@@ -180,6 +255,13 @@ class ModelConfig(Strict):
     deft_enable_rtd: bool = True
     deft_alpha_var: float = Field(_FGCS["alpha_var"], ge=0)
     deft_rtd_bottleneck_ratio: int = Field(_RTD["bottleneck_ratio"], gt=1)
+
+    @model_validator(mode="after")
+    def _pool_needs_a_grid(self):
+        if self.video.pool_stride > 1 and not self.vision.patch_grid():
+            raise ValueError("video.pool_stride pools each frame's patch grid, but vision_feature_select_strategy "
+                             "'full' keeps the CLS token (no grid): use 'default' or video.pool_stride: 1")
+        return self
 
     @model_validator(mode="after")
     def _deft_switches(self):

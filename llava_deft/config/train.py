@@ -8,7 +8,7 @@ config is written into the run folder as ``train_config.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -46,6 +46,11 @@ class DataSpec(Strict):
             - {type: llava_json, path: data/tasks/video_shapes/train.json, repeat: 2}
             - {type: passkey, size: 100000, min_tokens: 128, max_tokens: 512}
 
+    A ``llava_json`` source is checked whole when the run starts (every record, every media file's
+    path and existence): bad records stop it with one error listing them, unless ``skip_invalid:
+    true`` leaves them out (the count and reasons are printed); media paths must stay inside
+    ``image_folder`` unless ``trusted_paths: true``.
+
     ``limit`` keeps the first N items of a source (before ``repeat``); ``repeat`` lists a source N
     times per epoch (to balance small sources against big ones); ``name`` labels a source in logs and
     errors (default: its type, or the JSON's folder name). A mix's items are the concatenation of its
@@ -62,6 +67,10 @@ class DataSpec(Strict):
     split: Literal["train", "test"] = "train"  # easyvqa and passkey only
     path: str | None = None  # llava_json only
     image_folder: str | None = None  # llava_json only
+    # llava_json only: leave out invalid records (reported at start) instead of refusing the file;
+    # accept absolute media paths and paths out of image_folder (a JSON you trust)
+    skip_invalid: bool = False
+    trusted_paths: bool = False
     limit: int | None = Field(None, gt=0)
     repeat: int = Field(1, gt=0)
     group_by_image: bool = False  # easyvqa: one multi-turn conversation per image (LLaVA-style)
@@ -83,6 +92,7 @@ class DataSpec(Strict):
             wrong.append("group_by_image (easyvqa only)")
         if self.type != "llava_json":
             wrong += [f"{k} (llava_json only)" for k in ("path", "image_folder") if getattr(self, k) is not None]
+            wrong += [f"{k} (llava_json only)" for k in ("skip_invalid", "trusted_paths") if getattr(self, k)]
         if self.type != "mix" and self.sources:
             wrong.append("sources (type mix only)")
         if self.type != "passkey":
@@ -120,9 +130,46 @@ class DataSpec(Strict):
         return self.type
 
 
+LORA_ALL_LINEAR = "all-linear"
+"""``target_modules`` value for every linear layer of the LLM but its output head (peft's shorthand)."""
+_QUANT_KEYS = ("quant_type", "double_quant")  # LoraSpec keys of bits: 4 only
+
+
+class LoraSpec(Strict):
+    """LoRA adapters on the LLM of a training stage (peft; LLaVA's ``--lora_enable``); ``bits: 4`` is
+    QLoRA (the LLM's linear layers in 4-bit through bitsandbytes; CUDA only).
+
+    Defaults are LLaVA's recipe: ``r`` 128, ``alpha`` 256, ``dropout`` 0.05, on every linear layer of
+    the LLM but its output head (``target_modules: all-linear``; or a list of layer names such as
+    ``[q_proj, v_proj]``). The LLM's own weights stay frozen and only the adapters train; the stage's
+    export folds the adapters into the weights (plain safetensors, loaded with no peft involved).
+    ``quant_type`` (nf4 or fp4) and ``double_quant`` (quantise the quantisation constants too) are
+    LLaVA's ``--quant_type`` / ``--double_quant`` and apply to ``bits: 4`` only.
+    """
+
+    enabled: bool = True
+    r: int = Field(128, gt=0)
+    alpha: float = Field(256.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | Literal["all-linear"] = LORA_ALL_LINEAR
+    bits: Literal[4] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _quant_keys_need_bits(self) -> "LoraSpec":
+        wrong = [k for k in _QUANT_KEYS if self.bits is None and getattr(self, k) != LoraSpec.model_fields[k].default]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} set without bits: 4 (4-bit base weights only); set bits: 4 or remove them")
+        return self
+
+
 class StageSpec(Strict):
     """One LLaVA training stage. Stage 1 ("align"): LLM and encoder frozen, projector and pipeline
-    train; stage 2 ("finetune"): the LLM trains too."""
+    train; stage 2 ("finetune"): the LLM trains too, wholly or through LoRA adapters (``lora:``).
+
+    ``projector_lr`` (LLaVA's ``mm_projector_lr``) is the learning rate of the projector(s) and of the
+    reduction pipeline's stages, which train alongside; unset, they train at ``lr`` like the rest."""
 
     name: str = "finetune"
     freeze_vision: bool = False
@@ -132,6 +179,8 @@ class StageSpec(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
+    projector_lr: float | None = Field(None, gt=0)
+    lora: LoraSpec | None = None
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -147,7 +196,14 @@ class StageSpec(Strict):
                 f"retention_hold_ratio + retention_ramp_ratio must be <= 1 (a share of the stage's steps); "
                 f"got {self.retention_hold_ratio} + {self.retention_ramp_ratio}"
             )
+        if self.lora_enabled and self.freeze_llm:
+            raise ValueError("lora trains the LLM through adapters, so freeze_llm: true contradicts it; "
+                             "set freeze_llm: false (the LLM's own weights stay frozen under LoRA) or lora.enabled: false")
         return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.lora is not None and self.lora.enabled
 
 
 class TrainConfig(Strict):

@@ -26,6 +26,7 @@ of each distinct conversation; both caches are per process (each DataLoader work
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -44,6 +45,14 @@ __all__ = ["IGNORE_INDEX", "LRUCache", "MultimodalCollator", "build_collator", "
 
 
 _MISSING = object()
+
+ESCAPE = "\u200b"
+"""ZERO WIDTH SPACE: put inside a special token's text or after a line-leading role word, it makes a
+user's text tokenize as plain text (byte-level BPE gives it its own bytes) without a visible change."""
+
+_ROLE_LINE = re.compile(r"(^|[\r\n])([ \t]*)(USER|ASSISTANT)(?=:)")
+"""A role marker of the chat template (``USER:``, ``ASSISTANT:``, written as plain text) at the start
+of a line of message content."""
 
 
 class LRUCache:
@@ -114,6 +123,17 @@ class MultimodalCollator:
     passage's own length per text. An empty passage, or one holding a placeholder token, raises
     ``ValueError`` naming the sample.
 
+    Message content (and a text passage) is text, never control: ``plain_text`` escapes it before the
+    chat template runs. Any special token's text (``</s>``, ``<s>``, ``<pad>``, ``<unk>``, a real
+    tokenizer's ``<|im_start|>``, ...) gets a zero-width space after its first character (``ESCAPE``),
+    so it tokenizes as ordinary bytes and cannot end a turn or open one; a line-leading role marker
+    (``USER:`` / ``ASSISTANT:``, which the tiny template writes as plain text) gets one before its colon,
+    so content cannot fake a turn. Media placeholders are not escaped: they are how a prompt places its
+    media, and one without its media item (``<image>`` typed with no image) is refused by the count
+    check above. Chosen over ``split_special_tokens`` (it would split the template's own ``<s>`` /
+    ``</s>`` too) and over refusing (users may quote markup); the assistant mask, and so the labels,
+    of text without such markers is unchanged.
+
     Audio needs ``audio_processor`` (the model's ``audio_processor``, from its ``audio:`` config):
     waveforms become log-mel features here. Text passages are tokenised here (no special tokens); the
     model embeds them with the LLM's input embeddings and reduces them as TEXT rows.
@@ -172,6 +192,12 @@ class MultimodalCollator:
         self.generation = generation
         self.media_ids = media_token_ids(tokenizer)
         """Placeholder token id per modality the tokenizer has."""
+        placeholders = {MODALITIES[k].placeholder for k in self.media_ids}
+        specials = set(tokenizer.all_special_tokens) | {
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        # a one-character special token cannot be split by an insertion: left alone (the tiny tokenizer has none)
+        specials = sorted((t for t in specials - placeholders if len(t) > 1 and ESCAPE not in t), key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.token_cache = LRUCache(cache_size)
         self.image_cache = LRUCache(cache_size)
 
@@ -216,6 +242,15 @@ class MultimodalCollator:
             raise EmptyLabelsError(sample_id, reason)
         return list(ids), list(labels), None, prepared
 
+    def plain_text(self, text: str) -> str:
+        """``text`` with every special token but the media placeholders, and every line-leading role
+        marker, escaped (see the class docstring): it tokenizes as plain text."""
+        if self._specials is not None:
+            n = 1
+            while n:  # again: a token may start inside one just escaped; each pass only removes matches
+                text, n = self._specials.subn(lambda m: m[0][0] + ESCAPE + m[0][1:], text)
+        return _ROLE_LINE.sub(lambda m: m[1] + m[2] + m[3] + ESCAPE, text)
+
     def _tokenize(
         self, messages: Sequence[dict[str, Any]]
     ) -> tuple[tuple[int, ...], tuple[int, ...] | None, str | None]:
@@ -227,9 +262,11 @@ class MultimodalCollator:
                 return hit
         messages = list(messages)
         reference = None
+        if self.generation and messages and messages[-1]["role"] == "assistant":
+            reference = messages.pop()["content"]
+        messages = [dict(m, content=self.plain_text(m["content"])) if isinstance(m.get("content"), str) else m
+                    for m in messages]
         if self.generation:
-            if messages and messages[-1]["role"] == "assistant":
-                reference = messages.pop()["content"]
             enc = self.tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, add_generation_prompt=True
             )

@@ -15,14 +15,21 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 """LLaVA JSON ``from`` value → chat-template role."""
 
 
+def record_error(json_path: Path, index: int, sample_id: Any, what: str,
+                 cls: type[DatasetFormatError] = DatasetFormatError) -> DatasetFormatError:
+    """``{json_path}: record {index} (id {sample_id!r}): {what}`` as a ``cls`` (id left out when None)."""
+    who = f"record {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
+    return cls(f"{json_path}: {who}: {what}")
+
+
 def parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, list[dict], dict[str, list[str]]]:
     """Validate one LLaVA record; return (id, messages, media) where ``media`` maps each modality key
     (``MODALITIES``) to the record's items: relative paths for media read from files, the passages
-    themselves for ``text``."""
+    themselves for ``text``. A system turn may only come first, and the conversation must hold one
+    placeholder per item of each kind (``<image>`` per image, ...)."""
 
     def fail(what: str, sample_id: Any = None) -> DatasetFormatError:
-        who = f"record {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
-        return DatasetFormatError(f"{json_path}: {who}: {what}")
+        return record_error(json_path, index, sample_id, what)
 
     if not isinstance(record, dict):
         raise fail(f"expected an object with 'id' and 'conversations', got {type(record).__name__}")
@@ -52,6 +59,8 @@ def parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, l
             )
         if not isinstance(turn["value"], str):
             raise fail(f"key 'conversations[{j}].value' must be a string", sample_id)
+        if turn["from"] == "system" and j > 0:
+            raise fail(f"conversations[{j}] is a 'system' turn; a system turn may only come first", sample_id)
         messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
     media = {}
     for kind in MODALITIES.values():
@@ -63,4 +72,10 @@ def parse_llava_record(record: Any, index: int, json_path: Path) -> tuple[str, l
             what = "a path string or a list of path strings" if kind.from_files else "a non-empty passage string or a list of them"
             raise fail(f"key '{key}' must be {what}", sample_id)
         media[kind.key] = items
+        n = sum(m["content"].count(kind.placeholder) for m in messages)
+        if n != len(items):
+            raise fail(
+                f"the conversation has {n} {kind.placeholder} placeholder(s) but key '{key}' gives {len(items)} "
+                f"item(s); put exactly one {kind.placeholder} in the text per item", sample_id,
+            )
     return sample_id, messages, media

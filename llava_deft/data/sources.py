@@ -8,6 +8,7 @@ from typing import Any
 
 from torch.utils.data import ConcatDataset, Subset
 
+from ..config.model import LimitsConfig
 from ..config.train import DataSpec
 from ..errors import DatasetFormatError, MediaFileError
 from ..tasks import TASK_NAMES, prepare_command
@@ -16,19 +17,23 @@ from .llava_json import LlavaJsonDataset
 from .passkey import PasskeyDataset
 
 
-def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None):
+def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None,
+                  limits: LimitsConfig | None = None):
     """The dataset a :class:`DataSpec` names. ``video`` is the model's frame sampling
-    (``VideoConfig.sampling()``) and ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``),
-    both for LLaVA JSON records with "video" / "audio" keys. A mix is a :class:`MixedDataset`;
-    errors name the source (``data.sources.2 ('video_shapes', llava_json): ...``)."""
+    (``VideoConfig.sampling()``), ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``)
+    and ``limits`` its media limits (``ModelConfig.limits``; default ``LimitsConfig()``), for LLaVA
+    JSON records with "image" / "video" / "audio" keys. A mix is a :class:`MixedDataset`; errors name
+    the source (``data.sources.2 ('video_shapes', llava_json): ...``). A source that skipped invalid
+    records (``skip_invalid``) prints how many and why."""
     if spec.type != "mix":
-        return _build_source(spec, "data", video, sampling_rate)
-    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate) for i, s in enumerate(spec.sources)]
+        return _build_source(spec, "data", video, sampling_rate, limits)
+    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate, limits) for i, s in enumerate(spec.sources)]
     mixed = MixedDataset(parts, [s.label() for s in spec.sources])
     return _limit_repeat(mixed, spec.limit, spec.repeat)
 
 
-def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None):
+def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None,
+                  limits: LimitsConfig | None = None):
     who = f"{where} ({spec.label()!r}, {spec.type})"
     if spec.type == "easyvqa":
         ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
@@ -46,11 +51,15 @@ def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, samp
     if sampling_rate is not None:
         kwargs["sampling_rate"] = sampling_rate
     try:
-        ds = LlavaJsonDataset(path, spec.image_folder, **kwargs)
+        ds = LlavaJsonDataset(path, spec.image_folder, **kwargs, limits=limits, skip_invalid=spec.skip_invalid,
+                              trusted_paths=spec.trusted_paths)
     except (DatasetFormatError, MediaFileError) as err:
         raise type(err)(f"{who}: {err}") from err
+    if ds.skipped:
+        print(f"[data] {who}: {ds.skipped_summary()}")
     if len(ds) == 0:
-        raise DatasetFormatError(f"{who}: '{path}' holds no records; a source must give at least one sample")
+        left = f" once {len(ds.skipped)} invalid record(s) were skipped" if ds.skipped else ""
+        raise DatasetFormatError(f"{who}: '{path}' holds no records{left}; a source must give at least one sample")
     return _limit_repeat(ds, spec.limit, spec.repeat)
 
 

@@ -30,7 +30,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..config.model import DEFAULT_AUDIO_CONFIG, SAMPLING_RATE, resolve_audio_config
-from ..errors import AudioError, CheckpointError
+from ..errors import AudioError, CheckpointError, MediaLimitError
 from .weights import read_safetensors
 
 __all__ = ["SAMPLING_RATE", "DEFAULT_AUDIO_CONFIG", "resolve_audio_config", "load_audio", "log_mel",
@@ -38,13 +38,20 @@ __all__ = ["SAMPLING_RATE", "DEFAULT_AUDIO_CONFIG", "resolve_audio_config", "loa
 
 # ---------------------------------------------------------------------------------------------- loading
 
+MAX_SAMPLE_MAGNITUDE = 16.0
+"""Largest ``|sample|`` a file may hold once read as float (full scale is 1.0; integer files never
+exceed it, float files may a little after mixing): 16 is +24 dB of headroom, and anything past it is
+not a recording (samples of 1e30 give NaN log-mel features)."""
 
-def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> Tensor:
+
+def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE, max_seconds: float | None = None) -> Tensor:
     """Read a wav or flac file (any format libsndfile reads) as ``(S,)`` float32 mono at ``sampling_rate``.
 
     Channels are averaged; other rates are resampled with soxr (high quality). Raises ``AudioError``
     (a ``FileNotFoundError`` through ``MediaFileError``) naming the file when it is missing, cannot
-    be decoded, holds no samples or holds NaN/inf.
+    be decoded, holds no samples, holds NaN/inf or samples past ``±MAX_SAMPLE_MAGNITUDE``; with
+    ``max_seconds``, a longer file raises ``MediaLimitError`` from its header (``soundfile.info``),
+    before any sample is read.
     """
     # imported here so that image/video-only use (and machines without libsndfile) need neither
     import soundfile as sf
@@ -54,6 +61,12 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> Tensor:
     if not path.is_file():
         raise AudioError(path, "does not exist")
     try:
+        if max_seconds is not None:
+            info = sf.info(str(path))
+            if info.frames > max_seconds * info.samplerate:
+                raise MediaLimitError(path, (
+                    f"{info.frames / info.samplerate:.1f} s is over limits.max_audio_seconds = {max_seconds:g} s; "
+                    f"raise it in the model config if you trust the file, or cut the clip"), "audio file")
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
     except sf.SoundFileError as err:
         raise AudioError(path, f"cannot be decoded ({err})") from err
@@ -62,6 +75,11 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> Tensor:
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise AudioError(path, f"holds {bad} non-finite (NaN or inf) sample value(s)")
+    peak = float(np.abs(data).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioError(path, (
+            f"holds samples of magnitude up to {peak:.3g}, past ±{MAX_SAMPLE_MAGNITUDE:g} (full scale is 1.0); "
+            f"it is not a recording: re-export it normalised to [-1, 1]"))
     mono = data.mean(axis=1)  # (S,)
     if file_rate != sampling_rate:
         mono = soxr.resample(mono, file_rate, sampling_rate, quality="HQ")
@@ -89,12 +107,15 @@ def build_feature_extractor(
 
 
 def log_mel(
-    waveforms: Sequence[Tensor | np.ndarray], extractor: WhisperFeatureExtractor, truncate: bool = False
+    waveforms: Sequence[Tensor | np.ndarray], extractor: WhisperFeatureExtractor, truncate: bool = False,
+    names: Sequence[str] | None = None,
 ) -> Tensor:
     """``waveforms`` (each ``(S_i,)`` at the extractor's rate) -> ``(B, n_mels, chunk frames)`` float32.
 
     A clip longer than the chunk raises ``ValueError`` unless ``truncate`` (then its end is cut):
-    Whisper's extractor would cut it silently.
+    Whisper's extractor would cut it silently. A clip whose features are not finite (NaN or inf
+    samples, or samples so large that their power overflows) raises ``AudioError`` naming it by
+    ``names[i]`` (default ``waveform i``).
     """
     arrays = [w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w) for w in waveforms]
     for i, a in enumerate(arrays):
@@ -108,7 +129,17 @@ def log_mel(
     out = extractor(
         arrays, sampling_rate=extractor.sampling_rate, return_tensors="pt", padding="max_length", truncation=True
     )
-    return out["input_features"].float()
+    feats = out["input_features"].float()  # (B, n_mels, frames)
+    finite = torch.isfinite(feats).flatten(1).all(1)  # (B,)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0, 0])
+        peak = float(np.abs(arrays[i]).max()) if arrays[i].size else 0.0
+        name = names[i] if names is not None else f"waveform {i}"
+        raise AudioError(
+            f"{name} gives non-finite log-mel features (its largest |sample| is {peak:.3g}; samples must be "
+            f"finite and about [-1, 1]); load files with llava_deft.encoders.audio.load_audio, which refuses such clips"
+        )
+    return feats
 
 
 def audio_token_count(num_samples: Tensor | int, hop_length: int, pool_stride: int, max_tokens: int) -> Tensor | int:
@@ -149,9 +180,10 @@ class AudioProcessor:
     def max_samples(self) -> int:
         return int(self.feature_extractor.n_samples)
 
-    def features(self, waveforms: Sequence[Tensor | np.ndarray]) -> Tensor:
-        """``(A, n_mels, frames)`` float32 log-mel features (``log_mel``; a clip over the chunk raises)."""
-        return log_mel(waveforms, self.feature_extractor)
+    def features(self, waveforms: Sequence[Tensor | np.ndarray], names: Sequence[str] | None = None) -> Tensor:
+        """``(A, n_mels, frames)`` float32 log-mel features (``log_mel``; a clip over the chunk, or one
+        whose features are not finite, raises; ``names`` name the clips in errors)."""
+        return log_mel(waveforms, self.feature_extractor, names=names)
 
     def num_tokens(self, num_samples: Tensor | int) -> Tensor | int:
         """Tokens covering a clip of ``num_samples`` samples (see :func:`audio_token_count`)."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import MediaFileError, VideoError
+from ..errors import MediaFileError, MediaLimitError, VideoError
 
 # decord raises DECORDError for most failures and a bare RuntimeError for some (e.g. "Error reading").
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError)
@@ -126,20 +126,49 @@ def sample_frame_indices(
     return chosen
 
 
+def _frame_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of the first video stream from the container's header (PyAV; decord has no
+    such call), or None when PyAV cannot read it: decord's open then reports what is wrong. PyAV is
+    imported here, on the first video read, so that the package imports where it is missing (the GPU image)."""
+    import av  # noqa: PLC0415
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            ctx = container.streams.video[0].codec_context
+            return int(ctx.width), int(ctx.height)
+    except av.FFmpegError:
+        return None
+
+
+def _over(path: Path, what: str, limit: str, fix: str) -> MediaLimitError:
+    """The error for a clip whose ``what`` is over ``limit`` (``limits.key = value``)."""
+    return MediaLimitError(path, f"{what} is over {limit}; raise it in the model config if you trust the file, or {fix}",
+                           "video file")
+
+
 def load_video(
-    path: str | Path, num_frames: int = 8, fps: float | None = None, max_frames: int | None = None
+    path: str | Path, num_frames: int = 8, fps: float | None = None, max_frames: int | None = None,
+    max_seconds: float | None = None, max_frame_pixels: int | None = None,
 ) -> VideoClip:
     """Decode the sampled frames of ``path`` with decord (sampling as in ``sample_frame_indices``).
 
     Raises ``MediaFileError`` (a ``FileNotFoundError``) when ``path`` does not exist and
     ``VideoError`` when it is empty, corrupt or unreadable, has no frames, or (with ``fps=``) no
-    frame rate.
+    frame rate. Before any frame is decoded, a clip longer than ``max_seconds`` (its frame count over
+    its frame rate, or its last frame's end time, whichever is longer) or with frames of more than
+    ``max_frame_pixels`` pixels (width × height from the header) raises ``MediaLimitError``.
     """
     path = Path(path)
     if not path.is_file():
         raise MediaFileError(f"video '{path}' does not exist")
     if path.stat().st_size == 0:
         raise VideoError(path, f"the file is empty (0 bytes); {_FIX}")
+    size = _frame_size(path) if max_frame_pixels is not None else None
+    if size is not None and size[0] * size[1] > max_frame_pixels:
+        what = f"its {size[0]} x {size[1]} frames ({size[0] * size[1]:,} pixels)"
+        raise _over(path, what, f"limits.max_video_frame_pixels = {max_frame_pixels:,}", "downscale the clip")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except _DECORD_ERRORS as err:
@@ -152,6 +181,16 @@ def load_video(
     if fps is not None and not (avg_fps > 0 and math.isfinite(avg_fps)):
         problem = f"it reports no frame rate ({avg_fps}), so fps={fps} sampling is impossible; use fps=None"
         raise VideoError(path, problem)
+    if max_seconds is not None:
+        try:  # the packet index's times: no frame is decoded
+            seconds = float(reader.get_frame_timestamp([total - 1])[0, 1])
+        except _DECORD_ERRORS as err:
+            raise VideoError(path, f"its frame times cannot be read ({_short(err)}); {_FIX}") from err
+        if avg_fps > 0 and math.isfinite(avg_fps):
+            seconds = max(seconds, total / avg_fps)
+        if seconds > max_seconds:
+            raise _over(path, f"its length, {seconds:.1f} s ({total} frames),", f"limits.max_video_seconds = {max_seconds:g} s",
+                        "cut the clip")
     indices = sample_frame_indices(total, avg_fps, num_frames=num_frames, fps=fps, max_frames=max_frames)
     try:
         frames = reader.get_batch(indices).asnumpy()  # (T, H, W, 3) uint8

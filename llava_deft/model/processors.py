@@ -48,4 +48,4 @@ class Processors:
 
 def media_options(cfg: ModelConfig) -> MediaOptions:
     """How a model with config ``cfg`` reads media files."""
-    return MediaOptions(**cfg.video.sampling(), sampling_rate=cfg.audio.sampling_rate())
+    return MediaOptions(**cfg.video.sampling(), sampling_rate=cfg.audio.sampling_rate(), limits=cfg.limits)
