@@ -19,7 +19,7 @@ def test_every_shipped_config_validates():
     trains = sorted((ROOT / "configs" / "train").rglob("*.yaml"))
     ds = sorted((ROOT / "configs" / "deepspeed").rglob("*.json"))
     # exact counts: a listing that misses files (a non-recursive glob) must fail here
-    assert (len(models), len(trains), len(ds)) == (5, 7, 3), "a config was added or removed: update these counts"
+    assert (len(models), len(trains), len(ds)) == (5, 8, 3), "a config was added or removed: update these counts"
     for p in models:
         load_model_config(p)
     for p in trains:
@@ -103,6 +103,7 @@ def _describe(m: LlavaDeftForCausalLM, clip) -> dict:
         "audio_params": None if m.audio is None else sum(p.numel() for p in m.audio.parameters()),
         "audio_weights": None if m.audio is None else float(m.audio.encoder.conv1.weight.detach().sum()),
         "audio_trainable": None if m.audio is None else any(p.requires_grad for p in m.audio.parameters()),
+        "media_limits": m.processors.media.limits,  # what the loaders check (tests/test_hardening.py: each refuses)
     }
 
 
@@ -114,6 +115,7 @@ def _changes(tmp_path):
     tok = load_tokenizer()
     build_llm({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
                "num_attention_heads": 2, "num_key_value_heads": 1}, vocab_size=len(tok)).save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)  # llm.path without tokenizer: takes the LLM directory's own
     tok_dir = tmp_path / "tok"
     tok.add_tokens(["<extra_word>"])
     tok.save_pretrained(tok_dir)
@@ -123,8 +125,20 @@ def _changes(tmp_path):
     AudioEncoder().save_weights(tmp_path / "audio.safetensors")
     clip = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+    hf_clip = {"vision": {"backend": "hf_clip"}}
     return {
         "vision.backend": ({"vision": {"backend": "open_clip", "name": "ViT-B-32", "kwargs": clip}}, "encoder"),
+        "vision.path": ({"vision": {"backend": "hf_clip", "path": str(tmp_path / "clip")}}, "vision_params", hf_clip),
+        "vision.vision_feature_layer": ({"vision": {"backend": "hf_clip", "vision_feature_layer": -1}}, "vision_layer", hf_clip),
+        "vision.vision_feature_select_strategy": ({"vision": {"backend": "hf_clip", "vision_feature_select_strategy": "full"}},
+                                                  "video_tokens_per_frame", hf_clip),
+        "vision.image_processor": ({"vision": {"backend": "hf_clip", "image_processor": {
+            "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3}}},
+            "transform", hf_clip),
         "vision.name": ({"vision": {"name": "deit_tiny_patch16_224"}}, "transform"),
         "vision.kwargs": ({"vision": {"kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}}}, "vision_params"),
         "vision.feature_layer": ({"vision": {"feature_layer": -2}}, "vision_layer"),
@@ -150,6 +164,8 @@ def _changes(tmp_path):
         "audio.pool_stride": ({"audio": {"enabled": True, "pool_stride": 2}}, "audio_tokens", {"audio": {"enabled": True}}),
         "audio.freeze": ({"audio": {"enabled": True, "freeze": True}}, "audio_trainable", {"audio": {"enabled": True}}),
         "use_deft": ({"use_deft": True}, "pipeline"),
+        **{f"limits.{k}": ({"limits": {k: v}}, "media_limits") for k, v in (  # values that still take the clip
+            ("max_image_pixels", 1000), ("max_video_seconds", 60), ("max_video_frame_pixels", 10**5), ("max_audio_seconds", 60))},
         # the deft_* knobs need use_deft: each is compared with use_deft alone
         "deft_semantic_dim": ({"use_deft": True, "deft_semantic_dim": 64}, "pipeline_config", {"use_deft": True}),
         "deft_retention_ratio": ({"use_deft": True, "deft_retention_ratio": 0.25}, "pipeline_config", {"use_deft": True}),

@@ -242,7 +242,7 @@ def test_save_pretrained_roundtrip(lms, model_type, tmp_path):
 
 def test_load_with_larger_vocab_resizes(lms, tmp_path):
     lms["llama"].hf.save_pretrained(tmp_path)
-    loaded = DecoderLM(build_llm(str(tmp_path), vocab_size=VOCAB + 3))
+    loaded = DecoderLM(build_llm(str(tmp_path), vocab_size=VOCAB + 3, resize_vocab=True))
     assert loaded.vocab_size == VOCAB + 3
     assert loaded.hf.lm_head.weight.shape[0] == VOCAB + 3
     assert_close(loaded.hf.model.embed_tokens.weight[:VOCAB], lms["llama"].hf.model.embed_tokens.weight)

@@ -1,24 +1,29 @@
-"""Image encoders (timm ViT or the open_clip visual tower) returning patch tokens on a grid.
+"""Image encoders (timm ViT, the open_clip visual tower, transformers' CLIPVisionModel) returning
+patch tokens on a grid.
 
 ``build_image_encoder(cfg) -> (encoder, transform)``: as ``open_clip.create_model_and_transforms``
 does, the encoder comes with the preprocessing that matches it (size, mean/std).
-Random init unless ``cfg.weights`` names a local ``.safetensors`` file (never a pickle).
+Random init unless ``cfg.weights`` names a local ``.safetensors`` file (never a pickle), or, for
+``hf_clip``, ``cfg.path`` a local CLIP directory.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import open_clip
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from torch import Tensor, nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from ..config.model import VisionConfig
-from ..errors import CheckpointError
-from .weights import read_safetensors
+from ..errors import CheckpointError, ConfigError
+from .weights import read_safetensors, require_safetensors
 
 
 class ImageEncoder(nn.Module):
@@ -87,25 +92,173 @@ class OpenClipVisualEncoder(ImageEncoder):
         return self._preprocess
 
 
-ENCODERS: dict[str, type[ImageEncoder]] = {"timm": TimmViTEncoder, "open_clip": OpenClipVisualEncoder}
+# CLIPImageProcessor settings a config may give (``vision.image_processor``); the rest of its keyword
+# arguments (return_tensors, device, data_format, ...) are per call, not settings.
+CLIP_IMAGE_SETTINGS = tuple(
+    k for k in CLIPImageProcessor.valid_kwargs.__annotations__
+    if k not in ("return_tensors", "device", "data_format", "input_data_format", "disable_grouping", "image_seq_length")
+)
+
+
+def clip_image_settings(processor: CLIPImageProcessor) -> dict[str, Any]:
+    """The JSON-plain settings of ``processor`` (what ``vision.image_processor`` holds)."""
+    return json.loads(json.dumps({k: v for k, v in processor.to_dict().items() if k in CLIP_IMAGE_SETTINGS}))
+
+
+class ClipImageTransform:
+    """PIL image -> ``(3, H, W)`` float tensor through transformers' ``CLIPImageProcessor`` (resize the
+    shortest edge, centre crop, rescale, normalise), as the LLaVA processor prepares ``pixel_values``.
+    Picklable, so DataLoader workers can hold it."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = dict(settings)
+        self.processor = CLIPImageProcessor(**self.settings)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"ClipImageTransform({self.settings})"
+
+
+class HFClipVisionEncoder(ImageEncoder):
+    """transformers' ``CLIPVisionModel`` with LLaVA's feature selection (``LlavaModel.get_image_features``):
+    the hidden states at ``vision_feature_layer`` (0 = embeddings), without the CLS token (``default``,
+    tokens on the ``grid``) or with it first (``full``, ``grid = (1, N + 1)``: a strip, no square grid).
+
+    The tower is kept and run whole, as transformers runs it, so its state dict is the CLIP
+    checkpoint's and exports back; the layers after the feature layer and ``post_layernorm`` feed
+    nothing, so they stay frozen whatever ``requires_grad_`` asks (no parameter without a gradient)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.path is not None:
+            require_safetensors(cfg.path, "CLIPVisionModel")
+            self.model, info = CLIPVisionModel.from_pretrained(
+                cfg.path, local_files_only=True, use_safetensors=True, output_loading_info=True
+            )
+            if info["missing_keys"]:  # transformers would leave them randomly initialised
+                raise CheckpointError(
+                    f"vision.path '{cfg.path}' lacks CLIP tower weights {sorted(info['missing_keys'])[:5]}; "
+                    f"is it a CLIPVisionModel or CLIPModel directory?"
+                )
+        else:
+            self.model = CLIPVisionModel(clip_vision_config(cfg.kwargs))
+        config = self.model.config
+        n_states = config.num_hidden_layers + 1  # hidden_states: the embeddings, then each layer
+        if not -n_states <= cfg.vision_feature_layer < n_states:
+            raise ConfigError(
+                f"vision.vision_feature_layer {cfg.vision_feature_layer} is out of range for a CLIP tower with "
+                f"{config.num_hidden_layers} layers ({n_states} hidden states: {-n_states}..{n_states - 1})"
+            )
+        self.layer = cfg.vision_feature_layer
+        self.keep_cls = cfg.vision_feature_select_strategy == "full"
+        side = config.image_size // config.patch_size
+        self.width = config.hidden_size
+        self.grid = (1, side * side + 1) if self.keep_cls else (side, side)
+        self.image_size = (config.image_size, config.image_size)
+        self.image_settings = self._image_settings(cfg)
+        self.requires_grad_(True)
+
+    def _image_settings(self, cfg: VisionConfig) -> dict[str, Any]:
+        if cfg.image_processor is not None:
+            unknown = sorted(set(cfg.image_processor) - set(CLIP_IMAGE_SETTINGS))
+            if unknown:
+                raise ConfigError(f"vision.image_processor: unknown CLIPImageProcessor setting(s) {unknown}; "
+                                  f"valid: {sorted(CLIP_IMAGE_SETTINGS)}")
+            processor = CLIPImageProcessor(**cfg.image_processor)
+        elif cfg.path is not None and any((Path(cfg.path) / f).is_file() for f in PROCESSOR_FILES):
+            processor = CLIPImageProcessor.from_pretrained(cfg.path, local_files_only=True)
+        else:
+            side = self.image_size[0]
+            processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        out = processor.crop_size if processor.do_center_crop else processor.size
+        out = (out.get("height"), out.get("width")) if out else None
+        if out != self.image_size:
+            raise ConfigError(
+                f"vision.image_processor gives {out} images but the CLIP tower takes {self.image_size}: set "
+                f"crop_size (with do_center_crop) or size to height and width {self.image_size[0]}"
+            )
+        return clip_image_settings(processor)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters after the feature layer: its later encoder layers and ``post_layernorm``."""
+        n_layers = self.model.config.num_hidden_layers
+        used = self.layer % (n_layers + 1)  # hidden_states[i] is the output of layer i (0: embeddings)
+        later = [p for layer in self.model.encoder.layers[used:] for p in layer.parameters()]
+        return later + list(self.model.post_layernorm.parameters())
+
+    def requires_grad_(self, requires_grad: bool = True) -> "HFClipVisionEncoder":
+        super().requires_grad_(requires_grad)
+        for p in self.unused_parameters():
+            p.requires_grad_(False)
+        return self
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        feats = states[self.layer]  # (M, 1 + gh*gw, width), the CLS token first
+        return feats if self.keep_cls else feats[:, 1:]
+
+    def transform(self) -> Callable:
+        return ClipImageTransform(self.image_settings)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+"""Where ``save_pretrained`` puts an image processor's settings (transformers 4.x; 5.x's processors)."""
+
+
+CONFIG_BOOKKEEPING = ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
+"""Keys of a saved HF config that describe the file, not the model (the dtype: we build in float32)."""
+
+
+def clip_vision_kwargs(config: CLIPVisionConfig) -> dict[str, Any]:
+    """``vision.kwargs`` for ``config``: its values that differ from CLIPVisionConfig's defaults, without
+    bookkeeping keys and keys CLIPVisionConfig does not define (llava-1.5's vision_config carries a
+    stray ``vocab_size``)."""
+    known = set(CLIPVisionConfig().to_dict())
+    drop = (*CONFIG_BOOKKEEPING, "model_type")
+    return {k: v for k, v in config.to_diff_dict().items() if k in known and k not in drop}
+
+
+def clip_vision_config(kwargs: dict[str, Any]) -> CLIPVisionConfig:
+    """A ``CLIPVisionConfig`` from ``vision.kwargs``; keys CLIPVisionConfig does not define are refused
+    (transformers would keep them silently)."""
+    known = set(CLIPVisionConfig().to_dict())
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(f"vision.kwargs: unknown CLIPVisionConfig key(s) {unknown}; valid keys: {sorted(known)}")
+    if kwargs.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ConfigError(
+            f"vision.kwargs: model_type {kwargs['model_type']!r} is not a CLIP vision tower ('clip_vision_model')"
+        )
+    return CLIPVisionConfig(**{k: v for k, v in kwargs.items() if k != "model_type"})
 
 
 def build_image_encoder(cfg: VisionConfig) -> tuple[ImageEncoder, Callable]:
     """Build the encoder named by ``cfg`` and its matching image transform."""
-    enc = ENCODERS[cfg.backend](cfg.name, dict(cfg.kwargs), cfg.feature_layer)
+    if cfg.backend == "hf_clip":
+        enc = HFClipVisionEncoder(cfg)
+    else:
+        enc = ENCODERS[cfg.backend](cfg.name, dict(cfg.kwargs), cfg.feature_layer)
     if cfg.weights is not None:
         load_encoder_weights(enc, cfg.weights)
     return enc, enc.transform()
+
+
+ENCODERS: dict[str, type[ImageEncoder]] = {"timm": TimmViTEncoder, "open_clip": OpenClipVisualEncoder}
+"""The encoders built from ``(name, kwargs, feature_layer)``; ``hf_clip`` reads its whole config."""
 
 
 def load_encoder_weights(enc: ImageEncoder, path: str | Path) -> None:
     """Load a local safetensors state dict into ``enc.model`` (strict; mismatches are reported)."""
     state = read_safetensors(path, "vision")
     missing, unexpected = enc.model.load_state_dict(state, strict=False)
-    # open_clip keeps the tower under model.visual; accept a full CLIP state dict too
-    if missing and all(k.startswith("visual.") for k in unexpected):
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        missing, unexpected = enc.model.load_state_dict(state, strict=False)
+    # a full CLIP state dict holds the tower under visual. (open_clip) or vision_model. (transformers)
+    for prefix in ("visual.", "vision_model."):
+        if missing and any(k.startswith(prefix) for k in unexpected):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing, unexpected = enc.model.load_state_dict(state, strict=False)
+            break
     if missing or unexpected:
         raise CheckpointError(
             f"vision weights '{path}' do not match the encoder: missing {sorted(missing)[:5]}..., "
