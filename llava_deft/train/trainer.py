@@ -5,10 +5,14 @@
     python -m llava_deft.train --config configs/train/easyvqa_tiny.yaml   # one CPU process
 
 LLaVA's stages run in order (each its own DeepSpeed engine; stage i+1 starts from stage i's
-export, as LLaVA's finetune starts from the pretrain projector).  Run folder layout::
+export, as LLaVA's finetune starts from the pretrain projector).  A stage with ``lora:`` trains
+LoRA adapters on the LLM (QLoRA with ``bits: 4``; ``lora.py``) and its export folds them into the
+weights; ``projector_lr`` gives the projector(s) and the pipeline their own learning rate.  Run
+folder layout::
 
     output_dir/train_config.yaml          resolved config
     output_dir/train_log.jsonl            one line per logging step
+    output_dir/stage{i}_{name}/stage.json    trainable / total parameters, LoRA settings, parameter groups
     output_dir/stage{i}_{name}/checkpoints/  DeepSpeed checkpoints (resume)
     output_dir/stage{i}_{name}/export/       consolidated safetensors export of that stage
     output_dir/final/                        export of the last stage: ``load_model(output_dir/final)``,
@@ -18,12 +22,33 @@ export, as LLaVA's finetune starts from the pretrain projector).  Run folder lay
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import sys
+from pathlib import Path
 
 import torch
 
+
+def torch_extensions_dir() -> Path:
+    """Where torch JIT-builds DeepSpeed's C++ ops (on the CPU accelerator, the shm comm op every start
+    loads): ``.cache/torch_extensions/<torch>-<deepspeed>-<python>-<venv>`` in this checkout (in
+    ``~/.cache/llava_deft`` beside an installed package), so the op is built once. torch's default,
+    ``~/.cache/torch_extensions/py311_cu130``, is shared by every checkout and venv of the machine, and
+    ninja rebuilds the op there (40-75 s on 2 cores) whenever the last build came from another venv
+    (its include paths differ): then nearly every start paid that build."""
+    root = Path(__file__).resolve().parents[2]
+    base = root / ".cache" if (root / "pyproject.toml").is_file() else Path.home() / ".cache" / "llava_deft"
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    tag = (f"torch{torch.__version__}-deepspeed{importlib.metadata.version('deepspeed')}"
+           f"-py{sys.version_info.major}{sys.version_info.minor}-{venv}")
+    return base / "torch_extensions" / tag
+
+
 # DeepSpeed picks its accelerator at import time; with no GPU it must be told to use the CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
 
 import argparse  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
@@ -31,25 +56,26 @@ import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import deepspeed  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline import RetentionSchedule  # noqa: E402
 
 from ..config import ModelConfig, StageSpec, TrainConfig, apply_overrides, load_model_config, load_train_config, read_model_config_file  # noqa: E402
+from ..config.base import config_error, error_lines  # noqa: E402
 from ..data.collate import build_collator  # noqa: E402
 from ..data.sources import MixedDataset, build_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..model.llava import LlavaDeftForCausalLM  # noqa: E402
 from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
+from .lora import add_lora, merged_state_dict, parameter_counts, qlora_problems  # noqa: E402
 
 # LLaVA's flag names -> (our config key, type); "stages.*." sets the key in every stage
 LLAVA_FLAGS = {
@@ -97,7 +123,11 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
     data = base.model_dump()
     if args.model_config is not None:
         data["model"] = read_model_config_file(args.model_config)
-    return TrainConfig.model_validate(apply_overrides(data, flag_over + overrides))
+    try:
+        return TrainConfig.model_validate(apply_overrides(data, flag_over + overrides))
+    except ValidationError as e:
+        where = f"train config '{args.config}'" if args.config else "train config"
+        raise config_error(f"{where} with the command line's flags and overrides", error_lines(e)) from None
 
 
 # ---------------------------------------------------------------------------------- distributed
@@ -138,7 +168,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config '{path}' does not exist (see configs/deepspeed/)")
     ds = json.loads(path.read_text())
-    bf16 = torch.cuda.is_available() if cfg.bf16 == "auto" else bool(cfg.bf16)
+    bf16 = use_bf16(cfg)
     fill = {
         "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -158,6 +188,19 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     return ds
 
 
+def use_bf16(cfg: TrainConfig) -> bool:
+    """Train in bf16: ``bf16: auto`` means on GPUs."""
+    return torch.cuda.is_available() if cfg.bf16 == "auto" else bool(cfg.bf16)
+
+
+def zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of the recipe's DeepSpeed config (0 when it sets none)."""
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config '{path}' does not exist (see configs/deepspeed/)")
+    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
 def lr_lambda(total: int, warmup: int, min_ratio: float):
     def f(step: int) -> float:
         if step < warmup:
@@ -169,17 +212,19 @@ def lr_lambda(total: int, warmup: int, min_ratio: float):
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full state dict (floats in fp32) on rank 0 (gathers ZeRO-3 partitions); None on other ranks."""
+    """Full state dict (floats in fp32) on rank 0 (gathers ZeRO-3 partitions), LoRA adapters folded
+    into their layers' weights (plain keys, 4-bit weights dequantised); None on other ranks."""
     module = engine.module
     params = list(module.parameters())
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if engine.zero_optimization_stage() == 3 else nullcontext()
     with ctx:
         if dist.get_rank() == 0:
             # floats exported as fp32 (bf16 training included); integer buffers keep their dtype
-            return {
+            state = {
                 k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
                 for k, v in module.state_dict().items()
             }
+            return merged_state_dict(module, state)
     return None
 
 
@@ -204,13 +249,9 @@ def run_stage(
             print(f"[train] stage {i} ({stage.name}) already exported at {export_dir}; skipping")
         return export_dir
 
-    if init_from is not None:
-        model = LlavaDeftForCausalLM.from_pretrained(init_from)
-    else:
-        model = LlavaDeftForCausalLM(cfg.model)
-    model.apply_freeze(vision=stage.freeze_vision, llm=stage.freeze_llm, audio=stage.freeze_audio)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
+    model = stage_model(cfg, i, stage, init_from)
+    groups = param_groups(model, stage)
+    n_train, n_total = parameter_counts(model)
 
     collate = build_collator(model.processors)
     per_rank = len(dataset) // world
@@ -220,7 +261,7 @@ def run_stage(
     warmup = int(stage.warmup_ratio * total)
     retention = RetentionSchedule(model.pipeline, total, stage.retention_hold_ratio, stage.retention_ramp_ratio)
 
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=torch.cuda.is_available())
+    opt = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, fused=torch.cuda.is_available())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, stage.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world))
 
@@ -231,12 +272,23 @@ def run_stage(
         if rank == 0:
             print(f"[train] stage {i} ({stage.name}): resumed at step {step}/{total}")
     if rank == 0:
+        share = n_train / max(1, n_total)
         print(
             f"[train] stage {i} ({stage.name}): {total} steps, {len(dataset)} samples, world {world}, "
-            f"{n_train / 1e6:.2f}M trainable params, frozen vision={stage.freeze_vision} llm={stage.freeze_llm}"
+            f"{n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M params trainable ({100 * share:.2f}%), "
+            f"frozen vision={stage.freeze_vision} llm={stage.freeze_llm}"
             + (f" audio={model.config.audio.freeze if stage.freeze_audio is None else stage.freeze_audio}"
                if model.audio is not None else "")
+            + (f", LoRA r={stage.lora.r} alpha={stage.lora.alpha:g} on {stage.lora.target_modules}"
+               + (" over 4-bit weights" if stage.lora.bits == 4 else "") if stage.lora_enabled else "")
+            + "".join(f", {g['name']} lr {g['lr']:g}" for g in groups if len(groups) > 1)
         )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAGE_RECORD).write_text(json.dumps({
+            "trainable_params": n_train, "total_params": n_total, "trainable_share": share,
+            "lora": stage.lora.model_dump() if stage.lora_enabled else None,
+            "param_groups": [{"name": g["name"], "lr": g["lr"], "params": sum(p.numel() for p in g["params"])} for g in groups],
+        }, indent=2) + "\n")
         if isinstance(dataset, MixedDataset):
             print(f"[train] data: mix of {len(dataset.names)} sources ({dataset.summary()})")
 
@@ -269,6 +321,7 @@ def run_stage(
                 rate = seen / (time.perf_counter() - t0)
                 avg = run_loss / max(1, run_n)
                 record = {"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate}
+                record.update({f"{g['name']}_lr": lr for g, lr in zip(groups[1:], sched.get_last_lr()[1:])})
                 if retention.enabled:
                     record["retention"] = retention.ratios(step - 1)  # the ratios this step ran with
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
@@ -289,6 +342,51 @@ def run_stage(
         print(f"[train] stage {i} ({stage.name}) exported to {export_dir}")
     dist.barrier()
     return export_dir
+
+
+PROJECTOR_MODULES = ("projector", "audio_projector", "pipeline")
+"""The model's modules that ``projector_lr`` applies to: the projectors into the LLM's width and the
+reduction pipeline's stages (they train in every stage, ``LlavaDeftForCausalLM.apply_freeze``)."""
+
+STAGE_RECORD = "stage.json"
+"""In a stage's folder: its trainable and total parameters, LoRA settings and parameter groups
+(copied into ``final/training.json``)."""
+
+
+def stage_model(cfg: TrainConfig, i: int, stage: StageSpec, init_from: Path | None) -> LlavaDeftForCausalLM:
+    """The model a stage trains: the previous stage's export (or the recipe's model), frozen as the
+    stage says, with the stage's LoRA adapters injected into its LLM (4-bit base weights for QLoRA,
+    put on this rank's GPU)."""
+    model = LlavaDeftForCausalLM.from_pretrained(init_from) if init_from is not None else LlavaDeftForCausalLM(cfg.model)
+    model.apply_freeze(vision=stage.freeze_vision, llm=stage.freeze_llm, audio=stage.freeze_audio)
+    if stage.lora_enabled:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        add_lora(model.llm, stage.lora, torch.bfloat16 if use_bf16(cfg) else torch.float32, device, where=f"stages.{i}.lora")
+    return model
+
+
+def param_groups(model: LlavaDeftForCausalLM, stage: StageSpec) -> list[dict]:
+    """The optimizer's parameter groups of the trainable parameters: with ``projector_lr``, the
+    projector(s) and the pipeline (``PROJECTOR_MODULES``) at that rate after the rest at ``lr``;
+    groups without parameters are left out."""
+    fast, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (fast if name.split(".")[0] in PROJECTOR_MODULES else rest).append(p)
+    if stage.projector_lr is None:
+        return [{"name": "all", "params": rest + fast, "lr": stage.lr}]
+    groups = [{"name": "base", "params": rest, "lr": stage.lr}, {"name": "projector", "params": fast, "lr": stage.projector_lr}]
+    return [g for g in groups if g["params"]]
+
+
+def stage_records(out: Path, cfg: TrainConfig) -> list[dict]:
+    """Per stage, its last logged step and loss (``stage_summary``) with its ``stage.json``."""
+    records = stage_summary(out / "train_log.jsonl", len(cfg.stages))
+    for i, (rec, stage) in enumerate(zip(records, cfg.stages)):
+        f = out / f"stage{i}_{stage.name}" / STAGE_RECORD
+        if f.is_file():
+            rec.update(json.loads(f.read_text()))
+    return records
 
 
 def stage_summary(log_path: Path, n_stages: int) -> list[dict]:
@@ -312,10 +410,39 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> 
 
 
 def check_stages(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
-    """Stage switches that need a part of the model the config does not build."""
+    """Stage switches that need a part of the model the config does not build, or a machine this is
+    not (QLoRA: CUDA, bitsandbytes and ZeRO stage 2 or lower); every problem in one ``ConfigError``."""
+    problems = []
     bad = [f"stages.{i}.freeze_audio" for i, s in enumerate(cfg.stages) if s.freeze_audio is not None]
     if bad and not model_cfg.audio.enabled:
-        raise ConfigError(f"{', '.join(bad)} set but the model has no audio encoder; set model.audio.enabled: true or remove them")
+        problems.append(f"{', '.join(bad)} set but the model has no audio encoder; set model.audio.enabled: true or remove them")
+    qlora = [f"stages.{i}.lora.bits" for i, s in enumerate(cfg.stages) if s.lora_enabled and s.lora.bits == 4]
+    if qlora:
+        missing = qlora_problems()
+        if zero_stage(cfg) == 3:
+            missing.append(f"4-bit weights cannot be partitioned by ZeRO-3 ('{cfg.deepspeed}'): use configs/deepspeed/zero2.json")
+        if missing:
+            problems.append(f"{', '.join(qlora)}: 4 (QLoRA) cannot run: {'; '.join(missing)}; remove bits (LoRA over "
+                            f"full-precision weights) or train on a GPU with bitsandbytes installed")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def check_batches(n_samples: int, world: int, cfg: TrainConfig) -> None:
+    """One optimizer step needs world × per_device_batch_size × gradient_accumulation_steps samples
+    (incomplete batches are dropped, so every rank runs the same steps); fewer would loop forever
+    without a step."""
+    need = world * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    if n_samples >= need:
+        return
+    fits = n_samples // (world * cfg.gradient_accumulation_steps)
+    fix = (f"lower per_device_batch_size to at most {fits}" if fits else
+           f"lower gradient_accumulation_steps (at most {n_samples // world} with per_device_batch_size 1) or use fewer ranks")
+    raise ConfigError(
+        f"the training data has {n_samples} samples, fewer than one optimizer step needs: world size {world} x "
+        f"per_device_batch_size {cfg.per_device_batch_size} x gradient_accumulation_steps "
+        f"{cfg.gradient_accumulation_steps} = {need} (incomplete batches are dropped); {fix}, or add data"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -329,15 +456,17 @@ def main(argv: list[str] | None = None) -> Path:
     started = utc_now()
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)
+    # what can be refused is refused before the process group (and DeepSpeed's comm op) is set up
+    model_cfg = load_model_config(cfg.model)
+    check_stages(cfg, model_cfg)
+    dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate(), limits=model_cfg.limits)
+    check_batches(len(dataset), int(os.environ.get("WORLD_SIZE", "1")), cfg)  # the launcher's world, else one
     rank, world, _ = init_distributed()
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / TRAIN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    model_cfg = load_model_config(cfg.model)
-    check_stages(cfg, model_cfg)
-    dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate())
     prev: Path | None = None
     for i, stage in enumerate(cfg.stages):
         prev = run_stage(cfg, i, stage, prev, dataset, rank, world, args.resume)
@@ -348,7 +477,7 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.copytree(prev, final)
         shutil.copy(out / TRAIN_CONFIG, final / TRAIN_CONFIG)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        record = training_record(argv, started, world, device, stage_summary(out / "train_log.jsonl", len(cfg.stages)))
+        record = training_record(argv, started, world, device, stage_records(out, cfg))
         (final / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         print(f"[train] final model: {final}")
     dist.barrier()

@@ -1,0 +1,100 @@
+"""How the training entry starts: data that gives no optimizer step is refused at once, and DeepSpeed's
+JIT-built C++ op (the CPU accelerator's shm comm op) comes from a cache of this checkout, built once."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_deft.config import load_train_config
+from llava_deft.errors import ConfigError
+from llava_deft.train.trainer import check_batches, torch_extensions_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}  # the entry's own choice
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "llava_deft.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_llava_json(root: Path, n: int) -> Path:
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(root / "images" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is it?"}, {"from": "gpt", "value": "red"}]})
+    js = root / "data.json"
+    js.write_text(json.dumps(records))
+    return js
+
+
+@pytest.mark.timeout(60)
+def test_data_that_gives_no_optimizer_step_is_refused_before_training(tmp_path):
+    """10 records at batch 16 (drop_last) used to hang at step 0 with no message."""
+    js = tiny_llava_json(tmp_path, 10)
+    out = tmp_path / "run"
+    res = train(["--data_path", str(js), "--image_folder", str(tmp_path / "images"), "--output_dir", str(out),
+                 "--model_config", "configs/model/tiny.yaml", "--per_device_train_batch_size", "16"], timeout=55)
+    assert res.returncode != 0
+    assert ("ConfigError: the training data has 10 samples, fewer than one optimizer step needs: world size 1 x "
+            "per_device_batch_size 16 x gradient_accumulation_steps 1 = 16 (incomplete batches are dropped); "
+            "lower per_device_batch_size to at most 10, or add data") in res.stderr, res.stderr[-3000:]
+    assert not out.exists()  # refused before the run folder, the process group and the engine
+
+
+def test_check_batches_names_the_numbers_and_the_fix():
+    cfg = load_train_config(None, ["per_device_batch_size=4", "gradient_accumulation_steps=3"])
+    check_batches(24, 2, cfg)  # exactly one step
+    with pytest.raises(ConfigError, match=r"has 23 samples, .* world size 2 x per_device_batch_size 4 x "
+                                          r"gradient_accumulation_steps 3 = 24 .*; lower per_device_batch_size to at most 3, or add data"):
+        check_batches(23, 2, cfg)
+    with pytest.raises(ConfigError, match=r"has 5 samples, .*= 24 .*; lower gradient_accumulation_steps \(at most 2 with "
+                                          r"per_device_batch_size 1\) or use fewer ranks, or add data"):
+        check_batches(5, 2, cfg)
+
+
+@pytest.mark.slow
+def test_start_loads_deepspeeds_cpu_op_from_the_checkouts_cache_without_building_it(tmp_path):
+    """torch's default extension folder is shared by every checkout and venv of a machine, and the op
+    was rebuilt there (40-75 s on 2 cores) whenever another venv had built it last. The entry puts it
+    in this checkout's ``.cache``, versioned; once built, a start runs no compiler."""
+    ext = torch_extensions_dir()
+    assert ext.is_relative_to(ROOT / ".cache" / "torch_extensions")
+    import deepspeed
+    import torch
+
+    assert f"torch{torch.__version__}-deepspeed{deepspeed.__version__}-py" in ext.name
+    # a first start builds the op there if this checkout has never built it (a fresh clone)
+    warm = subprocess.run([sys.executable, "-c", "from llava_deft.train import init_distributed; init_distributed(); "
+                           "import os; print(os.environ['TORCH_EXTENSIONS_DIR'])"], cwd=ROOT, capture_output=True, text=True,
+                          env={**{k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"},
+                               "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert warm.stdout.split()[-1] == str(ext)
+    build = ext / "deepspeed_shm_comm"
+    ninja_log, library = build / ".ninja_log", build / "deepspeed_shm_comm.so"
+    before = (ninja_log.read_text(), library.stat().st_mtime_ns)
+    res = train(["--config", "configs/train/easyvqa_tiny.yaml", "--output_dir", str(tmp_path / "run"),
+                 "stages.0.max_steps=1", "data.limit=8", "per_device_batch_size=4", "model=configs/model/tiny.yaml"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage 0 (finetune): 1 steps" in res.stdout
+    assert (ninja_log.read_text(), library.stat().st_mtime_ns) == before  # ninja compiled nothing
+
+
+@pytest.mark.timeout(120)
+def test_the_training_entry_reads_with_the_model_configs_limits(tmp_path):
+    """``model.limits`` reaches the training data: 16x16 images over a 100-pixel limit stop the run naming the file."""
+    js = tiny_llava_json(tmp_path, 4)
+    res = train(["--data_path", str(js), "--image_folder", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"),
+                 "--model_config", "configs/model/tiny.yaml", "--per_device_train_batch_size", "2",
+                 "stages.0.max_steps=1", "model.limits.max_image_pixels=100"], timeout=110)
+    assert res.returncode != 0
+    assert "MediaLimitError" in res.stderr and "0.png" in res.stderr and "max_image_pixels" in res.stderr, res.stderr[-3000:]
