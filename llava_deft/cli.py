@@ -6,21 +6,33 @@
     llava-deft train --config configs/train/easyvqa_tiny.yaml --output_dir runs/x
     llava-deft generate --model runs/x/final --image shape.png "what color is the shape?"
     llava-deft generate --model runs/x/final --audio seven.wav --text "$(cat passage.txt)" "what is said?"
+    llava-deft generate --model runs/x/final --image shape.png --pipeline configs/pipeline/deft.yaml \
+        --retention 0.25 --stats --overlay kept.png --stream "what shape is this?"
+    llava-deft --version
+
+An error a command raises on purpose (``LlavaDeftError``), and ``FileNotFoundError``, ``ValueError`` and
+``TypeError``, print one line ``llava-deft <command>: <message>`` on stderr and exit with status 2
+(``--debug``: the traceback too); so do usage errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
 
 from pipeline import PipelineConfigError, list_stages, validate_config
 
+from . import __version__
 from .config import load_model_config
 from .errors import ConfigError, LlavaDeftError
 from .modality import MODALITIES
+
+COMMAND_ERRORS = (LlavaDeftError, FileNotFoundError, ValueError, TypeError)
+"""What a command's failure may raise: printed as one line, exit status 2 (``--debug``: with the traceback)."""
 
 
 def _kind(path: Path) -> str:
@@ -57,33 +69,129 @@ def validate(paths: list[str]) -> int:
     return bad
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="llava-deft", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("stages", help="list the registered reduction stages")
-    v = sub.add_parser("validate", help="validate model, pipeline and training configs")
-    v.add_argument("paths", nargs="+")
-    e = sub.add_parser("export-easyvqa", help="write easy-VQA in LLaVA's conversation JSON format")
-    e.add_argument("out_dir")
-    e.add_argument("--split", choices=["train", "test"], default="train")
-    e.add_argument("--limit", type=int, default=None)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: ``llava-deft generate: <problem> (see --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``llava-deft`` parser; every option of every subcommand has a help text."""
+    p = _Parser(prog="llava-deft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"llava-deft {__version__}", help="print the version and exit")
+    p.add_argument("--debug", action="store_true", help="on an error, print the traceback, not only its one line")
+    # subcommands take --debug too; SUPPRESS keeps the top-level value when a subcommand does not see it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the traceback, not only its one line")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("stages", help="list the registered reduction stages", parents=[common])
+    v = sub.add_parser("validate", help="validate model, pipeline and training configs", parents=[common])
+    v.add_argument("paths", nargs="+", help="config YAML files (model, pipeline or training recipe; the kind is detected)")
+    e = sub.add_parser("export-easyvqa", help="write easy-VQA in LLaVA's conversation JSON format", parents=[common])
+    e.add_argument("out_dir", help="folder to write <split>.json and images/ into")
+    e.add_argument("--split", choices=["train", "test"], default="train", help="which split (default: train)")
+    e.add_argument("--limit", type=int, default=None, help="export only the first N questions")
     sub.add_parser("train", help="train (same flags as python -m llava_deft.train)", add_help=False)
-    g = sub.add_parser("generate", help="answer a prompt with a saved model")
-    g.add_argument("--model", required=True)
+    g = sub.add_parser("generate", help="answer a prompt with a saved model", parents=[common])
+    g.add_argument("--model", required=True, help="model directory (save_pretrained or a training run's final/)")
     for key, kind in MODALITIES.items():  # --image, --video, --audio, --text
         what = f"{kind.noun} file" if kind.from_files else f"{kind.noun} routed through the pipeline at {kind.placeholder}"
         g.add_argument(f"--{key}", action="append", default=[], help=f"{what} (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("prompt")
+    g.add_argument("--system", default=None, help="system prompt put before the prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most new tokens (>= 1; prompt + this may not exceed the LLM's max_position_embeddings)")
+    g.add_argument("--pipeline", default=None,
+                   help="reduction pipeline YAML for this call (default: the model's own; learned stages keep their weights)")
+    g.add_argument("--retention", type=float, default=None,
+                   help="fraction of media tokens each reducer keeps, in (0, 1] (default: the pipeline's)")
+    g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; with --do-sample)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off; with --do-sample)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off; with --do-sample)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible --do-sample)")
+    g.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is generated")
+    g.add_argument("--stats", action="store_true",
+                   help="after the answer, print each reduction stage's statistics and each media item's kept tokens")
+    g.add_argument("--overlay", default=None, metavar="PNG",
+                   help="write the first image (else video) with the tokens each stage kept drawn over it to this PNG")
+    g.add_argument("prompt", help="the question or instruction")
+    return p
 
+
+def _stats_lines(info) -> list[str]:
+    """``--stats`` output: one line per stage statistic record, then one per media item."""
+    lines = [f"stage {name}: " + " ".join(f"{k}={v:g}" for k, v in values.items()) for name, values in info.stats.items()]
+    if not info.stats:
+        lines.append("stage (none): no reduction stage reported statistics")
+    for m in info.media[0]:
+        lines.append(f"{m.kind} {m.item}: kept {len(m.kept)}/{m.total} tokens")
+    return lines
+
+
+def generate(args: argparse.Namespace) -> int:
+    """``llava-deft generate``: print the answer (``--stream``: as it comes), then ``--stats``; write ``--overlay``."""
+    from .inference import load_model
+
+    if args.overlay is not None and not (args.image or args.video):
+        raise ValueError("--overlay draws the first image or video: give --image or --video")
+    model = load_model(args.model, device=args.device)
+    media = {kind.sample_key: getattr(args, key) for key, kind in MODALITIES.items()}
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, pipeline=args.pipeline, retention=args.retention)
+    if args.stream:
+        stream = model.stream(args.prompt, system=args.system, **media, **options)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        info = stream.info
+    else:
+        text, info = model.generate(args.prompt, system=args.system, return_stats=True, **media, **options)
+        print(text)
+    if args.stats:
+        print("\n".join(_stats_lines(info)))
+    if args.overlay is not None:
+        kind = "image" if args.image else "video"
+        first = next(m for m in info.media[0] if m.kind == kind and m.item == 0)
+        model.draw_reduction(getattr(args, kind)[0], first).save(args.overlay)
+    return 0
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a multi-line message's lines joined with "; ")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, FileNotFoundError) and err.filename is not None and err.strerror:
+        lines = [f"{err.strerror}: '{err.filename}'"]  # OSError's own str starts with "[Errno 2]"
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    return lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:])
+
+
+def _run(command: str, debug: bool, fn) -> int:
+    try:
+        return fn()
+    except COMMAND_ERRORS as err:
+        if debug:
+            traceback.print_exc()
+        print(f"llava-deft {command}: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
     if argv and argv[0] == "train":  # hand every flag to the training entry untouched
         from .train import main as train_main
 
-        train_main(argv[1:])
-        return 0
-    args = p.parse_args(argv)
-    try:
+        return _run("train", debug, lambda: (train_main(argv[1:]), 0)[1])
+    args = build_parser().parse_args(argv)
+    debug = debug or args.debug
+
+    def run() -> int:
         if args.cmd == "stages":
             print("\n".join(list_stages()))
             return 0
@@ -94,14 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_easyvqa(args.out_dir, args.split, args.limit))
             return 0
-        from .inference import load_model
+        return generate(args)
 
-        media = {kind.sample_key: getattr(args, key) for key, kind in MODALITIES.items()}
-        print(load_model(args.model).generate(args.prompt, max_new_tokens=args.max_new_tokens, **media))
-        return 0
-    except LlavaDeftError as err:
-        print(f"llava-deft {args.cmd}: {err}", file=sys.stderr)
-        return 2
+    return _run(args.cmd, debug, run)
 
 
 if __name__ == "__main__":

@@ -14,36 +14,42 @@ the order their placeholders appear, so the pipeline runs once and the splice fi
     model.save_pretrained("ckpt"); LlavaDeftForCausalLM.from_pretrained("ckpt")
 
 A checkpoint directory holds ``config.json`` (the validated model config, with the LLM's HF config
-embedded), ``model.safetensors`` and ``tokenizer/``.  Nothing is unpickled.
+embedded), ``model.safetensors`` and ``tokenizer/``.  ``from_pretrained`` also loads a directory that
+transformers' ``LlavaForConditionalGeneration.save_pretrained`` wrote (``hf_llava.py``; back with
+``export_hf_llava``). Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline import Modality, TokenBatch, build_pipeline
 
 from ..config.model import DEFT_KEYS, ModelConfig, load_model_config
 from ..encoders.audio import AudioEncoder
-from ..encoders.image import build_image_encoder
+from ..encoders.image import build_image_encoder, clip_vision_kwargs
 from ..encoders.video import pool_frame_tokens
-from ..errors import CheckpointError, MediaCountMismatchError
+from ..encoders.weights import read_safetensors
+from ..errors import CheckpointError, InvalidArgumentError, MediaCountMismatchError
 from ..modality import MEDIA_INPUTS, MODALITIES
+from .checkpoint import CONFIG_NAME, load_state, read_config_json
+from .hf_llava import is_hf_llava_config, load_hf_llava
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from .processors import Processors, media_options
 from .projector import build_projector
 from .splice import IGNORE_INDEX, splice_media
-from .tokenizer import load_tokenizer, media_token_ids
+from .tokenizer import load_model_tokenizer, media_token_ids
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
@@ -61,12 +67,48 @@ class LlavaDeftOutput:
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+@dataclass
+class MediaReduction:
+    """What the reduction pipeline kept of one media item of one prompt.
+
+    Indices are positions in the item's ORIGINAL token sequence (``TokenBatch.index``): for an image
+    ``row * grid_w + col``, for a video ``frame * h * w + row * w + col`` on its ``layout (T, H, W)``.
+    """
+
+    kind: str
+    """``"image"``, ``"video"``, ``"audio"`` or ``"text"``."""
+    item: int
+    """Its rank among the prompt's items of that kind (0 = the first ``<image>``, ...)."""
+    layout: tuple[int, int, int]
+    total: int
+    """Tokens before reduction (``T * H * W``)."""
+    kept: list[int]
+    """Original indices of the tokens the LLM sees, ascending."""
+    stages: list[tuple[str, list[int]]] = field(default_factory=list)
+    """``(stage name, original indices of the tokens left after it)`` per pipeline stage, in order."""
+
+
+@dataclass
+class GenerationInfo:
+    """What ``generate(..., return_info=True)`` reports besides the tokens."""
+
+    stats: dict[str, dict[str, float]]
+    """The pipeline's per-stage statistics (``tokens_in`` / ``tokens_out``: means over the batch's media rows)."""
+    media: list[list[MediaReduction]]
+    """Per prompt, its media items in placeholder order."""
+    prompt_lengths: list[int]
+    """Positions each prompt spans (unreduced: kept tokens keep their positions); ``+ max_new_tokens``
+    may not exceed the LLM's ``max_position_embeddings``."""
+    llm_tokens: list[int]
+    """Tokens each prompt gave the LLM after reduction (text and media)."""
+
+
 class LlavaDeftForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig | dict | str | None = None, tokenizer=None):
         super().__init__()
         self.config = load_model_config(config)
         cfg = self.config
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else load_model_tokenizer(cfg.tokenizer, cfg.llm.path)
         self.vision, self.image_transform = build_image_encoder(cfg.vision)
         llm_spec = cfg.llm.path if cfg.llm.path is not None else (cfg.llm.config or TINY_LLM)
         hf = build_llm(llm_spec, vocab_size=len(self.tokenizer), attn_implementation=cfg.llm.attn_implementation)
@@ -318,23 +360,83 @@ class LlavaDeftForCausalLM(nn.Module):
         generator: torch.Generator | None = None,
         ids: list[str] | None = None,
         return_media_tokens: bool = False,
+        streamer=None,
+        return_info: bool = False,
         **media,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple:
         """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
         gives them) -> new token ids (B, T), padded with the pad id after EOS.
 
         With ``return_media_tokens`` also the number of media tokens each prompt gave the LLM (B,)
-        (passage tokens included).
+        (passage tokens included); with ``return_info`` also a :class:`GenerationInfo` (the pipeline's
+        per-stage statistics and, per prompt and media item, the kept token indices), last.
+        ``streamer`` (transformers' ``put`` / ``end`` protocol, batch size 1) gets each new token as it
+        comes. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
+        (``ContextLengthError`` names both numbers); ``config.max_length`` bounds the prompt alone (the
+        collator refuses longer samples).
         """
-        sp, _, _ = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r}: give an integer >= 1")
+        with self._trace_pipeline() if return_info else nullcontext([]) as trace:
+            sp, _, stats = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
         out = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+            streamer=streamer,
         )
-        return (out, sp.media_positions.sum(1)) if return_media_tokens else out
+        result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)
+        if return_info:
+            spans = (sp.position_ids.max(1).values + 1).tolist()  # (B,) positions each prompt spans
+            info = GenerationInfo(stats, self._media_reductions(input_ids, attention_mask, trace), spans,
+                                  sp.attention_mask.sum(1).tolist())
+            result = (*result, info)
+        return result if len(result) > 1 else out
+
+    @contextmanager
+    def _trace_pipeline(self) -> Iterator[list[tuple[str, TokenBatch]]]:
+        """Record ``(name, output)`` of the pipeline's input (``"input"``) and of each of its stages
+        while the block runs (forward hooks; the modules are untouched and the hooks removed after)."""
+        trace: list[tuple[str, TokenBatch]] = []
+        handles = [self.pipeline.register_forward_pre_hook(lambda _m, args: trace.append(("input", args[0])))]
+        for stage in self.pipeline.stages:
+            handles.append(stage.register_forward_hook(lambda m, _a, out: trace.append((m.stage_name, out))))
+        try:
+            yield trace
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _media_reductions(self, input_ids: Tensor, attention_mask: Tensor,
+                          trace: list[tuple[str, TokenBatch]]) -> list[list[MediaReduction]]:
+        """Per prompt, a :class:`MediaReduction` per placeholder, from a ``_trace_pipeline`` record of one
+        ``prepare_inputs``: the pipeline's rows are the placeholders in row-major order (see ``_media``)."""
+        by_id = {token_id: kind for kind, token_id in self.media_token_ids.items() if token_id >= 0}
+        ids = input_ids.cpu()
+        ph = torch.isin(ids, torch.tensor(list(by_id))) & attention_mask.bool().cpu()  # (B, L)
+        places = ph.nonzero().tolist()  # [(sample, position)] in the pipeline's row order
+        out: list[list[MediaReduction]] = [[] for _ in range(ids.shape[0])]
+        if not places:  # the pipeline ran on a blank image only (see ``_media``)
+            return out
+        start = max(i for i, (name, _) in enumerate(trace) if name == "input")
+        calls = trace[start:]
+        layout = calls[0][1].layout.cpu()
+
+        def kept(batch: TokenBatch) -> list[list[int]]:
+            index, mask = batch.index.cpu(), batch.mask.cpu()
+            return [index[r][mask[r]].tolist() for r in range(index.shape[0])]
+
+        per_stage = [(name, kept(b)) for name, b in calls[1:]]
+        final = per_stage[-1][1] if per_stage else kept(calls[0][1])
+        for r, (b, pos) in enumerate(places):
+            kind = by_id[int(ids[b, pos])]
+            item = sum(m.kind == kind for m in out[b])
+            grid = tuple(int(x) for x in layout[r])
+            out[b].append(MediaReduction(kind, item, grid, math.prod(grid), final[r],
+                                         [(name, rows[r]) for name, rows in per_stage]))
+        return out
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
@@ -344,8 +446,12 @@ class LlavaDeftForCausalLM(nn.Module):
         cfg = self.config.model_dump()
         cfg["vision"]["weights"] = None
         cfg["audio"]["weights"] = None  # the encoder's weights are in model.safetensors
+        if cfg["vision"]["backend"] == "hf_clip":  # the tower's config and image settings, not its directory
+            cfg["vision"].update(path=None, kwargs=clip_vision_kwargs(self.vision.model.config),
+                                 image_processor=self.vision.image_settings)
         cfg["llm"] = {**cfg["llm"], "path": None, "config": self.llm.config.to_diff_dict()}
         cfg["llm"]["config"]["model_type"] = self.llm.config.model_type
+        cfg["llm"]["config"]["vocab_size"] = self.llm.config.vocab_size  # to_diff_dict drops a default-valued one
         cfg["tokenizer"] = TOKENIZER_DIR
         (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
         state = state_dict if state_dict is not None else self.state_dict()
@@ -357,17 +463,19 @@ class LlavaDeftForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, pipeline: dict | list | str | None = None, **overrides) -> "LlavaDeftForCausalLM":
-        """Load a directory written by :meth:`save_pretrained` (or a training export).
+        """Load a directory written by :meth:`save_pretrained` (or a training export), or one written
+        by transformers' ``LlavaForConditionalGeneration.save_pretrained`` (``config.json`` with
+        ``model_type: llava``; see ``llava_deft.model.hf_llava.load_hf_llava``).
 
         ``pipeline`` replaces the saved reduction pipeline (e.g. a training-free sweep); weights of
         stages that exist in the checkpoint are loaded, new stages keep their init.
         """
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"checkpoint '{path}' has no {CONFIG_NAME}; is it a llava-deft model directory?")
+        cfg = read_config_json(path)
+        if is_hf_llava_config(cfg):
+            return load_hf_llava(path, pipeline, model_class=cls, **overrides)
         if not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"checkpoint '{path}' has no {WEIGHTS_NAME}")
-        cfg = json.loads((path / CONFIG_NAME).read_text())
         cfg["tokenizer"] = str(path / TOKENIZER_DIR)
         if pipeline is not None:
             cfg["pipeline"] = pipeline
@@ -376,17 +484,11 @@ class LlavaDeftForCausalLM(nn.Module):
         for k, v in overrides.items():
             cfg[k] = v
         model = cls(cfg)
-        state = load_file(str(path / WEIGHTS_NAME))
+        state = read_safetensors(path / WEIGHTS_NAME, "model")
         own = model.state_dict()
         if pipeline is not None:  # stages may differ from the checkpoint's
             state = {k: v for k, v in state.items() if not k.startswith("pipeline.") or (k in own and own[k].shape == v.shape)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (pipeline is not None and k.startswith("pipeline."))]
-        missing = [k for k in missing if k not in _tied_keys(model)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint '{path}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        load_state(model, state, path, may_miss=("pipeline.",) if pipeline is not None else ())
         return model
 
 
@@ -397,13 +499,3 @@ def create_model_and_processors(config: ModelConfig | dict | str | Path | None =
     model = LlavaDeftForCausalLM(config, tokenizer=tokenizer)
     return model, model.processors
 
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that alias another parameter (e.g. tied lm_head); they need not be stored twice."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in seen:
-            tied.add(k)
-        seen[id(v)] = k
-    return tied

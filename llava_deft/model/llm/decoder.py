@@ -15,7 +15,8 @@ Two things differ from ``hf_model(...)`` on purpose:
 Reference for the parity tests: litgpt ``tests/test_model.py::test_against_hf_llama_2_and_3``.
 Run the tests: ``OMP_NUM_THREADS=1 .venv/bin/pytest -p no:xdist -q tests/test_llm.py``.
 
-Imports only torch and transformers, so it runs on a bare GPU box (see eval/bench_layer_loop.py).
+Imports only torch and transformers (and llava_deft's errors and safetensors reader, which need
+nothing more), so it runs on a bare GPU box (see eval/bench_layer_loop.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from transformers.generation.logits_process import (
 )
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from ...encoders.weights import require_safetensors
+from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "TINY_LLM",
@@ -49,8 +53,8 @@ __all__ = [
 # past_key_values=, ...), and optional per-layer "sliding_attention" in config.layer_types.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
-# Tiny default LLM: trains on CPU in minutes. vocab_size is a placeholder; pass the tokenizer's
-# size to build_llm(vocab_size=...).
+# Tiny default LLM: trains on CPU in minutes. No vocab_size: build_llm(vocab_size=len(tokenizer))
+# sizes its embeddings to the tokenizer.
 TINY_LLM: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 128,
@@ -59,7 +63,6 @@ TINY_LLM: dict[str, Any] = {
     "num_key_value_heads": 2,
     "intermediate_size": 384,
     "max_position_embeddings": 2048,
-    "vocab_size": 32000,
     "tie_word_embeddings": False,
     # ~1/sqrt(hidden_size): HF's 0.02 is tuned for width 4096 and, at width 128, starves the path from
     # image tokens to the answer (eval/results/easyvqa_recipe_sweep_h100.md)
@@ -86,21 +89,29 @@ def build_llm(
     vocab_size: int | None = None,
     torch_dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    resize_vocab: bool = False,
 ) -> PreTrainedModel:
     """Build an HF causal LM from a config dict (random init) or load one from a local directory.
 
     Args:
         spec: either a dict of an HF config with ``model_type`` in ``SUPPORTED_MODEL_TYPES`` (e.g.
             ``TINY_LLM``), or the path of a directory written by ``save_pretrained`` (config.json +
-            safetensors; loaded with ``local_files_only=True``, never from a hub).
-        vocab_size: overrides the config's vocabulary size; for a loaded checkpoint the token
-            embeddings and lm_head are resized (new rows initialised by transformers).
+            safetensors, sharded or not; loaded with ``local_files_only=True`` and
+            ``use_safetensors=True``, never from a hub; a directory with only pickles is refused).
+        vocab_size: the tokenizer's size. A config dict without ``vocab_size`` gets that many rows.
+            Rows of a given ``vocab_size`` or of a checkpoint are kept when there are at least that
+            many (a table padded past the tokenizer, as llava-1.5's 32,064 rows for 32,002 tokens);
+            fewer is a ``VocabularyMismatchError`` naming both numbers, unless ``resize_vocab``.
         torch_dtype: parameter dtype (default: the config's, else float32).
         attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ...
+        resize_vocab: grow the embeddings and lm_head to ``vocab_size`` when the tokenizer is larger
+            (new rows initialised by transformers).
 
     Raises:
         FileNotFoundError: ``spec`` is a path that is not an existing directory.
         ValueError: unsupported ``model_type``.
+        PickleCheckpointError / CheckpointError: a directory without safetensors weights.
+        VocabularyMismatchError: the tokenizer has more tokens than the LLM has rows.
     """
     dtype_kw = {} if torch_dtype is None else {"dtype": torch_dtype}
     if isinstance(spec, Mapping):
@@ -108,7 +119,10 @@ def build_llm(
         model_type = cfg.pop("model_type", None)
         _check_model_type(model_type, "config dict")
         if vocab_size is not None:
-            cfg["vocab_size"] = int(vocab_size)
+            if "vocab_size" not in cfg or resize_vocab:
+                cfg["vocab_size"] = max(int(vocab_size), int(cfg.get("vocab_size", 0)))
+            _check_vocab(int(vocab_size), int(cfg["vocab_size"]), "llm.config's vocab_size",
+                         "remove vocab_size from llm.config (it then follows the tokenizer) or raise it")
         config = AutoConfig.for_model(model_type, **cfg)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **dtype_kw)
 
@@ -117,12 +131,30 @@ def build_llm(
         raise FileNotFoundError(f"LLM directory {path!r} does not exist (expected a save_pretrained folder)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     _check_model_type(getattr(config, "model_type", None), f"config.json in {path!r}")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, attn_implementation=attn_implementation, **dtype_kw
+    require_safetensors(path, "AutoModelForCausalLM")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation,
+        output_loading_info=True, **dtype_kw
     )
-    if vocab_size is not None and int(vocab_size) != model.config.vocab_size:
-        model.resize_token_embeddings(int(vocab_size))
+    if info["missing_keys"]:  # transformers would leave them randomly initialised
+        raise CheckpointError(f"LLM directory {path!r} lacks weights {sorted(info['missing_keys'])[:5]}; "
+                              f"re-export it with save_pretrained")
+    if vocab_size is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if resize_vocab and int(vocab_size) > rows:
+            model.resize_token_embeddings(int(vocab_size))
+        _check_vocab(int(vocab_size), model.get_input_embeddings().weight.shape[0], f"checkpoint {path!r}",
+                     f"use the LLM's own tokenizer, or add the rows and save the LLM again: "
+                     f"model.resize_token_embeddings({int(vocab_size)}); model.save_pretrained(dir)")
     return model
+
+
+def _check_vocab(tokens: int, rows: int, where: str, fix: str) -> None:
+    if tokens > rows:
+        raise VocabularyMismatchError(
+            f"the tokenizer has {tokens} tokens but the LLM ({where}) has {rows} embedding rows, so token ids "
+            f"{rows}..{tokens - 1} have no embedding; {fix}"
+        )
 
 
 def _slice_last(hidden_states: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
@@ -286,6 +318,7 @@ def generate_from_embeds(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    streamer: Any | None = None,
 ) -> torch.Tensor:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -300,6 +333,14 @@ def generate_from_embeds(
         do_sample: greedy (False) or sampling with ``temperature``, ``top_k`` (0 = off) and
             ``top_p`` (1 = off) through transformers' logits warpers; ``generator`` makes it
             reproducible.
+        streamer: an object of transformers' streamer protocol (``TextStreamer``,
+            ``TextIteratorStreamer``): ``put(ids (1,))`` is called with each new token as it is chosen
+            and ``end()`` once generation stops. Only new tokens are put (there are no prompt ids:
+            generation starts from embeddings), so build it with ``skip_prompt=False``. Batch size 1.
+
+    The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
+    tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
+    ``max_position_embeddings`` (``ContextLengthError`` naming both numbers).
 
     Returns:
         (B, T) long new tokens, T <= max_new_tokens; generation stops once every row has hit EOS.
@@ -315,6 +356,13 @@ def generate_from_embeds(
         raise ValueError(f"prompts must be LEFT-padded; rows {rows} end with padding")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    spans = position_ids.max(1).values + 1  # (B,) positions each prompt spans
+    if limit is not None and bsz and int(spans.max()) + max_new_tokens > limit:
+        row = int(spans.argmax())
+        raise ContextLengthError(int(spans[row]), max_new_tokens, limit, f"prompt #{row} of the batch")
+    if streamer is not None and bsz != 1:
+        raise ValueError(f"a streamer takes one prompt at a time (batch size 1), got a batch of {bsz}")
     device = inputs_embeds.device
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
@@ -337,6 +385,8 @@ def generate_from_embeds(
             nxt = scores.argmax(dim=-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         finished |= torch.isin(nxt, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
@@ -344,4 +394,6 @@ def generate_from_embeds(
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
         logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1)
         next_pos = next_pos + 1
+    if streamer is not None:
+        streamer.end()
     return tokens
