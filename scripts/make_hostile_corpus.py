@@ -358,7 +358,7 @@ CASES = [
          r"train config file '.*nothere\.yaml' \(the base of '.*missing_base\.yaml'\) does not exist"),
     case("config_train_self_base", "config", "configs/train/self_base.yaml", "ConfigError", r"self_base\.yaml' is its own base"),
     case("config_train_missing_model", "config", "configs/train/missing_model.yaml", "FileNotFoundError",
-         r"model config file '.*missing_model\.model\.yaml' does not exist"),
+         r"model config file '.*missing_model\.model\.yaml' \(the 'model:' of train config '.*missing_model\.yaml'\) does not exist"),
     case("config_train_unknown_stage_key", "config", "configs/train/unknown_stage_key.yaml", "ConfigError",
          r"unknown_stage_key\.yaml' has 1 error\(s\):\n  stages\.0\.lrr: Extra inputs are not permitted"),
     case("config_train_stage_bad_ratio", "config", "configs/train/stage_bad_ratio.yaml", "ConfigError",

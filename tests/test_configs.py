@@ -213,3 +213,9 @@ def test_deft_switches_conflicts_are_errors():
     cfg = load_model_config({"use_deft": True, "deft_retention_ratio": 0.11, "deft_enable_rtd": False})
     assert cfg.pipeline_config() == {"stages": [
         {"name": "sam", "semantic_dim": 512}, {"name": "fgcs", "retention_ratio": 0.11, "alpha_var": 0.1}]}
+
+
+def test_a_missing_model_file_names_the_train_config_that_names_it(tmp_path):
+    (tmp_path / "t.yaml").write_text("model: nope.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"model config file '.*nope\.yaml' \(the 'model:' of train config '.*t\.yaml'\) does not exist"):
+        load_train_config(tmp_path / "t.yaml")

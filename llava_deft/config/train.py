@@ -258,7 +258,13 @@ def _read_train_yaml(p: Path, chain: list[Path]) -> tuple[dict, list[str]]:
         raise ConfigError(f"train config '{p}': 'overrides' must be a list of 'key.path=value' strings, got {own!r}")
     if isinstance(data.get("model"), str):  # model config paths are relative to the train config
         m = Path(data["model"])
-        data["model"] = read_model_config_file(m if m.is_absolute() or m.exists() else p.parent / m)
+        m = m if m.is_absolute() or m.exists() else p.parent / m
+        if not m.is_file():
+            raise FileNotFoundError(
+                f"model config file '{m}' (the 'model:' of train config '{p}') does not exist; "
+                f"give a path relative to the train config or to the working directory"
+            )
+        data["model"] = read_model_config_file(m)
     base = data.pop("base", None)
     if base is None:
         return data, own
