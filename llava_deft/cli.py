@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import PipelineConfigError, list_stages, validate_config
+from pipeline.yamlio import load_yaml
 
 from . import __version__
 from .config import load_model_config
@@ -37,7 +38,7 @@ COMMAND_ERRORS = (LlavaDeftError, FileNotFoundError, ValueError, TypeError)
 
 def _kind(path: Path) -> str:
     """Which config a YAML file is: a training recipe, a model or a pipeline."""
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     if isinstance(data, list) or set(data) <= {"stages"}:
         return "pipeline"
     if {"data", "deepspeed", "output_dir"} & set(data) or isinstance(data.get("stages"), list) and "model" in data:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .registry import _STAGES, list_stages
 from .types import StageConfig
+from .yamlio import load_yaml
 
 __all__ = ["PipelineConfigError", "StageConfig", "load_config_source", "validate_config"]
 
@@ -75,7 +76,7 @@ def load_config_source(source: str | Path | dict | list | None) -> tuple[Any, st
         if not path.is_file():
             raise FileNotFoundError(f"pipeline config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except yaml.YAMLError as e:
             raise PipelineConfigError([f"<file>: not valid YAML: {e}"], f"pipeline config '{path}'") from None
         return (data if data is not None else {}), f"pipeline config '{path}'"

@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.yamlio import load_yaml
+
 from ..errors import ConfigError
 
 
@@ -41,14 +43,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if isinstance(node, dict) and node.get(p) is None:
                 node[p] = {}
             node = node[int(p)] if isinstance(node, list) else node[p]
-        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = yaml.safe_load(raw)
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = load_yaml(raw)
     return data
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping (an empty file is ``{}``); ``what`` names it in errors."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # the parser's message names no file
         raise ConfigError(f"{what} '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
