@@ -22,6 +22,7 @@ The collator and model are passed in (duck-typed: ``ctx`` is a ``MultimodalColla
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def load_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
         return to_rgb(img)
 
 
-class MediaKind:
+class MediaKind(ABC):
     """One modality: what it is called where (the fields below) and how its items are read, collated
     and encoded (the methods, overridden per kind)."""
 
@@ -111,36 +112,27 @@ class MediaKind:
         return f"{type(self).__name__}({self.key!r}, {self.placeholder!r})"
 
     # ---------------------------------------------------------------- reading
+    @abstractmethod
     def load(self, item: Any, opts: MediaOptions, where: str = "") -> Any:
-        """A file path (or an object the API accepts) -> the item a sample holds. ``where`` ends
-        error messages (e.g. ``(sample 'x' of train.json)``)."""
-        if not isinstance(item, (str, Path)):
-            return self.from_object(item)
-        return self.read(Path(item), opts, where)
-
-    def from_object(self, item: Any) -> Any:
-        """An in-memory item (a PIL image, frames, a waveform) as a sample holds it."""
-        return item
-
-    def read(self, path: Path, opts: MediaOptions, where: str) -> Any:
-        raise NotImplementedError
+        """What the API or a record gives (a file path, an object, a passage) -> the item a sample
+        holds. ``where`` ends error messages (e.g. ``(sample 'x' of train.json)``)."""
 
     # ---------------------------------------------------------------- collator
     def prepare(self, ctx, items: list, sample: dict, sample_id: str) -> list:
         """Check one sample's items of this kind; returns what ``num_tokens`` and ``stack`` use."""
         return list(items)
 
+    @abstractmethod
     def num_tokens(self, ctx, prepared: list) -> list[int]:
         """Tokens each item gives the LLM before reduction."""
-        raise NotImplementedError
 
     def describe(self, ctx, prepared: list) -> str:
         """This kind's part of a too-long sample's message, e.g. ``its 1 image(s) become 16 tokens each``."""
         return f"its {len(prepared)} {self.noun}(s) {sum(self.num_tokens(ctx, prepared))} tokens"
 
+    @abstractmethod
     def stack(self, ctx, samples: list[dict], prepared: list[list]) -> dict[str, Any]:
         """The batch keys of this kind from every sample's prepared items (``counts_key`` included)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- model
     def num_items(self, batch: dict[str, Any]) -> int:
@@ -151,8 +143,9 @@ class MediaKind:
     def validate(self, batch: dict[str, Any]) -> None:
         """Raise ``ValueError`` when this kind's batch tensors do not fit each other."""
 
+    @abstractmethod
     def encode(self, model, batch: dict[str, Any]) -> TokenBatch:
-        raise NotImplementedError
+        """This kind's rows of a collator batch, through the model's encoder (``model.encode_images`` ...)."""
 
     def blank(self, model) -> TokenBatch | None:
         """A blank input through this kind's encoder (None: the kind has no encoder of its own to keep busy)."""
@@ -186,7 +179,24 @@ def _counts(samples: list[dict], key: str) -> torch.Tensor:
     return torch.tensor([len(s.get(key) or []) for s in samples], dtype=torch.long)
 
 
-class ImageKind(MediaKind):
+class FileKind(MediaKind):
+    """A kind whose items are files (read relative to a media folder) or in-memory objects."""
+
+    def load(self, item: Any, opts: MediaOptions, where: str = "") -> Any:
+        if not isinstance(item, (str, Path)):
+            return self.from_object(item)
+        return self.read(Path(item), opts, where)
+
+    def from_object(self, item: Any) -> Any:
+        """An in-memory item (a PIL image, frames, a waveform) as a sample holds it."""
+        return item
+
+    @abstractmethod
+    def read(self, path: Path, opts: MediaOptions, where: str) -> Any:
+        """Read the file ``path`` the way ``opts`` says (limits checked before decoding)."""
+
+
+class ImageKind(FileKind):
     def from_object(self, item):
         if not isinstance(item, Image.Image):
             raise TypeError(f"an image must be a path or a PIL image, got {type(item).__name__}")
@@ -234,7 +244,7 @@ def video_frames(video: VideoClip | torch.Tensor) -> torch.Tensor:
     return video.frames if isinstance(video, VideoClip) else video
 
 
-class VideoKind(MediaKind):
+class VideoKind(FileKind):
     """Items: ``VideoClip``s (files read with the model's frame sampling) or ``(T, H, W, 3)`` uint8 frames."""
 
     def read(self, path, opts, where):
@@ -281,7 +291,7 @@ class VideoKind(MediaKind):
         return model.encode_videos(batch["video_values"], batch["video_frames"])
 
 
-class AudioKind(MediaKind):
+class AudioKind(FileKind):
     """Items: ``(S,)`` mono waveforms at the model's rate (files resampled on reading)."""
 
     def from_object(self, item):
