@@ -35,6 +35,21 @@ def test_items_equal_the_written_json(tmp_path):
     assert PasskeyDataset(size=5, min_tokens=64, max_tokens=96)[0]["texts"] != generated[0]["texts"]
 
 
+def test_multi_needle_items_equal_make_sample(tmp_path):
+    generated = PasskeyDataset(size=4, split="test", seed=2, min_tokens=128, max_tokens=256, needles=2)
+    written = LlavaJsonDataset(passkey.generate_split(tmp_path, "test", 4, 128, 256, seed=2, progress=False, needles=2))
+    for i in range(4):
+        record = passkey.make_sample(2, "test", i, 128, 256, needles=2)
+        assert generated[i] == written[i]
+        assert generated[i]["texts"] == [record["text"]] and generated[i]["id"] == record["id"]
+        assert [m["content"] for m in generated[i]["messages"]] == [c["value"] for c in record["conversations"]]
+        assert record["needles"] == 2 and record["label"] in generated[i]["messages"][0]["content"]
+    # built from a DataSpec, needles reaches the dataset
+    ds = build_dataset(DataSpec(type="passkey", split="test", size=4, seed=2, min_tokens=128, max_tokens=256, needles=2))
+    assert [ds[i] for i in range(4)] == [generated[i] for i in range(4)]
+    assert ds[0] != PasskeyDataset(size=4, split="test", seed=2, min_tokens=128, max_tokens=256)[0]
+
+
 def test_dataset_arguments_are_checked():
     with pytest.raises(ValueError, match="size must be > 0, got 0"):
         PasskeyDataset(0)
@@ -42,6 +57,10 @@ def test_dataset_arguments_are_checked():
         PasskeyDataset(3, split="val")
     with pytest.raises(ValueError, match=r"max_tokens must be >= min_tokens \(200\), got 100"):
         PasskeyDataset(3, min_tokens=200, max_tokens=100)
+    with pytest.raises(ValueError, match=r"needles must be >= 1 \(1 is the single-needle task\), got 0"):
+        PasskeyDataset(3, needles=0)
+    with pytest.raises(ValueError, match=r"min_tokens must be >= 160 for needles=4 .*got 128"):
+        PasskeyDataset(3, needles=4)
 
 
 def test_mix_with_a_passkey_source_limit_and_repeat():
@@ -85,6 +104,13 @@ def test_train_and_test_keys_are_disjoint():
      r"data\.sources\.0: .*type 'passkey' sets keys .*: path \(llava_json only\)"),
     ("{type: passkey, size: 5, group_by_image: true}", r"data\.sources\.0: .*group_by_image \(easyvqa only\)"),
     ("{type: llava_json, path: a.json, split: test}", r"split \(easyvqa and passkey only"),
+    ("{type: passkey, size: 5, needles: 0}",
+     r"data\.sources\.0: .*type 'passkey': needles must be >= 1 \(1 is the single-needle task\), got 0"),
+    ("{type: passkey, size: 5, needles: 65, min_tokens: 4096, max_tokens: 4096}",
+     r"data\.sources\.0: .*type 'passkey': needles must be <= 64"),
+    ("{type: passkey, size: 5, needles: 4, min_tokens: 128}",
+     r"data\.sources\.0: .*type 'passkey': min_tokens must be >= 160 for needles=4 .*raise min_tokens or lower needles"),
+    ("{type: easyvqa, needles: 2}", r"data\.sources\.0: .*type 'easyvqa' sets keys .*: needles \(passkey only\)"),
 ])
 def test_passkey_spec_errors(source, message):
     with pytest.raises(ConfigError, match=message):
@@ -94,10 +120,12 @@ def test_passkey_spec_errors(source, message):
 def test_passkey_spec_round_trips_through_its_dump():
     """The trainer writes cfg.model_dump() into the run folder; every source's dump must load again."""
     cfg = load_train_config(None, ["data.type=mix", "data.sources=[{type: easyvqa}, {type: passkey, size: 9, split: test, "
-                                   "min_tokens: 96, max_tokens: 192, seed: 3}, {type: llava_json, path: a.json}]"])
+                                   "min_tokens: 96, max_tokens: 192, seed: 3}, {type: llava_json, path: a.json}, "
+                                   "{type: passkey, name: kv, size: 4, min_tokens: 2048, max_tokens: 8192, needles: 4}]"])
     assert load_train_config(None, [f"data={json.dumps(cfg.data.model_dump())}"]) == cfg
     pk = cfg.data.sources[1]
     assert (pk.label(), pk.size, pk.split, pk.min_tokens, pk.max_tokens, pk.seed) == ("passkey", 9, "test", 96, 192, 3)
+    assert (pk.needles, cfg.data.sources[3].needles, cfg.data.sources[3].max_tokens) == (1, 4, 8192)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ config is written into the run folder as ``train_config.yaml``.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,19 +19,45 @@ from .model import read_model_config_file
 
 PASSKEY_MIN_TOKENS = 64
 """Shortest pass-key passage allowed: the needle (about 20 tokens) plus room for filler on both sides."""
+PASSKEY_TOKENS_PER_NEEDLE = 32
+"""What each needle after the first adds to the shortest passage (a labelled needle is at most 25 tokens)."""
+PASSKEY_MAX_NEEDLES = 64
+"""Most needles one passage may hold: one per label of ``llava_deft.tasks.passkey.LABELS``."""
 
 
-def check_passkey_lengths(min_tokens: int, max_tokens: int) -> None:
+def passkey_min_tokens(needles: int = 1) -> int:
+    """Shortest pass-key passage that holds ``needles`` needles (64 for one, 32 more per extra needle)."""
+    return PASSKEY_MIN_TOKENS + PASSKEY_TOKENS_PER_NEEDLE * (needles - 1)
+
+
+def check_passkey_needles(needles: int) -> None:
+    """Raise ``ValueError`` unless ``needles`` is a number of needles a passage can hold (1 to 64)."""
+    if isinstance(needles, bool) or not isinstance(needles, numbers.Integral):
+        raise ValueError(f"needles must be an integer >= 1 (needle sentences per passage), got {needles!r}")
+    if needles < 1:
+        raise ValueError(f"needles must be >= 1 (1 is the single-needle task), got {needles}")
+    if needles > PASSKEY_MAX_NEEDLES:
+        raise ValueError(f"needles must be <= {PASSKEY_MAX_NEEDLES} (each needle has its own label), got {needles}")
+
+
+def check_passkey_lengths(min_tokens: int, max_tokens: int, needles: int = 1) -> None:
     """Raise ``ValueError`` unless ``[min_tokens, max_tokens]`` is a range of passage lengths the
-    pass-key generator (``llava_deft.tasks.passkey.make_sample``) can draw from."""
+    pass-key generator (``llava_deft.tasks.passkey.make_sample``) can draw from, with ``needles``
+    needles a passage (see :func:`check_passkey_needles`, :func:`passkey_min_tokens`)."""
+    check_passkey_needles(needles)
     if min_tokens < PASSKEY_MIN_TOKENS:
         raise ValueError(f"min_tokens must be >= {PASSKEY_MIN_TOKENS}, got {min_tokens}")
+    if min_tokens < passkey_min_tokens(needles):
+        raise ValueError(
+            f"min_tokens must be >= {passkey_min_tokens(needles)} for needles={needles} ({PASSKEY_MIN_TOKENS} plus "
+            f"{PASSKEY_TOKENS_PER_NEEDLE} per needle after the first), got {min_tokens}; raise min_tokens or lower needles"
+        )
     if max_tokens < min_tokens:
         raise ValueError(f"max_tokens must be >= min_tokens ({min_tokens}), got {max_tokens}")
 
 
 DATA_TYPES = ("easyvqa", "llava_json", "passkey", "mix")
-_PASSKEY_KEYS = ("size", "min_tokens", "max_tokens", "seed")  # DataSpec keys of type passkey only
+_PASSKEY_KEYS = ("size", "min_tokens", "max_tokens", "seed", "needles")  # DataSpec keys of type passkey only
 
 
 class DataSpec(Strict):
@@ -45,6 +72,7 @@ class DataSpec(Strict):
             - {type: easyvqa, group_by_image: true}
             - {type: llava_json, path: data/tasks/video_shapes/train.json, repeat: 2}
             - {type: passkey, size: 100000, min_tokens: 128, max_tokens: 512}
+            - {type: passkey, name: passkey_kv, size: 100000, min_tokens: 2048, max_tokens: 8192, needles: 4}
 
     A ``llava_json`` source is checked whole when the run starts (every record, every media file's
     path and existence): bad records stop it with one error listing them, unless ``skip_invalid:
@@ -56,8 +84,9 @@ class DataSpec(Strict):
     errors (default: its type, or the JSON's folder name). A mix's items are the concatenation of its
     sources' items; the training sampler shuffles them, so a batch holds samples of several
     modalities and media counts. A passkey source holds ``size`` distinct passages, item ``i`` being
-    ``passkey.make_sample(seed, split, i, min_tokens, max_tokens)`` (the same record as in a JSON the
-    generator writes with those arguments; test-split keys never occur in train). Keys that do not
+    ``passkey.make_sample(seed, split, i, min_tokens, max_tokens, needles)`` (the same record as in a JSON
+    the generator writes with those arguments; test-split keys never occur in train; ``needles: k > 1``
+    hides k labelled keys and asks for one of them). Keys that do not
     apply to a type are errors, not silently ignored (a key counts as set when it differs from its
     default, so a resolved config written by the trainer loads again).
     """
@@ -75,11 +104,13 @@ class DataSpec(Strict):
     repeat: int = Field(1, gt=0)
     group_by_image: bool = False  # easyvqa: one multi-turn conversation per image (LLaVA-style)
     sources: list[DataSpec] = Field(default_factory=list)  # mix only
-    # passkey only: how many distinct passages, their length range in tiny-tokenizer tokens, the generator seed
+    # passkey only: how many distinct passages, their length range in tiny-tokenizer tokens, the generator
+    # seed, and how many labelled needles a passage holds (1: the single-needle task; k > 1: k key-value needles)
     size: int | None = Field(None, gt=0)
     min_tokens: int = 128
     max_tokens: int = 512
     seed: int = 0
+    needles: int = 1
 
     @model_validator(mode="after")
     def _keys_fit_type(self) -> "DataSpec":
@@ -106,7 +137,7 @@ class DataSpec(Strict):
             if self.size is None:
                 raise ValueError(f"{who} needs size (how many distinct passages to generate)")
             try:
-                check_passkey_lengths(self.min_tokens, self.max_tokens)
+                check_passkey_lengths(self.min_tokens, self.max_tokens, self.needles)
             except ValueError as err:
                 raise ValueError(f"{who}: {err}") from None
         if self.type == "mix":

@@ -39,7 +39,8 @@ def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, samp
         ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
         return _limit_repeat(ds, None, spec.repeat)
     if spec.type == "passkey":
-        ds = PasskeyDataset(spec.size, split=spec.split, seed=spec.seed, min_tokens=spec.min_tokens, max_tokens=spec.max_tokens)
+        ds = PasskeyDataset(spec.size, split=spec.split, seed=spec.seed, min_tokens=spec.min_tokens, max_tokens=spec.max_tokens,
+                            needles=spec.needles)
         return _limit_repeat(ds, spec.limit, spec.repeat)
     path = Path(spec.path)
     if not path.is_file():
