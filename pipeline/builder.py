@@ -20,9 +20,11 @@ class Pipeline(nn.Module):
     round-trips through :func:`build_pipeline`).
     """
 
-    def __init__(self, stages: list[nn.Module], config: BaseModel | None = None, dim: int | None = None):
+    def __init__(self, stages: list[nn.Module], config: BaseModel | None = None, dim: int | None = None,
+                 llm: list[nn.Module] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
+        self.llm = nn.ModuleList(llm or [])  # stages inside the decoder (pipeline.llm); run by the LLM's loop
         self.config = config
         self.dim = dim
 
@@ -34,6 +36,10 @@ class Pipeline(nn.Module):
     @property
     def names(self) -> list[str]:
         return [s.stage_name for s in self.stages]
+
+    @property
+    def llm_names(self) -> list[str]:
+        return [s.stage_name for s in self.llm]
 
     def set_retention(self, ratio: float) -> None:
         """Set ``retention_ratio`` on every stage that has one (eval sweeps)."""
@@ -77,7 +83,8 @@ def build_pipeline(config: str | Path | dict | list | BaseModel | None, dim: int
         stage = cls(dim=dim, **kwargs)
         feature_dim = getattr(stage, "feature_dim_out", feature_dim)
         stages.append(stage)
-    return Pipeline(stages, cfg, dim)
+    llm = [get_stage(c.name)(dim=dim, **c.model_dump(exclude={"name"})) for c in getattr(cfg, "llm", [])]
+    return Pipeline(stages, cfg, dim, llm)
 
 
 def build(config, dim: int) -> Pipeline:

@@ -122,9 +122,22 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return wrap
 
 
-def list_stages() -> list[str]:
-    """Registered stage names, sorted."""
-    return sorted(_STAGES)
+PLACEMENTS = ("tokens", "llm")
+"""Where a stage acts: ``"tokens"`` on a :class:`TokenBatch` before the LLM (a pipeline's ``stages:``),
+``"llm"`` inside the decoder (its ``llm:`` list; :mod:`pipeline.llm`). A stage class says it with the
+class attribute ``placement`` (default ``"tokens"``)."""
+
+
+def placement_of(name_or_cls: "str | type") -> str:
+    cls = get_stage(name_or_cls) if isinstance(name_or_cls, str) else name_or_cls
+    return getattr(cls, "placement", "tokens")
+
+
+def list_stages(placement: str | None = None) -> list[str]:
+    """Registered stage names, sorted; ``placement`` ("tokens" or "llm") keeps those acting there."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return sorted(n for n, cls in _STAGES.items() if placement is None or placement_of(cls) == placement)
 
 
 def get_stage(name: str) -> type[nn.Module]:

@@ -30,7 +30,7 @@ def test_validate_reports_every_bad_file(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "p.yaml"), str(tmp_path / "m.yaml"), str(tmp_path / "nope.yaml")]) == 1
     out = capsys.readouterr().out
     assert "stages.0.fgcs.retention_ratoi: Extra inputs are not permitted" in out
-    assert "stages.1: unknown stage 'tova'" in out
+    assert "stages.1: stage 'tova' acts inside the LLM: list it under 'llm:'" in out
     assert "projector.type: Input should be 'linear' or 'mlp2x_gelu'" in out
     assert "config file '" in out and "nope.yaml' does not exist" in out
 

@@ -14,7 +14,32 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
 def test_unknown_stage_lists_available_names():
     with pytest.raises(PipelineConfigError, match=r"stages\.0: unknown stage 'tome'\. Available: ") as e:
         validate_config([{"name": "tome"}])
-    assert str(list_stages()) in str(e.value)
+    assert str(list_stages("tokens")) in str(e.value)
+    with pytest.raises(PipelineConfigError, match=r"llm\.0: unknown stage 'tome'\. Available: ") as e:
+        validate_config({"llm": [{"name": "tome"}]})
+    assert str(list_stages("llm")) in str(e.value)
+
+
+def test_stages_in_the_wrong_list_say_where_they_go():
+    with pytest.raises(PipelineConfigError, match=r"stages\.0: stage 'tova' acts inside the LLM: list it under 'llm:'"):
+        validate_config({"stages": [{"name": "tova"}]})
+    with pytest.raises(PipelineConfigError, match=r"llm\.0: stage 'fgcs' acts on media tokens before the LLM"):
+        validate_config({"llm": [{"name": "fgcs"}]})
+
+
+def test_two_cache_policies_on_one_layer_are_refused():
+    with pytest.raises(PipelineConfigError, match=r"llm\.1\.h2o: cache policies llm\.0 \('tova'\) and llm\.1 \('h2o'\) both cover \[1\]"):
+        validate_config({"llm": [{"name": "tova", "layers": [0, 1]}, {"name": "h2o", "layers": [1, 2]}]})
+    cfg = validate_config({"llm": [{"name": "tova", "layers": [0]}, {"name": "h2o", "layers": [1]}, {"name": "fastv", "layer": 1}]})
+    assert [s.name for s in cfg.llm] == ["tova", "h2o", "fastv"]
+
+
+def test_llm_stage_options_are_validated():
+    with pytest.raises(PipelineConfigError) as e:
+        validate_config({"llm": [{"name": "tova", "cache_max_size": 0, "head_strategy": "median"},
+                                 {"name": "fastv", "drop_ratio": 1.5}]})
+    text = str(e.value)
+    assert "llm.0.tova.cache_max_size" in text and "llm.0.tova.head_strategy" in text and "llm.1.fastv.drop_ratio" in text
 
 
 def test_stage_without_name():
@@ -36,7 +61,7 @@ def test_unknown_key_names_stage_key_and_allowed_keys():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(PipelineConfigError, match=r"stage: .*a pipeline config has only the key 'stages'"):
+    with pytest.raises(PipelineConfigError, match=r"stage: .*a pipeline config has the keys 'stages' and 'llm'"):
         validate_config({"stages": [], "stage": []})
 
 

@@ -1,4 +1,5 @@
-"""The contract every registered stage honours, one test over ``list_stages()`` (STYLE §2).
+"""The contract every registered pre-LLM stage honours, one test over ``list_stages("tokens")`` (STYLE §2;
+stages inside the LLM have their own contract in tests/test_llm_stages.py).
 
 A stage registered tomorrow is covered the day it registers: it runs on a tiny ragged batch
 (B=2, N=64, D=32; row 0 has 64 real tokens on an 8x8 grid, row 1 has 48 on a 6x8 grid).
@@ -31,7 +32,7 @@ def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
 
 # options that change what a stage declares (selects_tokens ...) get their own contract run
 VARIANTS = {"fgcs": [{"merge_pruned": True}]}
-CASES = [(name, {}) for name in list_stages()] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
+CASES = [(name, {}) for name in list_stages("tokens")] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
 
 
 def build_one(name: str, options: dict | None = None):

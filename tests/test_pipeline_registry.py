@@ -49,6 +49,13 @@ SEED_DEFAULTS = {
     "rtd": {"mode": "fast", "bottleneck_ratio": 4, "recover_ratio": 0.25, "adaptive_threshold": 0.5, "recon_weight": 1.0},
     "random": {"retention_ratio": 0.482, "seed": 0},
     "pool": {"retention_ratio": 0.25},
+    # stages inside the LLM (pipeline/llm.py)
+    "fastv": {"layer": 2, "drop_ratio": 0.5, "num_queries": 1},
+    "tova": {"cache_max_size": 512, "layers": None, "head_strategy": "mean", "per_kv_head": True,
+             "entropy_weight": 0.0, "head_weight_lr": 0.1, "history_every": 1, "debug": False},
+    "h2o": {"cache_max_size": 512, "layers": None, "recent_ratio": 0.5},
+    "snapkv": {"cache_max_size": 512, "layers": None, "window_size": 32, "kernel_size": 5},
+    "streaming_llm": {"cache_max_size": 512, "layers": None, "num_sinks": 4},
 }
 
 

@@ -22,7 +22,8 @@ nothing more), so it runs on a bare GPU box (see eval/bench_layer_loop.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
+from .runtime import LLMStages, StagedCache, cache_kwarg
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -50,7 +52,8 @@ __all__ = [
 
 # Families whose HF implementation has the layout the loop relies on: model.{embed_tokens, layers,
 # rotary_emb, norm}, lm_head, decoder layers called as layer(h, attention_mask=, position_embeddings=,
-# past_key_values=, ...), and optional per-layer "sliding_attention" in config.layer_types.
+# cache= (past_key_values= before transformers 5.23), ...), and optional per-layer "sliding_attention"
+# in config.layer_types.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 # Tiny default LLM: trains on CPU in minutes. No vocab_size: build_llm(vocab_size=len(tokenizer))
@@ -175,6 +178,8 @@ class DecoderLM(nn.Module):
         model_type = getattr(hf_model.config, "model_type", None)
         _check_model_type(model_type, type(hf_model).__name__)
         self.hf = hf_model
+        self._cache_kw = cache_kwarg(hf_model.model.layers[0])  # "cache" (transformers >= 5.23) or "past_key_values"
+        self._stages: LLMStages | None = None  # installed by use_stages()
 
     @property
     def config(self):
@@ -196,6 +201,23 @@ class DecoderLM(nn.Module):
         """Token embeddings: (B, L) long -> (B, L, D)."""
         return self.hf.model.embed_tokens(input_ids)
 
+    def bind_stages(self, stages: "LLMStages | Sequence[nn.Module] | None") -> LLMStages | None:
+        """LLM stages (``pipeline.llm``; e.g. ``build_pipeline(cfg, dim).llm``) bound to this model, or None."""
+        if stages is None or isinstance(stages, LLMStages):
+            return stages or None
+        stages = list(stages)
+        return LLMStages(self, stages) if stages else None
+
+    @contextmanager
+    def use_stages(self, stages: "LLMStages | Sequence[nn.Module] | None") -> Iterator[LLMStages | None]:
+        """Run ``stages`` in every ``forward`` and ``generate_from_embeds`` inside the block; the HF model
+        is untouched (nothing is patched) and the previous stages come back afterwards."""
+        previous, self._stages = self._stages, self.bind_stages(stages)
+        try:
+            yield self._stages
+        finally:
+            self._stages = previous
+
     def layer_types(self) -> list[str]:
         """Per-layer attention type, "full_attention" or "sliding_attention"."""
         types = getattr(self.hf.config, "layer_types", None)
@@ -210,6 +232,8 @@ class DecoderLM(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         layer_hooks: Mapping[int, LayerHook] | None = None,
+        stages: "LLMStages | Sequence[nn.Module] | None" = None,
+        token_kinds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DynamicCache | None]:
         """Run the decoder on embeddings.
 
@@ -224,6 +248,14 @@ class DecoderLM(nn.Module):
             layer_hooks: ``{layer_idx: hook}``; each hook is called after that layer as
                 ``hook(layer_idx, hidden_states, attention_mask_2d, position_ids)`` and may return a
                 tensor of the same shape that replaces the hidden states (or None to only observe).
+            stages: LLM stages (``pipeline.llm``) to run (default: those of ``use_stages``). With stages,
+                a call is a prefill (empty or no cache; a cache, if asked for, is a :class:`StagedCache`)
+                or one decoding step (L = 1, the StagedCache of that prefill); layer stages may drop
+                tokens (logits of dropped positions are 0 when ``logits_to_keep`` is 0) and cache
+                policies evict. ``attention_mask`` is then ignored after the prefill (the cache keeps
+                per-slot validity).
+            token_kinds: (B, L) long, ``pipeline.llm.TEXT_KIND`` for text, else the medium's
+                ``pipeline.Modality`` code (prefill with stages only; default all text).
 
         Returns:
             logits (B, L', V) with L' = L or ``logits_to_keep``; the cache (None if not used).
@@ -233,6 +265,12 @@ class DecoderLM(nn.Module):
             raise ValueError(
                 f"position_ids must have shape (B, L) = {(bsz, q_len)}, got {tuple(position_ids.shape)}"
             )
+        runner = self.bind_stages(stages) if stages is not None else self._stages
+        if runner is not None:
+            if layer_hooks:
+                raise ValueError("layer_hooks and LLM stages cannot run together; express the hook as an LLM stage")
+            return self._forward_staged(runner, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                        use_cache, logits_to_keep, token_kinds)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.hf.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -248,17 +286,12 @@ class DecoderLM(nn.Module):
 
         hf_model = self.hf.model
         types = self.layer_types()
-        # position_ids=None: our positions are RoPE positions, never packing information.
-        mask_kwargs = dict(
-            config=self.hf.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=None,
-        )
-        masks = {_FULL: create_causal_mask(**mask_kwargs)}
+        # position_ids=None: our positions are RoPE positions, never packing information. The cache goes
+        # by position: transformers 5.23 renamed the keyword (past_key_values -> cache).
+        mask_args = (self.hf.config, inputs_embeds, attention_mask, past_key_values)
+        masks = {_FULL: create_causal_mask(*mask_args, position_ids=None)}
         if _SLIDING in types:
-            masks[_SLIDING] = create_sliding_window_causal_mask(**mask_kwargs)
+            masks[_SLIDING] = create_sliding_window_causal_mask(*mask_args, position_ids=None)
 
         hidden_states = inputs_embeds
         position_embeddings = hf_model.rotary_emb(hidden_states, position_ids)  # (cos, sin), (B, L, head_dim)
@@ -268,8 +301,8 @@ class DecoderLM(nn.Module):
                 attention_mask=masks[types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{self._cache_kw: past_key_values},
             )
             if i in hooks:
                 out = hooks[i](i, hidden_states, attention_mask, position_ids)
@@ -283,6 +316,25 @@ class DecoderLM(nn.Module):
         hidden_states = hf_model.norm(hidden_states)
         logits = self.hf.lm_head(_slice_last(hidden_states, logits_to_keep))  # (B, L', V)
         return logits, (past_key_values if use_cache else None)
+
+    def _forward_staged(self, runner: LLMStages, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                        logits_to_keep, token_kinds):
+        if cache is not None and not isinstance(cache, StagedCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("with LLM stages the cache must be the StagedCache of their prefill; got a "
+                                 f"{type(cache).__name__} holding {cache.get_seq_length()} tokens")
+            cache = None
+        started = cache is not None and cache.layers[0].num_slots > 0
+        if not started:
+            if use_cache and cache is None:
+                cache = runner.new_cache()
+            logits = runner.prefill(inputs_embeds, attention_mask, position_ids, cache if use_cache else None,
+                                    token_kinds, logits_to_keep)
+            return logits, (cache if use_cache else None)
+        if inputs_embeds.shape[1] != 1:
+            raise ValueError(f"with LLM stages a call after the prefill is one decoding step (L = 1), got L = "
+                             f"{inputs_embeds.shape[1]}")
+        return runner.decode(inputs_embeds, position_ids, cache), cache
 
 
 def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -319,7 +371,10 @@ def generate_from_embeds(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     streamer: Any | None = None,
-) -> torch.Tensor:
+    stages: "LLMStages | Sequence[nn.Module] | None" = None,
+    token_kinds: torch.Tensor | None = None,
+    return_cache: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
     Args:
@@ -337,6 +392,12 @@ def generate_from_embeds(
             ``TextIteratorStreamer``): ``put(ids (1,))`` is called with each new token as it is chosen
             and ``end()`` once generation stops. Only new tokens are put (there are no prompt ids:
             generation starts from embeddings), so build it with ``skip_prompt=False``. Batch size 1.
+        stages: LLM stages (``pipeline.llm``: FastV-style pruning, TOVA / H2O / SnapKV / StreamingLLM
+            cache policies) run in the prefill and in every decoding step (default: ``lm.use_stages``'s).
+        token_kinds: (B, P) long kinds of the prompt tokens (``pipeline.llm.TEXT_KIND`` or a
+            ``pipeline.Modality`` code), for stages that act on media tokens.
+        return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
+            gives per-layer slots, tokens, evictions and bytes).
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -370,8 +431,10 @@ def generate_from_embeds(
 
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     next_pos = position_ids[:, -1:].to(device=device, dtype=torch.long) + 1  # (B, 1)
-    cache = DynamicCache(config=lm.config)
-    logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1)
+    runner = lm.bind_stages(stages) if stages is not None else lm._stages
+    cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
+    logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,
+                       stages=runner, token_kinds=token_kinds)
 
     tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
@@ -392,8 +455,9 @@ def generate_from_embeds(
             break
         attention_mask = torch.cat([attention_mask, ones], dim=1)
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
-        logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1)
+        logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1,
+                           stages=runner)
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
-    return tokens
+    return (tokens, cache) if return_cache else tokens

@@ -1,0 +1,385 @@
+"""The runtime of stages inside the LLM (``pipeline.llm``): a cache that shrinks, and the loop's two phases.
+
+:class:`LLMStages` binds a list of LLM stages (``pipeline.build_pipeline(cfg, dim).llm``) to a
+:class:`~llava_deft.model.llm.decoder.DecoderLM`; ``DecoderLM.forward(..., stages=)`` and
+``generate_from_embeds(..., stages=)`` run it (or ``with lm.use_stages(stages):`` for a block). The HF
+modules are never patched: the loop calls the stock decoder layers, passes them a
+:class:`StagedCache` and builds the masks itself.
+
+:class:`StagedCache` is a transformers ``Cache`` of :class:`TrackedLayer` s. Each layer keeps, beside
+its keys and values ``(B, H_kv, T, d)``, per-slot validity, RoPE positions, token kinds and a policy's
+extras, and can shrink for real:
+
+- ``keep(idx)`` gathers the chosen slots into new, smaller tensors (the old ones are freed) and leaves
+  one spare slot behind them;
+- in steady decoding (a full cache that evicts one token per step, TOVA / StreamingLLM / H2O) the new
+  token's key is written into the spare slot, attention runs over ``budget + 1`` slots, and the evicted
+  slot is overwritten with the new token: no tensor grows, nothing is copied but one key per KV head.
+
+Slots are not in position order after that; attention does not care (keys carry their RoPE phase and
+validity is per slot), and ``positions`` records where each key was cached.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+
+from pipeline.llm import TEXT_KIND, CachePolicy, CacheView, LayerStage, LayerState, keep_topk
+
+from .probe import attention_probe, project_keys, project_queries
+
+__all__ = ["LLMStages", "StagedCache", "TrackedLayer", "cache_kwarg"]
+
+_PROBE_CHUNK = 512  # queries per probe chunk for policies that read every prompt position (H2O)
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """The keyword the installed transformers' decoder layers take their cache by: ``cache`` (>= 5.23,
+    which deprecates ``past_key_values`` for 5.40) or ``past_key_values`` (older 5.x)."""
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class TrackedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose slots carry metadata and that can shrink (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.valid: Tensor | None = None  # (B, H_kv, T) bool
+        self.positions: Tensor | None = None  # (B, H_kv, T) long
+        self.kind: Tensor | None = None  # (B, H_kv, T) long
+        self.extras: dict[str, Tensor] = {}
+        self.headwise = False  # validity differs between KV heads (after a per-head eviction)
+        self.evicted = 0  # slots dropped so far (per row and KV head, summed over evictions)
+        self._buf: tuple[Tensor, Tensor] | None = None  # (keys, values) with one spare slot at the end
+        self._spare = False  # keys == buf[:, :, :-1] and the last slot is free
+        self._wrote_spare = False
+
+    # -------------------------------------------------------------- transformers' side
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self._spare and key_states.shape[-2] == 1:
+            bk, bv = self._buf
+            bk[:, :, -1:].copy_(key_states)
+            bv[:, :, -1:].copy_(value_states)
+            self.keys, self.values = bk, bv
+            self._spare, self._wrote_spare = False, True
+            return bk, bv
+        self._wrote_spare = False
+        self._buf, self._spare = None, False
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    # -------------------------------------------------------------- our side
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[-1]
+
+    def append_meta(self, positions: Tensor, valid: Tensor, kind: Tensor) -> None:
+        """Record the (B, L) positions / validity / kinds of the tokens the last ``update`` added."""
+        hkv = self.keys.shape[1]
+        pos, val, knd = (x.unsqueeze(1).expand(-1, hkv, -1) for x in (positions, valid, kind))
+        if self._wrote_spare:  # the new token sits in the spare slot (the last one)
+            for name, new in (("valid", val), ("positions", pos), ("kind", knd)):
+                buf = getattr(self, "_meta_buf")[name]
+                buf[:, :, -1:].copy_(new)
+                setattr(self, name, buf)
+            for name, buf in self._extra_buf.items():
+                buf[:, :, -1:].zero_()
+                self.extras[name] = buf
+            return
+        if self.valid is None:
+            self.valid, self.positions, self.kind = val.clone(), pos.clone(), knd.clone()
+        else:
+            self.valid = torch.cat([self.valid, val], dim=-1)
+            self.positions = torch.cat([self.positions, pos], dim=-1)
+            self.kind = torch.cat([self.kind, knd], dim=-1)
+        for name, x in self.extras.items():  # a policy's per-slot state: new slots start at 0
+            self.extras[name] = torch.cat([x, x.new_zeros(*x.shape[:2], val.shape[-1])], dim=-1)
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep slots ``idx`` (B, H_kv, K) of every (row, KV head); everything else is freed."""
+        b, hkv, k = idx.shape
+        d = self.keys.shape[-1]
+        gather = idx.unsqueeze(-1).expand(b, hkv, k, d)
+        bk = self.keys.new_empty(b, hkv, k + 1, d)
+        bv = self.values.new_empty(b, hkv, k + 1, self.values.shape[-1])
+        torch.gather(self.keys, 2, gather, out=bk[:, :, :k])
+        torch.gather(self.values, 2, idx.unsqueeze(-1).expand(b, hkv, k, self.values.shape[-1]), out=bv[:, :, :k])
+        self._meta_buf = {}
+        for name in ("valid", "positions", "kind"):
+            x = getattr(self, name)
+            buf = x.new_zeros(b, hkv, k + 1)
+            torch.gather(x, 2, idx, out=buf[:, :, :k])
+            self._meta_buf[name] = buf
+            setattr(self, name, buf[:, :, :k])
+        self._extra_buf = {}
+        for name, x in self.extras.items():
+            buf = x.new_zeros(b, hkv, k + 1)
+            torch.gather(x, 2, idx, out=buf[:, :, :k])
+            self._extra_buf[name] = buf
+            self.extras[name] = buf[:, :, :k]
+        self._buf = (bk, bv)
+        self.keys, self.values = bk[:, :, :k], bv[:, :, :k]
+        self._spare, self.headwise = True, True
+
+    def evict_one(self, slot: Tensor) -> None:
+        """Steady decoding: drop slot ``slot`` (B, H_kv) of every (row, KV head) by moving the token in
+        the spare (last) slot there; the cache keeps its ``budget`` slots and the spare is free again."""
+        bk, bv = self._buf
+        last = bk.shape[2] - 1
+        idx = slot.unsqueeze(-1)  # (B, H_kv, 1)
+        for buf in (bk, bv):
+            new = buf[:, :, last:]  # (B, H_kv, 1, d)
+            buf.scatter_(2, idx.unsqueeze(-1).expand_as(new), new.clone())
+        for name, buf in self._meta_buf.items():
+            buf.scatter_(2, idx, buf[:, :, last:].clone())
+            setattr(self, name, buf[:, :, :last])
+        for name, x in list(self.extras.items()):  # a policy may have replaced its extras this step
+            buf = x if x.shape[-1] == last + 1 else self._extra_buf[name]
+            buf.scatter_(2, idx, buf[:, :, last:].clone())
+            self._extra_buf[name] = buf
+            self.extras[name] = buf[:, :, :last]
+        self.keys, self.values = bk[:, :, :last], bv[:, :, :last]
+        self._spare, self.headwise = True, True
+        self.evicted += 1
+
+    def bytes(self) -> int:
+        """Bytes held by this layer's keys and values (including a spare slot)."""
+        if self._buf is not None:
+            return sum(t.numel() * t.element_size() for t in self._buf)
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class StagedCache(Cache):
+    """A transformers ``Cache`` of :class:`TrackedLayer` s (one per decoder layer)."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[TrackedLayer() for _ in range(num_layers)])
+
+    def stats(self) -> list[dict]:
+        """Per layer: slots held (T), real tokens per row (mean over rows and KV heads, and max),
+        evicted so far (per row and KV head), bytes of keys + values."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            if layer.valid is None:
+                out.append({"layer": i, "slots": 0, "tokens_mean": 0.0, "tokens_max": 0, "evicted": 0, "bytes": 0})
+                continue
+            per = layer.valid.sum(-1)  # (B, H_kv)
+            out.append({
+                "layer": i, "slots": layer.num_slots, "tokens_mean": round(float(per.float().mean()), 3),
+                "tokens_max": int(per.max()) if per.numel() else 0, "evicted": int(layer.evicted),
+                "bytes": layer.bytes(),
+            })
+        return out
+
+
+class LLMStages:
+    """LLM stages bound to one decoder: layer stages by the layer they follow, cache policies by layer."""
+
+    def __init__(self, lm: nn.Module, stages: Sequence[nn.Module]):
+        cfg = lm.config
+        num_layers = lm.num_layers
+        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.lm = lm
+        self.stages = list(stages)
+        self.after: dict[int, list[LayerStage]] = {}
+        self.policies: dict[int, CachePolicy] = {}
+        for stage in self.stages:
+            if isinstance(stage, LayerStage):
+                stage.bind(num_layers, heads, kv_heads)
+                self.after.setdefault(stage.layer - 1, []).append(stage)
+            elif isinstance(stage, CachePolicy):
+                stage.bind(num_layers, heads, kv_heads)
+                for i in range(num_layers):
+                    if stage.covers(i):
+                        if i in self.policies:
+                            raise ValueError(f"layer {i} has two cache policies ({self.policies[i].stage_name!r} and "
+                                             f"{stage.stage_name!r}); give them disjoint 'layers'")
+                        self.policies[i] = stage
+            else:
+                raise TypeError(f"{type(stage).__name__} is not an LLM stage (pipeline.llm.LayerStage or CachePolicy); "
+                                f"pre-LLM stages belong in the pipeline's 'stages:' list")
+        impl = getattr(cfg, "_attn_implementation", "sdpa")
+        if self.policies and impl not in ("sdpa", "eager"):
+            raise ValueError(f"cache policies need attn_implementation 'sdpa' or 'eager' (per-head masks); this LLM uses {impl!r}")
+        if self.policies and "sliding_attention" in lm.layer_types():
+            raise ValueError("cache policies do not support sliding-window layers yet (config.layer_types has "
+                             "'sliding_attention'); build the LLM with use_sliding_window=False")
+        self.eager = impl == "eager"
+        self.cache_kw = cache_kwarg(lm.hf.model.layers[0])
+
+    def __bool__(self) -> bool:
+        return bool(self.stages)
+
+    def reset(self) -> None:
+        for stage in self.stages:
+            if isinstance(stage, CachePolicy):
+                stage.reset()
+
+    def new_cache(self) -> StagedCache:
+        return StagedCache(self.lm.num_layers)
+
+    # ------------------------------------------------------------------ probes
+    def _prefill_probe(self, layer: nn.Module, h_in: Tensor, pe: tuple[Tensor, Tensor], state: LayerState,
+                       keys: Tensor, start: int, stop: int) -> Tensor:
+        """Attention of prompt columns ``start:stop`` (of the current state) over ``keys`` (B, H_kv, L, d)."""
+        cos, sin = pe
+        q = project_queries(layer, h_in[:, start:stop], cos[:, start:stop], sin[:, start:stop])
+        cols = torch.arange(keys.shape[2], device=keys.device)
+        qcols = torch.arange(start, stop, device=keys.device)
+        allowed = (cols.view(1, 1, -1) <= qcols.view(1, -1, 1)) & state.mask[:, None, :]  # (B, Q, L)
+        allowed = allowed & state.mask[:, start:stop, None]  # padding queries attend to nothing
+        return attention_probe(q, keys, allowed.unsqueeze(1), layer.self_attn.scaling)
+
+    def _layer_keys(self, i: int, layer: nn.Module, h_in: Tensor, pe, cache: StagedCache | None) -> Tensor:
+        if cache is not None:
+            return cache.layers[i].keys
+        return project_keys(layer, h_in, *pe)
+
+    # ------------------------------------------------------------------ eviction
+    def _evict(self, i: int, layer: nn.Module, h_in: Tensor, pe, state: LayerState | None,
+               cache: StagedCache, phase: str) -> None:
+        policy = self.policies[i]
+        tl: TrackedLayer = cache.layers[i]
+        b, hkv = tl.keys.shape[:2]
+        heads = self.lm.config.num_attention_heads
+        window = policy.window
+
+        def view(attn: Tensor) -> CacheView:
+            return CacheView(keys=tl.keys, values=tl.values, valid=tl.valid, positions=tl.positions, kind=tl.kind,
+                             attn=attn, layer=i, phase=phase, extras=tl.extras)
+
+        if window == 0:
+            v = view(tl.keys.new_zeros(b, heads, 0, tl.num_slots, dtype=torch.float32))
+            policy.update(v)
+        elif phase == "decode":
+            q = project_queries(layer, h_in, *pe)
+            allowed = tl.valid.unsqueeze(2)  # (B, H_kv, 1, T)
+            v = view(attention_probe(q, tl.keys, allowed, layer.self_attn.scaling))
+            policy.update(v)
+        else:
+            length = state.hidden.shape[1]
+            spans = ([(s, min(s + _PROBE_CHUNK, length)) for s in range(0, length, _PROBE_CHUNK)]
+                     if window == "all" else [(max(0, length - int(window)), length)])
+            for start, stop in spans:
+                v = view(self._prefill_probe(layer, h_in, pe, state, tl.keys, start, stop))
+                policy.update(v)
+        budget = policy.budget(v)
+        if tl.num_slots <= budget:
+            return
+        scores = policy.score(v)  # (B, H_kv, T)
+        if tl._wrote_spare and tl.num_slots == budget + 1:  # steady decoding: one token leaves
+            ranked = torch.where(tl.valid, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+            # the last slot among the lowest (keep_topk keeps the earlier one on ties)
+            slot = tl.num_slots - 1 - ranked.flip(-1).argmin(dim=-1)
+            if _wants_keep(policy):
+                policy.observe(v, _all_but(slot, tl.num_slots))
+            tl.evict_one(slot)
+            return
+        keep = keep_topk(scores, tl.valid, budget)
+        before = tl.num_slots
+        tl.keep(keep)
+        tl.evicted += before - budget
+        policy.observe(v, keep)
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
+                cache: StagedCache | None, token_kinds: Tensor | None, logits_to_keep: int) -> Tensor:
+        lm, hf_model = self.lm, self.lm.hf.model
+        cfg = lm.config
+        bsz, length, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        self.reset()
+        mask = torch.ones(bsz, length, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        kinds = torch.full((bsz, length), TEXT_KIND, dtype=torch.long, device=dev) if token_kinds is None else token_kinds.to(dev)
+        state = LayerState(hidden=inputs_embeds, mask=mask, positions=position_ids,
+                           index=torch.arange(length, device=dev).expand(bsz, length), kind=kinds)
+        attn_mask = create_causal_mask(cfg, inputs_embeds, attention_mask, None, position_ids=None)
+        pe = hf_model.rotary_emb(inputs_embeds, position_ids)
+        use_cache = cache is not None
+        for i, layer in enumerate(hf_model.layers[: lm.num_layers]):
+            h_in = state.hidden
+            h = layer(h_in, attention_mask=attn_mask, position_embeddings=pe, position_ids=state.positions,
+                      use_cache=use_cache, **{self.cache_kw: cache})
+            if use_cache:
+                cache.layers[i].append_meta(state.positions, state.mask, state.kind)
+            stages = self.after.get(i, ())
+            if stages:
+                keys = self._layer_keys(i, layer, h_in, pe, cache)
+                probe_state = state
+
+                def attention(queries, _layer=layer, _h=h_in, _pe=pe, _s=probe_state, _k=keys):
+                    n = int(queries)
+                    length_now = _s.hidden.shape[1]
+                    return self._prefill_probe(_layer, _h, _pe, _s, _k, max(0, length_now - n), length_now)
+
+            if use_cache and i in self.policies and self.policies[i].acts("prefill"):
+                self._evict(i, layer, h_in, pe, state, cache, "prefill")
+            state = replace(state, hidden=h)
+            for stage in stages:
+                new = stage(state, attention)
+                if new is not state:
+                    state = new
+                    pe = hf_model.rotary_emb(state.hidden, state.positions)
+                    attn_mask = create_causal_mask(cfg, state.hidden, state.mask.long(), None, position_ids=None)
+        hidden = hf_model.norm(state.hidden)
+        if logits_to_keep == 0 and hidden.shape[1] != length:  # back to the prompt's columns (dropped ones: 0)
+            full = hidden.new_zeros(bsz, length, hidden.shape[-1])
+            rows = torch.arange(bsz, device=dev).unsqueeze(1).expand_as(state.index)
+            full[rows[state.mask], state.index[state.mask]] = hidden[state.mask]
+            hidden = full
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return lm.hf.lm_head(hidden)
+
+    # ------------------------------------------------------------------ one decoding step
+    def decode(self, inputs_embeds: Tensor, position_ids: Tensor, cache: StagedCache) -> Tensor:
+        """One new token per row: (B, 1, D) embeddings at (B, 1) positions -> logits (B, 1, V)."""
+        lm, hf_model = self.lm, self.lm.hf.model
+        cfg = lm.config
+        bsz = inputs_embeds.shape[0]
+        dev = inputs_embeds.device
+        pe = hf_model.rotary_emb(inputs_embeds, position_ids)
+        ones = torch.ones(bsz, 1, dtype=torch.bool, device=dev)
+        text = torch.full((bsz, 1), TEXT_KIND, dtype=torch.long, device=dev)
+        h = inputs_embeds
+        heads = cfg.num_attention_heads
+        for i, layer in enumerate(hf_model.layers[: lm.num_layers]):
+            tl: TrackedLayer = cache.layers[i]
+            if tl.headwise:
+                allowed = torch.cat([tl.valid, ones.unsqueeze(1).expand(-1, tl.valid.shape[1], -1)], dim=-1)
+                allowed = allowed.repeat_interleave(heads // allowed.shape[1], dim=1).unsqueeze(2)  # (B, H, 1, T+1)
+                if self.eager:
+                    attn_mask = torch.zeros(allowed.shape, dtype=h.dtype, device=dev).masked_fill(
+                        ~allowed, torch.finfo(h.dtype).min)
+                else:
+                    attn_mask = allowed
+            else:
+                mask2d = torch.cat([tl.valid[:, 0], ones], dim=-1).long()
+                attn_mask = create_causal_mask(cfg, inputs_embeds, mask2d, cache, position_ids=None, layer_idx=i)
+            h_in = h
+            h = layer(h_in, attention_mask=attn_mask, position_embeddings=pe, position_ids=position_ids,
+                      use_cache=True, **{self.cache_kw: cache})
+            tl.append_meta(position_ids, ones, text)
+            if i in self.policies and self.policies[i].acts("decode"):
+                self._evict(i, layer, h_in, pe, None, cache, "decode")
+        return lm.hf.lm_head(hf_model.norm(h))
+
+
+def _wants_keep(policy: CachePolicy) -> bool:
+    return type(policy).observe is not CachePolicy.observe
+
+
+def _all_but(slot: Tensor, t: int) -> Tensor:
+    """(B, H_kv) evicted slot -> (B, H_kv, t-1) the kept slots, ascending."""
+    cols = torch.arange(t, device=slot.device).expand(*slot.shape, t)
+    keep = cols != slot.unsqueeze(-1)
+    return cols[keep].view(*slot.shape, t - 1)
