@@ -39,7 +39,7 @@ COMMAND_ERRORS = (LlavaDeftError, FileNotFoundError, ValueError, TypeError)
 def _kind(path: Path) -> str:
     """Which config a YAML file is: a training recipe, a model or a pipeline."""
     data = load_yaml(path.read_text()) or {}
-    if isinstance(data, list) or set(data) <= {"stages"}:
+    if isinstance(data, list) or set(data) <= {"stages", "llm"}:
         return "pipeline"
     if {"data", "deepspeed", "output_dir"} & set(data) or isinstance(data.get("stages"), list) and "model" in data:
         return "train"
@@ -129,6 +129,13 @@ def _stats_lines(info) -> list[str]:
         lines.append("stage (none): no reduction stage reported statistics")
     for m in info.media[0]:
         lines.append(f"{m.kind} {m.item}: kept {len(m.kept)}/{m.total} tokens")
+    for name, values in (info.llm_stats or {}).items():
+        flat = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if flat:
+            lines.append(f"llm stage {name}: " + " ".join(f"{k}={v:g}" for k, v in flat.items()))
+    for layer in info.cache or []:
+        lines.append(f"cache layer {layer['layer']}: slots={layer['slots']} tokens={layer['tokens_mean']:g} "
+                     f"evicted={layer['evicted']} bytes={layer['bytes']}")
     return lines
 
 

@@ -222,12 +222,16 @@ class CachePolicy(_LLMStageBase):
     ``evict_in_decoding`` (when it acts) and ``window`` (how many last prompt positions query the cache
     at prefill; ``"all"`` = every prompt position, in chunks, as H2O's accumulated attention needs).
     :meth:`observe` is called after every eviction with the slots kept (for stateful policies).
+    State a policy keeps per slot goes in ``view.extras`` (updated in place where possible); the
+    runtime gathers it with every eviction and appends zeros for new slots.
     """
 
     kind_of_stage = "cache"
     evict_in_prefill = True
     evict_in_decoding = True
     window: "int | str" = 1
+    graph_safe = False  # True: update/score/observe never read tensors on the host and keep state in place,
+    # so the runtime may capture a steady decoding step in a CUDA graph and replay it
 
     def __init__(self, cache_max_size: int, layers: list[int] | None = None):
         super().__init__()

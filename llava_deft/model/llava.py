@@ -101,6 +101,12 @@ class GenerationInfo:
     may not exceed the LLM's ``max_position_embeddings``."""
     llm_tokens: list[int]
     """Tokens each prompt gave the LLM after reduction (text and media)."""
+    cache: list[dict] | None = None
+    """With stages inside the LLM (the pipeline's ``llm:``), per decoder layer at the end of generation:
+    ``slots`` held, ``tokens_mean`` / ``tokens_max`` real tokens per row and KV head, ``evicted`` and the
+    ``bytes`` of keys + values (``StagedCache.stats``); None without them."""
+    llm_stats: dict[str, dict] | None = None
+    """Statistics the LLM stages recorded (e.g. ``tova`` with ``debug: true``: per layer), by stage name."""
 
 
 class LlavaDeftForCausalLM(nn.Module):
@@ -319,6 +325,7 @@ class LlavaDeftForCausalLM(nn.Module):
         spliced = splice_media(
             input_ids, attention_mask, text, is_placeholder,
             media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
+            media_modality=media.modality,
         )
         return spliced, losses, stats
 
@@ -336,7 +343,7 @@ class LlavaDeftForCausalLM(nn.Module):
         """A collator batch -> loss (LM loss + the pipeline's auxiliary losses) and logits; ``media``
         holds its image / video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
         sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
-        logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids)
+        logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=self.pipeline.llm, token_kinds=sp.kinds)
         loss = lm_loss = None
         if sp.labels is not None:
             # predict token t+1 from t; loss in fp32
@@ -362,6 +369,7 @@ class LlavaDeftForCausalLM(nn.Module):
         return_media_tokens: bool = False,
         streamer=None,
         return_info: bool = False,
+        cuda_graph: bool = False,
         **media,
     ) -> Tensor | tuple:
         """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
@@ -371,7 +379,9 @@ class LlavaDeftForCausalLM(nn.Module):
         (passage tokens included); with ``return_info`` also a :class:`GenerationInfo` (the pipeline's
         per-stage statistics and, per prompt and media item, the kept token indices), last.
         ``streamer`` (transformers' ``put`` / ``end`` protocol, batch size 1) gets each new token as it
-        comes. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
+        comes. Stages of the pipeline's ``llm:`` list (FastV, TOVA, H2O, SnapKV, StreamingLLM) run in the
+        prefill and at every decoding step; ``cuda_graph`` replays steady decoding steps from a CUDA graph
+        where the cache policies allow it. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
         (``ContextLengthError`` names both numbers); ``config.max_length`` bounds the prompt alone (the
         collator refuses longer samples).
         """
@@ -379,19 +389,24 @@ class LlavaDeftForCausalLM(nn.Module):
             raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r}: give an integer >= 1")
         with self._trace_pipeline() if return_info else nullcontext([]) as trace:
             sp, _, stats = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
-        out = generate_from_embeds(
+        llm_stages = self.pipeline.llm if len(self.pipeline.llm) else None
+        out, cache = generate_from_embeds(
             self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            streamer=streamer,
+            streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, return_cache=True, cuda_graph=cuda_graph,
         )
         result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)
         if return_info:
             spans = (sp.position_ids.max(1).values + 1).tolist()  # (B,) positions each prompt spans
             info = GenerationInfo(stats, self._media_reductions(input_ids, attention_mask, trace), spans,
                                   sp.attention_mask.sum(1).tolist())
+            if llm_stages is not None:
+                info.cache = cache.stats()
+                info.llm_stats = {s.stage_name: dict(getattr(s, "stats", None) or getattr(s, "last_stats", None) or {})
+                                  for s in llm_stages}
             result = (*result, info)
         return result if len(result) > 1 else out
 

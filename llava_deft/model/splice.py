@@ -26,6 +26,7 @@ class Spliced:
     position_ids: Tensor  # (B, L') long, original (unreduced) positions; 0 on padding
     labels: Tensor | None  # (B, L') long, IGNORE_INDEX on media, prompt and padding
     media_positions: Tensor  # (B, L') bool, True where a media token sits
+    kinds: Tensor | None = None  # (B, L') long: pipeline.llm.TEXT_KIND (-1) for text, else the Modality code
 
 
 def splice_media(
@@ -39,12 +40,14 @@ def splice_media(
     media_orig_len: Tensor,
     labels: Tensor | None = None,
     padding_side: str = "right",
+    media_modality: Tensor | None = None,
 ) -> Spliced:
     """Vectorised splice.
 
     input_ids, attention_mask, is_placeholder: (B, L); text_embeds: (B, L, D)
     media_tokens: (M, K, D); media_mask, media_index: (M, K); media_orig_len: (M,)
     ``M`` must equal ``is_placeholder.sum()`` (checked by the caller, which can name the sample).
+    ``media_modality`` (M,) long: each media row's ``Modality`` code, written into ``Spliced.kinds``.
     """
     b, l, d = text_embeds.shape
     dev = text_embeds.device
@@ -69,6 +72,7 @@ def splice_media(
     out_mask = torch.zeros(b, out_len, dtype=torch.long, device=dev)
     pos = torch.zeros(b, out_len, dtype=torch.long, device=dev)
     is_media = torch.zeros(b, out_len, dtype=torch.bool, device=dev)
+    kinds = torch.full((b, out_len), -1, dtype=torch.long, device=dev)  # pipeline.llm.TEXT_KIND
     out_labels = None if labels is None else torch.full((b, out_len), IGNORE_INDEX, dtype=torch.long, device=dev)
 
     # ---- text (and padding) tokens
@@ -94,4 +98,6 @@ def splice_media(
         out_mask[mr, mc] = 1
         pos[mr, mc] = (m_pos.unsqueeze(1) + media_index)[sel]
         is_media[mr, mc] = True
-    return Spliced(embeds, out_mask, pos, out_labels, is_media)
+        if media_modality is not None:
+            kinds[mr, mc] = media_modality.to(dev).unsqueeze(1).expand_as(rank)[sel]
+    return Spliced(embeds, out_mask, pos, out_labels, is_media, kinds)

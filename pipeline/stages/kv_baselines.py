@@ -49,6 +49,7 @@ class StreamingLLM(CachePolicy):
         self.num_sinks = num_sinks
 
     window = 0  # needs no attention
+    graph_safe = True
 
     def score(self, view: CacheView) -> Tensor:
         big = torch.iinfo(torch.long).max // 4
@@ -67,13 +68,15 @@ class H2O(CachePolicy):
 
     window = "all"  # the accumulated attention of every prompt position
 
+    graph_safe = True  # accumulates in place, so a captured decoding step chains
+
     def update(self, view: CacheView) -> None:
         got = group_heads(view.attn, view.num_kv_heads).sum(dim=(2, 3))  # (B, H_kv, T)
         acc = view.extras.get("h2o_acc")
-        if acc is None or acc.shape[-1] != got.shape[-1]:
-            old = torch.zeros_like(got) if acc is None else F.pad(acc, (0, got.shape[-1] - acc.shape[-1]))
-            acc = old
-        view.extras["h2o_acc"] = acc + got
+        if acc is None:
+            view.extras["h2o_acc"] = got
+        else:  # the runtime keeps extras aligned with the slots (new slots start at 0)
+            acc.add_(got)
 
     def score(self, view: CacheView) -> Tensor:
         recent = _recent(view, int(math.floor(self.cache_max_size * self.recent_ratio)))

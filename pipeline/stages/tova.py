@@ -9,8 +9,8 @@ Head strategies (how the query heads that share a KV head vote):
 - ``mean``: the average of their attention (the paper averages over all heads of the layer; set
   ``per_kv_head: false`` for that, one choice shared by every KV head);
 - ``max``: the largest attention any of them pays;
-- ``weighted``: a weighted average with per-head weights (``head_weights``, a parameter (layers, heads)
-  initialised to 1) that adapt while decoding: after every eviction each head's weight moves by
+- ``weighted``: a weighted average with per-head weights (``head_weights``, a (layers, heads) buffer
+  initialised to 1, not saved in checkpoints) that adapt while decoding: after every eviction each head's weight moves by
   ``head_weight_lr`` towards its share of the attention mass that lands on the kept tokens (its
   contribution to the kept set, normalised to mean 1 over the heads of the layer), so heads whose
   attention the kept set serves count more. The trajectory is recorded every ``history_every``
@@ -66,14 +66,21 @@ class TOVA(CachePolicy):
         self.head_weight_lr = head_weight_lr
         self.history_every = history_every
         self.debug = debug
-        self.register_parameter("head_weights", None)  # (layers, heads), sized by bind()
+        # (layers, heads), sized by bind(): adapted while decoding, so a buffer outside the state dict
+        # (a checkpoint never depends on how long a model has been generating)
+        self.register_buffer("head_weights", None, persistent=False)
         self.history: dict[int, list[tuple[int, Tensor]]] = {}
         self._evictions: dict[int, int] = {}
 
     def bind(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         super().bind(num_layers, num_heads, num_kv_heads)
         if self.head_weights is None or tuple(self.head_weights.shape) != (num_layers, num_heads):
-            self.head_weights = torch.nn.Parameter(torch.ones(num_layers, num_heads), requires_grad=False)
+            self.head_weights = torch.ones(num_layers, num_heads)
+
+    @property
+    def graph_safe(self) -> bool:
+        """A decoding step can be captured in a CUDA graph: no host reads (debug stats, weight history)."""
+        return not self.debug and self.head_strategy != "weighted"
 
     # ------------------------------------------------------------------ scoring
     def head_importance(self, attn: Tensor) -> Tensor:
@@ -106,7 +113,9 @@ class TOVA(CachePolicy):
     def _weights(self, layer: int, imp: Tensor) -> Tensor:
         if self.head_weights is None:  # used outside a model: one weight per head of this view
             self.bind(layer + 1, imp.shape[1], imp.shape[1])
-        return self.head_weights[layer].to(device=imp.device, dtype=imp.dtype)
+        if self.head_weights.device != imp.device:
+            self.head_weights = self.head_weights.to(imp.device)
+        return self.head_weights[layer].to(imp.dtype)
 
     # ------------------------------------------------------------------ after an eviction
     def observe(self, view: CacheView, keep: Tensor) -> None:
@@ -126,7 +135,7 @@ class TOVA(CachePolicy):
         if self.head_strategy == "weighted" and self.head_weight_lr > 0:
             contrib = mass.mean(0)
             contrib = contrib / contrib.mean().clamp_min(1e-12)  # mean 1 over the heads of the layer
-            w = self.head_weights.data[layer]
+            w = self.head_weights[layer]
             w.mul_(1 - self.head_weight_lr).add_(self.head_weight_lr * contrib.to(w))
             if (n - 1) % self.history_every == 0:
                 self.history.setdefault(layer, []).append((n, w.detach().cpu().clone()))

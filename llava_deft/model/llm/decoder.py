@@ -39,7 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
-from .runtime import LLMStages, StagedCache, cache_kwarg
+from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -374,6 +374,7 @@ def generate_from_embeds(
     stages: "LLMStages | Sequence[nn.Module] | None" = None,
     token_kinds: torch.Tensor | None = None,
     return_cache: bool = False,
+    cuda_graph: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -398,6 +399,10 @@ def generate_from_embeds(
             ``pipeline.Modality`` code), for stages that act on media tokens.
         return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
             gives per-layer slots, tokens, evictions and bytes).
+        cuda_graph: on CUDA, with cache policies on every layer that evict while decoding (TOVA without
+            debug or weighted heads, StreamingLLM, H2O), capture one steady decoding step in a CUDA
+            graph once the caches are full and replay it for the remaining steps (same tokens, far
+            fewer kernel launches). Ignored where it cannot apply.
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -437,6 +442,8 @@ def generate_from_embeds(
                        stages=runner, token_kinds=token_kinds)
 
     tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
+    graphed = None  # a GraphedStep once the cache is steady (cuda_graph=True)
+    warmed = False
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     ones = torch.ones(bsz, 1, dtype=attention_mask.dtype, device=device)
     for step in range(max_new_tokens):
@@ -455,8 +462,23 @@ def generate_from_embeds(
             break
         attention_mask = torch.cat([attention_mask, ones], dim=1)
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
-        logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1,
-                           stages=runner)
+        if graphed is not None:
+            logits = graphed(step_embeds, next_pos)
+        elif cuda_graph and runner is not None and device.type == "cuda" and runner.graph_ready(cache):
+            if not warmed:  # one eager step on a side stream before capturing (CUDA graph warm-up)
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True,
+                                       logits_to_keep=1, stages=runner)
+                torch.cuda.current_stream(device).wait_stream(side)
+                warmed = True
+            else:
+                graphed = GraphedStep(runner, cache, step_embeds, next_pos)
+                logits = graphed(step_embeds, next_pos)
+        else:
+            logits, cache = lm(step_embeds, attention_mask, next_pos, cache, use_cache=True, logits_to_keep=1,
+                               stages=runner)
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()

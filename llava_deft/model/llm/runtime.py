@@ -340,6 +340,19 @@ class LLMStages:
             hidden = hidden[:, -logits_to_keep:]
         return lm.hf.lm_head(hidden)
 
+    def graph_ready(self, cache: StagedCache) -> bool:
+        """Whether the next decoding step can be captured: every layer has a graph-safe policy that evicts
+        while decoding, and its cache is full (``budget`` slots with a free spare), so steps are alike."""
+        if len(self.policies) != self.lm.num_layers:
+            return False
+        for i, policy in self.policies.items():
+            tl = cache.layers[i]
+            if not (getattr(policy, "graph_safe", False) and policy.evict_in_decoding and tl._spare and tl.headwise):
+                return False
+            if tl.num_slots != policy.cache_max_size or tl.keys.device.type != "cuda":
+                return False
+        return True
+
     # ------------------------------------------------------------------ one decoding step
     def decode(self, inputs_embeds: Tensor, position_ids: Tensor, cache: StagedCache) -> Tensor:
         """One new token per row: (B, 1, D) embeddings at (B, 1) positions -> logits (B, 1, V)."""
@@ -372,6 +385,35 @@ class LLMStages:
             if i in self.policies and self.policies[i].acts("decode"):
                 self._evict(i, layer, h_in, pe, None, cache, "decode")
         return lm.hf.lm_head(hf_model.norm(h))
+
+
+class GraphedStep:
+    """One steady decoding step captured in a CUDA graph and replayed (``generate_from_embeds(cuda_graph=True)``).
+
+    Steady means every layer's cache is full and evicts one token per step into its spare slot, so no
+    tensor changes shape or address from step to step (:meth:`LLMStages.graph_ready`). The capture
+    records the kernels of ``LLMStages.decode`` on static input buffers; each call copies the new
+    token's embedding and position in and replays them. Python-side counters advance by hand.
+    """
+
+    def __init__(self, runner: "LLMStages", cache: StagedCache, embeds: Tensor, positions: Tensor):
+        self.runner, self.cache = runner, cache
+        self.embeds, self.positions = embeds.clone(), positions.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = runner.decode(self.embeds, self.positions, cache)
+        self._captured = True  # the capture counted one eviction per layer; the first replay is that step
+
+    def __call__(self, embeds: Tensor, positions: Tensor) -> Tensor:
+        self.embeds.copy_(embeds)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        if self._captured:
+            self._captured = False
+        else:
+            for i in self.runner.policies:
+                self.cache.layers[i].evicted += 1
+        return self.logits
 
 
 def _wants_keep(policy: CachePolicy) -> bool:

@@ -1,0 +1,314 @@
+"""Decoding speed and KV memory of cache policies against the full cache; FastV's prefill against its ideal.
+
+A Llama-7B-shaped LLM (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) with random
+weights in bf16 decodes from a batch of 8 prompts of 8,192 tokens. Rows:
+
+- ``full``: the stage-free loop with transformers' ``DynamicCache`` (what a user gets without stages);
+- ``tova`` / ``h2o`` / ``streaming_llm`` / ``snapkv`` at ``--fraction`` of the prompt (1/8: 1,024 slots
+  per layer and KV head), each eager and, where the policy allows it, with the steady decoding step
+  captured in a CUDA graph (``generate_from_embeds(cuda_graph=True)``).
+
+Per-step time = (time of generate with ``1 + steps`` new tokens - time with 1) / steps, so the prefill
+cancels; each generate is synchronised (it reads EOS flags every step, as users' calls do). Memory:
+``torch.cuda.max_memory_allocated`` over the call minus what was allocated before it (the weights),
+and the bytes the cache holds at the end. The stated overhead of a policy's peak is what the full
+row's peak holds beyond its KV cache (prefill activations, logits) plus one layer's full-prompt KV (a
+layer's cache exists whole for a moment before its prefill eviction). The bandwidth ideal of the
+speed-up is (weights + full KV) / (weights + kept KV): the bytes one step must read.
+
+FastV: prefill of ``--fastv-text`` text + ``--fastv-media`` media tokens per row (batch 8) with
+``fastv`` at layer K dropping ``drop_ratio`` of the media, against the stage-free prefill, and against
+the ideal: the same model fed that many tokens from layer K on with no scoring (a fixed drop).
+
+GPU (writes eval/results/bench_decode_<device>.{json,md,png}):
+    python eval/bench_decode.py
+CPU smoke test (seconds):
+    python eval/bench_decode.py --device cpu --layers 4 --hidden 128 --heads 4 --intermediate 256 \\
+        --vocab 500 --batch 2 --context 256 --steps 4 --fastv-media 128 --fastv-text 16 --out /tmp/bench_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python eval/bench_decode.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from eval.common import run_metadata, write_json  # noqa: E402
+from llava_deft.model.llm import DecoderLM, build_llm  # noqa: E402
+from llava_deft.model.llm.decoder import generate_from_embeds  # noqa: E402
+from pipeline import build_pipeline  # noqa: E402
+from pipeline.llm import TEXT_KIND, LayerStage  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+POLICIES = ("tova", "h2o", "streaming_llm", "snapkv")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=None, help="default --heads (Llama-2-7B has no GQA)")
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=8192, help="prompt tokens per row")
+    p.add_argument("--steps", type=int, default=64, help="decoding steps timed")
+    p.add_argument("--repeats", type=int, default=2, help="timed generate pairs per row (median)")
+    p.add_argument("--fraction", type=float, default=0.125, help="cache budget as a share of --context")
+    p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    p.add_argument("--fastv-media", type=int, default=4096)
+    p.add_argument("--fastv-text", type=int, default=64)
+    p.add_argument("--fastv-layer", type=int, default=2)
+    p.add_argument("--fastv-drop", type=float, default=0.5)
+    p.add_argument("--fastv-iters", type=int, default=5)
+    p.add_argument("--out", default=None, help="output stem (default eval/results/bench_decode_<device>)")
+    return p.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "stats"):
+        return sum(s["bytes"] for s in cache.stats())
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def timed_generate(lm, embeds, mask, pos, new_tokens, stages, graph, device):
+    """(seconds, peak bytes over the call, cache bytes at the end, tokens)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    out, cache = generate_from_embeds(lm, embeds, mask, pos, new_tokens, eos_token_id=-1, pad_token_id=0,
+                                      stages=stages, return_cache=True, cuda_graph=graph)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+    held = cache_bytes(cache)
+    del cache
+    return seconds, peak, held, out
+
+
+class FixedDrop(LayerStage):
+    """The FastV ideal: drop the same number of media tokens (every other one) with no attention probe."""
+
+    stage_name = "fixed_drop"
+
+    def __init__(self, layer: int, drop_ratio: float):
+        super().__init__(layer)
+        self.drop_ratio = drop_ratio
+
+    def reduce(self, state, attention):
+        media = state.media
+        rank = media.long().cumsum(1) - 1
+        n = media.sum(1, keepdim=True)
+        n_drop = n - torch.ceil(n.double() * (1 - self.drop_ratio) - 1e-9).long()
+        drop = media & (rank < n_drop)  # the first n_drop media tokens: same count as fastv keeps
+        return state.take(state.mask & ~drop)
+
+
+def time_prefill(lm, embeds, mask, pos, kinds, stages, iters, device) -> list[float]:
+    times = []
+    for i in range(iters + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        lm(embeds, mask, pos, None, use_cache=True, logits_to_keep=1, stages=stages, token_kinds=kinds)
+        sync(device)
+        if i:  # the first is warm-up
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    spec = {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
+            "intermediate_size": args.intermediate, "vocab_size": args.vocab,
+            "max_position_embeddings": args.context + args.steps + 16}
+    with torch.device(device):
+        hf = build_llm(spec, torch_dtype=dtype).eval()
+    lm = DecoderLM(hf)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    b, L = args.batch, args.context
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, args.vocab, (b, L), generator=gen).to(device)
+    with torch.no_grad():
+        embeds = lm.embed(ids)
+    mask = torch.ones(b, L, dtype=torch.long, device=device)
+    pos = torch.arange(L, device=device).expand(b, L).contiguous()
+    budget = max(1, int(round(args.fraction * L)))
+
+    rows = []
+    configs = [("full", None, False)]
+    for name in args.policies:
+        configs.append((name, name, False))
+        if not args.no_graph and device.type == "cuda" and name != "snapkv":
+            configs.append((f"{name}+graph", name, True))
+    reference_tokens = None
+    for label, name, graph in configs:
+        stages = None if name is None else build_pipeline({"llm": [{"name": name, "cache_max_size": budget}]}, args.hidden).llm
+        one, full = [], []
+        try:
+            for _ in range(args.repeats):
+                s1, _, _, _ = timed_generate(lm, embeds, mask, pos, 1, stages, graph, device)
+                sn, peak, held, out = timed_generate(lm, embeds, mask, pos, 1 + args.steps, stages, graph, device)
+                one.append(s1)
+                full.append(sn)
+        except Exception as e:  # one failing row must not lose the others' measurements
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"row": label, "policy": name or "none", "cuda_graph": graph, "error": f"{type(e).__name__}: {e}"})
+            continue
+        step_ms = [(f - o) * 1e3 / args.steps for f, o in zip(full, one)]
+        if reference_tokens is None:
+            reference_tokens = out
+        row = {"row": label, "policy": name or "none", "cuda_graph": graph, "cache_max_size": None if name is None else budget,
+               "step_ms": statistics.median(step_ms), "step_ms_all": step_ms, "prefill_ms": statistics.median(one) * 1e3,
+               "peak_mib": peak / 2**20, "kv_mib": held / 2**20,
+               "token_agreement_with_full": float((out == reference_tokens).float().mean())}
+        rows.append(row)
+        print(f"{label:>20}: {row['step_ms']:.2f} ms/step, peak +{row['peak_mib']:.0f} MiB, KV {row['kv_mib']:.0f} MiB", flush=True)
+        del stages
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    failed = [row for row in rows if "error" in row]
+    rows = [row for row in rows if "error" not in row]
+    full_row = rows[0]
+    kv_full = full_row["kv_mib"]
+    one_layer_kv = kv_full / args.layers
+    overhead = full_row["peak_mib"] - kv_full + one_layer_kv
+    for row in rows:
+        row["speedup"] = full_row["step_ms"] / row["step_ms"]
+        kept = row["kv_mib"]
+        row["bandwidth_ideal_speedup"] = (weight_bytes / 2**20 + kv_full) / (weight_bytes / 2**20 + kept)
+        row["kv_share_of_full"] = kept / kv_full if kv_full else None
+        row["peak_bound_mib"] = kv_full * args.fraction + overhead
+        row["peak_within_bound"] = row["row"] == "full" or row["peak_mib"] <= row["peak_bound_mib"]
+
+    # ---------------------------------------------------------------- FastV prefill
+    t_pre = args.fastv_text // 2
+    lf = args.fastv_text + args.fastv_media
+    fids = torch.randint(0, args.vocab, (b, lf), generator=gen).to(device)
+    with torch.no_grad():
+        fembeds = lm.embed(fids)
+    fmask = torch.ones(b, lf, dtype=torch.long, device=device)
+    fpos = torch.arange(lf, device=device).expand(b, lf).contiguous()
+    kinds = torch.full((b, lf), TEXT_KIND, dtype=torch.long, device=device)
+    kinds[:, t_pre:t_pre + args.fastv_media] = 0  # image tokens between two text spans
+    fastv = build_pipeline({"llm": [{"name": "fastv", "layer": args.fastv_layer, "drop_ratio": args.fastv_drop}]}, args.hidden).llm
+    ideal = [FixedDrop(args.fastv_layer, args.fastv_drop)]
+    with torch.no_grad():
+        t_none = time_prefill(lm, fembeds, fmask, fpos, kinds, None, args.fastv_iters, device)
+        t_fastv = time_prefill(lm, fembeds, fmask, fpos, kinds, fastv, args.fastv_iters, device)
+        t_ideal = time_prefill(lm, fembeds, fmask, fpos, kinds, ideal, args.fastv_iters, device)
+    kept_media = math.ceil(args.fastv_media * (1 - args.fastv_drop))
+    fastv_row = {
+        "batch": b, "text_tokens": args.fastv_text, "media_tokens": args.fastv_media, "layer": args.fastv_layer,
+        "drop_ratio": args.fastv_drop, "tokens_after_layer": args.fastv_text + kept_media,
+        "prefill_ms": {"none": statistics.median(t_none), "fastv": statistics.median(t_fastv), "ideal": statistics.median(t_ideal)},
+        "prefill_ms_all": {"none": t_none, "fastv": t_fastv, "ideal": t_ideal},
+    }
+    fastv_row["speedup"] = fastv_row["prefill_ms"]["none"] / fastv_row["prefill_ms"]["fastv"]
+    fastv_row["ideal_speedup"] = fastv_row["prefill_ms"]["none"] / fastv_row["prefill_ms"]["ideal"]
+    fastv_row["share_of_ideal"] = fastv_row["speedup"] / fastv_row["ideal_speedup"]
+    print(f"fastv prefill: {fastv_row['speedup']:.2f}x (ideal {fastv_row['ideal_speedup']:.2f}x)", flush=True)
+
+    result = {
+        **run_metadata(device), "script": "eval/bench_decode.py", "argv": sys.argv[1:] if argv is None else list(argv),
+        "model": spec, "dtype": str(dtype).replace("torch.", ""), "weights_mib": weight_bytes / 2**20,
+        "batch": b, "context": L, "steps": args.steps, "fraction": args.fraction, "budget": budget,
+        "stated_overhead_mib": overhead, "overhead_rule": "full row's peak minus its KV, plus one layer's full-prompt KV",
+        "rows": rows, "failed_rows": failed, "fastv": fastv_row,
+    }
+    if failed:
+        print(f"FAILED rows: {[(r['row'], r['error']) for r in failed]}")
+    tag = "h200" if "H200" in result["device"] else ("cpu" if device.type == "cpu" else result["device"].split()[-1].lower())
+    stem = Path(args.out) if args.out else ROOT / "eval" / "results" / f"bench_decode_{tag}"
+    write_json(stem.with_suffix(".json"), result)
+    stem.with_suffix(".md").write_text(report(result))
+    plot(result, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json/.md/.png")
+    return result
+
+
+def report(r: dict) -> str:
+    m = r["model"]
+    lines = [
+        "# Decoding with cache policies: speed and KV memory (eval/bench_decode.py)", "",
+        f"{r['date']}, {r['device']}, commit {r['commit']}, torch {r['torch']}, transformers {r['transformers']}", "",
+        f"Llama-shaped random-weight LLM: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['num_attention_heads']} heads / {m['num_key_value_heads']} KV heads, {r['dtype']}; weights "
+        f"{r['weights_mib']:.0f} MiB. Batch {r['batch']} x {r['context']} prompt tokens, {r['steps']} timed decoding "
+        f"steps; policies keep {r['budget']} slots per layer and KV head ({r['fraction']:g} of the prompt).", "",
+        "| row | ms / step | speed-up vs full | bandwidth ideal | KV held (MiB) | KV / full | peak delta (MiB) | peak bound (MiB) | tokens = full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        share = "" if row["kv_share_of_full"] is None else f"{row['kv_share_of_full']:.4f}"
+        bound = "" if row["row"] == "full" else f"{row['peak_bound_mib']:.0f} ({'ok' if row['peak_within_bound'] else 'OVER'})"
+        lines.append(f"| {row['row']} | {row['step_ms']:.2f} | {row['speedup']:.2f}x | {row['bandwidth_ideal_speedup']:.2f}x | "
+                     f"{row['kv_mib']:.0f} | {share} | {row['peak_mib']:.0f} | {bound} | {row['token_agreement_with_full']:.3f} |")
+    f = r["fastv"]
+    lines += [
+        "", f"Peak bound = {r['fraction']:g} x full KV + stated overhead {r['stated_overhead_mib']:.0f} MiB ({r['overhead_rule']}).",
+        "'tokens = full' is the share of generated tokens equal to the full cache's (random weights: a sanity check, not accuracy).",
+        "", "## FastV prefill", "",
+        f"Batch {f['batch']}, {f['text_tokens']} text + {f['media_tokens']} media tokens per row, layer K={f['layer']}, "
+        f"drop {f['drop_ratio']:g} of the media: {f['tokens_after_layer']} tokens per row from layer K on.", "",
+        "| prefill | ms (median) | speed-up |", "|---|---|---|",
+        f"| no stage | {f['prefill_ms']['none']:.1f} | 1.00x |",
+        f"| fastv | {f['prefill_ms']['fastv']:.1f} | {f['speedup']:.2f}x |",
+        f"| ideal (fixed drop, no scoring) | {f['prefill_ms']['ideal']:.1f} | {f['ideal_speedup']:.2f}x |",
+        "", f"FastV reaches {100 * f['share_of_ideal']:.1f} % of the ideal speed-up.", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["row"] for row in r["rows"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    a1.bar(names, [row["step_ms"] for row in r["rows"]], color="tab:blue")
+    a1.set_ylabel("ms per decoding step")
+    a1.set_title(f"batch {r['batch']} x {r['context']} tokens, budget {r['budget']}")
+    a2.bar(names, [row["kv_mib"] for row in r["rows"]], color="tab:orange", label="KV held")
+    a2.plot(names, [row["peak_mib"] for row in r["rows"]], "ko", label="peak delta")
+    a2.set_ylabel("MiB")
+    a2.legend()
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{r['device']}, commit {r['commit']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
