@@ -369,7 +369,7 @@ class LlavaDeftForCausalLM(nn.Module):
         return_media_tokens: bool = False,
         streamer=None,
         return_info: bool = False,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         **media,
     ) -> Tensor | tuple:
         """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
@@ -380,8 +380,8 @@ class LlavaDeftForCausalLM(nn.Module):
         per-stage statistics and, per prompt and media item, the kept token indices), last.
         ``streamer`` (transformers' ``put`` / ``end`` protocol, batch size 1) gets each new token as it
         comes. Stages of the pipeline's ``llm:`` list (FastV, TOVA, H2O, SnapKV, StreamingLLM) run in the
-        prefill and at every decoding step; ``cuda_graph`` replays steady decoding steps from a CUDA graph
-        where the cache policies allow it. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
+        prefill and at every decoding step; ``cuda_graph`` (None: wherever it applies; False: never) replays
+        steady decoding steps from a CUDA graph where the cache policies allow it. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
         (``ContextLengthError`` names both numbers); ``config.max_length`` bounds the prompt alone (the
         collator refuses longer samples).
         """

@@ -374,7 +374,7 @@ def generate_from_embeds(
     stages: "LLMStages | Sequence[nn.Module] | None" = None,
     token_kinds: torch.Tensor | None = None,
     return_cache: bool = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -402,7 +402,10 @@ def generate_from_embeds(
         cuda_graph: on CUDA, with cache policies on every layer that evict while decoding (TOVA without
             debug or weighted heads, StreamingLLM, H2O), capture one steady decoding step in a CUDA
             graph once the caches are full and replay it for the remaining steps (same tokens, far
-            fewer kernel launches). Ignored where it cannot apply.
+            fewer kernel launches: eager decoding with a policy spends most of a step launching
+            kernels, eval/results/bench_decode_h200.md). None (default): on whenever it applies;
+            False: always eager. Ignored where it cannot apply (CPU, no policy, a policy that is not
+            ``graph_safe``, a cache not yet full).
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -464,7 +467,7 @@ def generate_from_embeds(
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
         if graphed is not None:
             logits = graphed(step_embeds, next_pos)
-        elif cuda_graph and runner is not None and device.type == "cuda" and runner.graph_ready(cache):
+        elif cuda_graph is not False and runner is not None and device.type == "cuda" and runner.graph_ready(cache):
             if not warmed:  # one eager step on a side stream before capturing (CUDA graph warm-up)
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))

@@ -37,7 +37,7 @@ from .probe import attention_probe, project_keys, project_queries
 
 __all__ = ["LLMStages", "StagedCache", "TrackedLayer", "cache_kwarg"]
 
-_PROBE_CHUNK = 512  # queries per probe chunk for policies that read every prompt position (H2O)
+_PROBE_BYTES = 2**28  # float32 scores per probe chunk (256 MiB) for policies that read every prompt position (H2O)
 
 
 def cache_kwarg(layer: nn.Module) -> str:
@@ -239,6 +239,36 @@ class LLMStages:
         allowed = allowed & state.mask[:, start:stop, None]  # padding queries attend to nothing
         return attention_probe(q, keys, allowed.unsqueeze(1), layer.self_attn.scaling)
 
+    def _stage_probe(self, layer: nn.Module, h_in: Tensor, pe: tuple[Tensor, Tensor], state: LayerState,
+                     keys: Tensor, queries: "int | str | Tensor") -> Tensor:
+        """The probe a layer stage gets. ``queries``: an int n (each row's last n REAL tokens: the last n
+        columns under left padding, and still the right ones under right padding, as in training),
+        ``"text"`` (every real text token) or a (B, L) bool mask. Returns (B, H, Q, T), Q the most asking
+        positions of a row, in column order and right-aligned (a row with fewer has zero rows first)."""
+        mask = state.mask
+        if isinstance(queries, Tensor):
+            asking = queries.to(device=mask.device, dtype=torch.bool) & mask
+        elif queries == "text":
+            asking = mask & (state.kind == TEXT_KIND)
+        else:
+            asking = mask & (mask.flip(1).cumsum(1).flip(1) <= int(queries))  # real tokens from here on <= n
+        b = asking.shape[0]
+        counts = asking.sum(1)
+        width = int(counts.max()) if b else 0
+        order = torch.argsort((~asking).to(torch.int8), dim=1, stable=True)[:, :width]  # asking columns first
+        slot = torch.arange(width, device=mask.device).expand(b, width)
+        shift = (width - counts).unsqueeze(1)
+        qvalid = slot >= shift
+        qcols = torch.gather(order, 1, (slot - shift).clamp(min=0))  # (B, Q) each query's column
+
+        def rows(x: Tensor) -> Tensor:
+            return torch.gather(x, 1, qcols.unsqueeze(-1).expand(b, width, x.shape[-1]))
+
+        q = project_queries(layer, rows(h_in), rows(pe[0]), rows(pe[1]))
+        cols = torch.arange(keys.shape[2], device=keys.device)
+        allowed = (cols.view(1, 1, -1) <= qcols.unsqueeze(-1)) & mask[:, None, :] & qvalid.unsqueeze(-1)
+        return attention_probe(q, keys, allowed.unsqueeze(1), layer.self_attn.scaling)
+
     def _layer_keys(self, i: int, layer: nn.Module, h_in: Tensor, pe, cache: StagedCache | None) -> Tensor:
         if cache is not None:
             return cache.layers[i].keys
@@ -267,7 +297,9 @@ class LLMStages:
             policy.update(v)
         else:
             length = state.hidden.shape[1]
-            spans = ([(s, min(s + _PROBE_CHUNK, length)) for s in range(0, length, _PROBE_CHUNK)]
+            # chunks of queries whose float32 scores take about _PROBE_BYTES (H2O reads every prompt position)
+            chunk = max(1, _PROBE_BYTES // max(1, 4 * b * heads * tl.num_slots))
+            spans = ([(s, min(s + chunk, length)) for s in range(0, length, chunk)]
                      if window == "all" else [(max(0, length - int(window)), length)])
             for start, stop in spans:
                 v = view(self._prefill_probe(layer, h_in, pe, state, tl.keys, start, stop))
@@ -305,6 +337,7 @@ class LLMStages:
         attn_mask = create_causal_mask(cfg, inputs_embeds, attention_mask, None, position_ids=None)
         pe = hf_model.rotary_emb(inputs_embeds, position_ids)
         use_cache = cache is not None
+        reduced = False  # a layer stage dropped or moved tokens: columns are no longer the prompt's
         for i, layer in enumerate(hf_model.layers[: lm.num_layers]):
             h_in = state.hidden
             h = layer(h_in, attention_mask=attn_mask, position_embeddings=pe, position_ids=state.positions,
@@ -317,9 +350,7 @@ class LLMStages:
                 probe_state = state
 
                 def attention(queries, _layer=layer, _h=h_in, _pe=pe, _s=probe_state, _k=keys):
-                    n = int(queries)
-                    length_now = _s.hidden.shape[1]
-                    return self._prefill_probe(_layer, _h, _pe, _s, _k, max(0, length_now - n), length_now)
+                    return self._stage_probe(_layer, _h, _pe, _s, _k, queries)
 
             if use_cache and i in self.policies and self.policies[i].acts("prefill"):
                 self._evict(i, layer, h_in, pe, state, cache, "prefill")
@@ -327,11 +358,13 @@ class LLMStages:
             for stage in stages:
                 new = stage(state, attention)
                 if new is not state:
-                    state = new
+                    state, reduced = new, True
                     pe = hf_model.rotary_emb(state.hidden, state.positions)
                     attn_mask = create_causal_mask(cfg, state.hidden, state.mask.long(), None, position_ids=None)
         hidden = hf_model.norm(state.hidden)
-        if logits_to_keep == 0 and hidden.shape[1] != length:  # back to the prompt's columns (dropped ones: 0)
+        # back to the prompt's columns (dropped ones: 0). Not the width: a row that keeps everything keeps
+        # it at L while the others' tokens moved right
+        if logits_to_keep == 0 and reduced:
             full = hidden.new_zeros(bsz, length, hidden.shape[-1])
             rows = torch.arange(bsz, device=dev).unsqueeze(1).expand_as(state.index)
             full[rows[state.mask], state.index[state.mask]] = hidden[state.mask]
@@ -421,7 +454,6 @@ def _wants_keep(policy: CachePolicy) -> bool:
 
 
 def _all_but(slot: Tensor, t: int) -> Tensor:
-    """(B, H_kv) evicted slot -> (B, H_kv, t-1) the kept slots, ascending."""
-    cols = torch.arange(t, device=slot.device).expand(*slot.shape, t)
-    keep = cols != slot.unsqueeze(-1)
-    return cols[keep].view(*slot.shape, t - 1)
+    """(B, H_kv) evicted slot -> (B, H_kv, t-1) the kept slots, ascending (no host sync: CUDA-graph safe)."""
+    j = torch.arange(t - 1, device=slot.device).expand(*slot.shape, t - 1)
+    return j + (j >= slot.unsqueeze(-1)).long()
