@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     spec = {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
             "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
             "intermediate_size": args.intermediate, "vocab_size": args.vocab,
-            "max_position_embeddings": args.context + args.steps + 16}
+            "max_position_embeddings": args.context + 2 * args.steps + 16}
     with torch.device(device):
         hf = build_llm(spec, torch_dtype=dtype).eval()
     lm = DecoderLM(hf)

@@ -23,11 +23,12 @@ policy returns an importance ``(B, H_kv, T)``; the runtime keeps the ``budget`` 
 every (row, KV head) and physically drops the rest (the cache shrinks; memory is freed). Keys keep the
 rotary phase they were cached with, so positions never move.
 
-``attention(queries)`` -- the probe. ``queries`` is how many of the LAST positions ask (1 = the last
-token), or a ``(B, L)`` bool mask of the asking positions. It returns softmax attention probabilities
-``(B, H, Q, T)`` in float32 computed from the layer's own q/k projections, q/k norms and RoPE, with the
-layer's causal and padding mask; rows of queries that are padding are all zero. Attention itself stays
-SDPA/flash: only these scores are computed on the side.
+``attention(queries)`` -- the probe. ``queries`` is how many of each row's LAST real tokens ask (1 = the
+last token; under right padding too), ``"text"`` (every real text token) or a ``(B, L)`` bool mask of the
+asking positions. It returns softmax attention probabilities ``(B, H, Q, T)`` in float32 computed from
+the layer's own q/k projections, q/k norms and RoPE, with the layer's causal and padding mask; Q is the
+most asking positions of a row, in column order and right-aligned: a row with fewer has all-zero rows
+first. Attention itself stays SDPA/flash: only these scores are computed on the side.
 
 Budgets: a policy keeps ``budget(T)`` slots per (row, KV head); when fewer valid tokens exist the spare
 slots stay invalid (masked), so ragged rows are padding + mask, never a Python loop.
@@ -58,7 +59,7 @@ __all__ = [
 TEXT_KIND = -1
 """``LayerState.kind`` of prompt text; media tokens carry their ``pipeline.Modality`` code (>= 0)."""
 
-AttentionProbe = Callable[["int | Tensor"], Tensor]
+AttentionProbe = Callable[["int | str | Tensor"], Tensor]
 """``attention(queries) -> (B, H, Q, T)`` float32 probabilities (see the module docstring)."""
 
 

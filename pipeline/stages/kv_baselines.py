@@ -97,7 +97,15 @@ class SnapKV(CachePolicy):
         votes = group_heads(view.attn, view.num_kv_heads).sum(dim=(2, 3))  # (B, H_kv, T)
         b, h, t = votes.shape
         k = self.kernel_size | 1  # odd, so the pooled score stays centred
-        pooled = F.avg_pool1d(votes.reshape(b * h, 1, t), kernel_size=k, stride=1, padding=k // 2,
-                              count_include_pad=False).reshape(b, h, t)
-        window = _recent(view, self.window)  # the observation window: kept as is
+        # the mean over each slot's VALID neighbours: a left-padded row pools as it would alone
+        valid = view.valid.to(votes.dtype)
+
+        def pool(x: Tensor) -> Tensor:
+            return F.avg_pool1d(x.reshape(b * h, 1, t), kernel_size=k, stride=1, padding=k // 2,
+                                count_include_pad=False).reshape(b, h, t)
+
+        pooled = pool(votes * valid) / pool(valid).clamp_min(1e-12)
+        # the observation window: kept as is (its most recent tokens, when it is larger than the budget:
+        # tied scores would keep its OLDEST ones and drop the prompt's last token)
+        window = _recent(view, min(self.window, self.budget(view)))
         return torch.where(window, torch.full_like(pooled, _KEEP), pooled)

@@ -70,12 +70,14 @@ class TOVA(CachePolicy):
         # (a checkpoint never depends on how long a model has been generating)
         self.register_buffer("head_weights", None, persistent=False)
         self.history: dict[int, list[tuple[int, Tensor]]] = {}
-        self._evictions: dict[int, int] = {}
+        self._evictions: dict[int, int] = {}  # per call (reset at every prefill)
+        self._weight_updates: dict[int, int] = {}  # over every call, as the head weights
 
     def bind(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         super().bind(num_layers, num_heads, num_kv_heads)
         if self.head_weights is None or tuple(self.head_weights.shape) != (num_layers, num_heads):
             self.head_weights = torch.ones(num_layers, num_heads)
+            self.history, self._weight_updates = {}, {}  # fresh weights (another model): a fresh trajectory
 
     @property
     def graph_safe(self) -> bool:
@@ -137,8 +139,12 @@ class TOVA(CachePolicy):
             contrib = contrib / contrib.mean().clamp_min(1e-12)  # mean 1 over the heads of the layer
             w = self.head_weights[layer]
             w.mul_(1 - self.head_weight_lr).add_(self.head_weight_lr * contrib.to(w))
-            if (n - 1) % self.history_every == 0:
-                self.history.setdefault(layer, []).append((n, w.detach().cpu().clone()))
+            # the weights live on across calls, so their trajectory counts updates over every call
+            # (not the per-call eviction count, which restarts at each prefill)
+            u = self._weight_updates.get(layer, 0) + 1
+            self._weight_updates[layer] = u
+            if (u - 1) % self.history_every == 0:
+                self.history.setdefault(layer, []).append((u, w.detach().cpu().clone()))
         if self.debug:
             pos = torch.where(kept, view.positions, torch.zeros_like(view.positions))
             n_kept = kept.sum(-1).clamp_min(1)
