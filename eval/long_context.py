@@ -48,6 +48,7 @@ from llava_deft.tasks.passkey import generate_split  # noqa: E402
 from pipeline import build_pipeline  # noqa: E402
 
 POLICIES = ("full", "tova", "h2o", "streaming_llm", "snapkv")
+EAGER = "tova_eager"  # TOVA again without CUDA graphs (GPU runs): the graph replay must not change answers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,6 +103,8 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"model '{args.model}' takes prompts of at most max_length={limit} tokens; lengths {too_long} "
                          f"do not fit (train a long-context model: configs/train/passkey_long.yaml)")
     data_dir = Path(args.data_dir)
+    if device.type == "cuda" and "tova" in args.policies:
+        args.policies = [*args.policies, EAGER]
     rows, predictions = [], {}
     for needles in args.needles:
         for length in args.lengths:
@@ -110,10 +113,10 @@ def main(argv=None) -> list[dict]:
             ds = TaskSplit("passkey", LlavaJsonDataset(path, path.parent, options=model.processors.media))
             budget = math.ceil(args.fraction * length)
             for policy in args.policies:
-                model.pipeline.llm = policy_stages(policy, budget, model.llm.hidden_size).to(device)
+                model.pipeline.llm = policy_stages(policy.removesuffix("_eager"), budget, model.llm.hidden_size).to(device)
                 t0 = time.perf_counter()
                 preds = predict(model, ds, args.batch_size, args.max_new_tokens, device,
-                                f"L={length} k={needles} {policy}")
+                                f"L={length} k={needles} {policy}", cuda_graph=False if policy == EAGER else None)
                 by_depth: dict[str, list[int]] = defaultdict(list)
                 for p in preds:
                     by_depth[depth_bin(records[p["id"]]["depth"])].append(int(exact_match(p["prediction"], p["reference"])))

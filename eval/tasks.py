@@ -134,16 +134,17 @@ def load_task(model: LlavaDeftForCausalLM, task: str, tasks_dir: Path, split: st
 
 @torch.no_grad()
 def predict(model: LlavaDeftForCausalLM, dataset: Dataset, batch_size: int, max_new_tokens: int, device,
-            desc: str, workers: int = 0) -> list[dict]:
+            desc: str, workers: int = 0, **generate_kwargs) -> list[dict]:
     """Greedy answers: one ``{"id", "question_type", "prediction", "reference", "media_tokens"}`` per item,
-    ``media_tokens`` being what the sample's media (after reduction) gave the LLM."""
+    ``media_tokens`` being what the sample's media (after reduction) gave the LLM. ``generate_kwargs`` go to
+    ``model.generate`` (e.g. ``cuda_graph=False``)."""
     collate = build_collator(model.processors, generation=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=lambda s: (collate(s), [x.get("question_type", "all") for x in s]))
     out = []
     for batch, qtypes in tqdm(loader, desc=desc, dynamic_ncols=True):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        ids, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True)
+        ids, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True, **generate_kwargs)
         preds = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
         for sid, qtype, pred, ref, n in zip(batch["ids"], qtypes, preds, batch["references"], n_media.tolist()):
             out.append({"id": sid, "question_type": qtype, "prediction": pred.strip(), "reference": ref,
