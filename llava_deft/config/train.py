@@ -252,6 +252,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(0, ge=0)
     output_dir: str = "runs/default"
     deepspeed: str = "configs/deepspeed/zero2.json"
+    # a saved llava-deft model folder (a run's final/) to start from instead of building `model:` afresh,
+    # e.g. the second step of a curriculum on other data; its own config.json replaces `model:`
+    init_from: str | None = None
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

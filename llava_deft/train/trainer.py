@@ -73,7 +73,8 @@ from ..config.base import config_error, error_lines  # noqa: E402
 from ..data.collate import build_collator  # noqa: E402
 from ..data.sources import MixedDataset, build_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
-from ..model.llava import LlavaDeftForCausalLM  # noqa: E402
+from ..model.checkpoint import read_config_json  # noqa: E402
+from ..model.llava import TOKENIZER_DIR, LlavaDeftForCausalLM  # noqa: E402
 from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
 from .lora import add_lora, merged_state_dict, parameter_counts, qlora_problems  # noqa: E402
 
@@ -457,6 +458,13 @@ def main(argv: list[str] | None = None) -> Path:
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)
     # what can be refused is refused before the process group (and DeepSpeed's comm op) is set up
+    start: Path | None = None
+    if cfg.init_from is not None:
+        start = Path(cfg.init_from)
+        if not (start / "config.json").is_file():
+            raise FileNotFoundError(f"init_from '{start}' is not a saved llava-deft model folder (no config.json); "
+                                    f"give a run's final/ folder (e.g. runs/passkey_long_a/final)")
+        cfg = cfg.model_copy(update={"model": {**read_config_json(start), "tokenizer": str(start / TOKENIZER_DIR)}})
     model_cfg = load_model_config(cfg.model)
     check_stages(cfg, model_cfg)
     dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate(), limits=model_cfg.limits)
@@ -467,7 +475,7 @@ def main(argv: list[str] | None = None) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / TRAIN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    prev: Path | None = None
+    prev: Path | None = start
     for i, stage in enumerate(cfg.stages):
         prev = run_stage(cfg, i, stage, prev, dataset, rank, world, args.resume)
     final = out / "final"
