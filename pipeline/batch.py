@@ -149,8 +149,10 @@ class TokenBatch:
     def cat_rows(cls, parts: list["TokenBatch"]) -> "TokenBatch":
         """Stack fresh batches row-wise: ``(B_i, N_i, D)`` -> ``(sum B_i, max N_i, D)``.
 
-        Shorter parts are padded at the end with zero tokens and mask False; ``index`` is
-        ``0..N-1`` on every row (fresh batches index their tokens in order); tokens take the
+        Shorter parts are padded at the end with zero tokens and mask False; ``index`` is each
+        part's, its padded columns continuing every row's last index by 1 (fresh batches index their
+        tokens ``0..N-1``, so theirs stays ``0..N-1``; rows of a bounded stream memory,
+        ``llava_deft.encoders.stream``, keep their kept positions); tokens take the
         first part's dtype (e.g. text rows from the LLM's embeddings, media rows from a
         projector). ``modality`` and ``layout`` are concatenated. Every part must be fresh (no
         stage has run on it, see :meth:`take_rows`), else ``ValueError``.
@@ -164,12 +166,17 @@ class TokenBatch:
         def pad(x: Tensor, value) -> Tensor:  # (b, N_i, ...) -> (b, n, ...) at the end of dim 1
             return F.pad(x, (0, 0, 0, n - x.shape[1]) if x.dim() == 3 else (0, n - x.shape[1]), value=value)
 
+        def pad_index(x: Tensor) -> Tensor:  # (b, N_i) -> (b, n): padded columns continue each row's last index
+            if x.shape[1] == n:
+                return x
+            last = x[:, -1:] if x.shape[1] else x.new_full((x.shape[0], 1), -1)
+            return torch.cat([x, last + torch.arange(1, n - x.shape[1] + 1, device=x.device)], dim=1)
+
         dtype = parts[0].tokens.dtype
-        rows = sum(p.tokens.shape[0] for p in parts)
         return cls(
             tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),  # (B, N, D)
             mask=torch.cat([pad(p.mask, False) for p in parts]),  # (B, N)
-            index=torch.arange(n, device=parts[0].tokens.device).expand(rows, n).clone(),  # (B, N)
+            index=torch.cat([pad_index(p.index) for p in parts]),  # (B, N)
             modality=torch.cat([p.modality for p in parts]),  # (B,)
             layout=torch.cat([p.layout for p in parts]),  # (B, 3)
         )

@@ -38,6 +38,7 @@ from pipeline import Modality, TokenBatch, build_pipeline
 from ..config.model import DEFT_KEYS, ModelConfig, load_model_config
 from ..encoders.audio import AudioEncoder
 from ..encoders.image import build_image_encoder, clip_vision_kwargs
+from ..encoders.stream import DEFAULT_TEMPERATURE, EncoderMemory, cache_policy_names, stream_batch
 from ..encoders.video import pool_frame_tokens
 from ..encoders.weights import read_safetensors
 from ..errors import CheckpointError, InvalidArgumentError, MediaCountMismatchError
@@ -139,6 +140,9 @@ class LlavaDeftForCausalLM(nn.Module):
             self.audio_projector = build_projector(cfg.projector.type, self.audio.width, self.llm.hidden_size)
         self.audio_processor = self.audio.processor if self.audio is not None else None
         """The collator's ``audio_processor`` (log-mel features, tokens per clip); None without audio."""
+        self.encoder_memory: EncoderMemory | None = None
+        """Bounded stream memories of the video / audio encoders (:meth:`compress_all_encoders`); None:
+        media are encoded whole, as always. A run-time switch, not part of the config or checkpoint."""
         self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
 
     @property
@@ -181,7 +185,12 @@ class LlavaDeftForCausalLM(nn.Module):
         Every frame goes through the image encoder and projector in one call; ``pool_frame_tokens``
         pools each frame's grid (``video.pool_stride``); a scatter lays frames out per video, padded to
         the longest (mask False).
+
+        After :meth:`compress_all_encoders`, each video is streamed instead (:meth:`_stream_videos`):
+        ``chunk_frames`` frames at a time through the encoder, into a memory of ``video_tokens``.
         """
+        if self.encoder_memory is not None:
+            return self._stream_videos(video_values, video_frames)
         feats = self.vision(video_values.to(self.projector_dtype()))  # (F, N, Dv)
         tokens = self.projector(feats)  # (F, N, D)
         tokens, (_, h, w) = pool_frame_tokens(tokens, self.vision.grid, self.config.video.pool_stride)  # (F, n, D)
@@ -208,7 +217,8 @@ class LlavaDeftForCausalLM(nn.Module):
 
         Every clip was padded to the encoder's chunk; a row keeps only its first
         ``T_a = audio_processor.num_tokens(S)`` tokens, those that cover the clip (all of the chunk when
-        ``audio_lengths`` is None). Padding slots are zero, mask False.
+        ``audio_lengths`` is None). Padding slots are zero, mask False. After :meth:`compress_all_encoders`
+        each row's tokens are streamed through a memory of ``audio_tokens`` (:meth:`_stream_audios`).
         """
         if self.audio is None:
             raise ValueError("the batch has audio but this model has no audio encoder; set `audio: {enabled: true}` in its config")
@@ -220,11 +230,97 @@ class LlavaDeftForCausalLM(nn.Module):
             lengths = torch.full((a,), t_max, dtype=torch.long, device=dev)
         else:
             lengths = self.audio_processor.num_tokens(audio_lengths.to(dev))  # (A,)
+        if self.encoder_memory is not None:
+            return self._stream_audios(tokens, lengths)
         width = int(lengths.max()) if a else 0
         mask = torch.arange(width, device=dev) < lengths.unsqueeze(1)  # (A, T')
         tokens = tokens[:, :width].masked_fill(~mask.unsqueeze(-1), 0.0)  # (A, T', D)
         layout = torch.stack([lengths, torch.ones_like(lengths), torch.ones_like(lengths)], 1)  # (A, 3)
         return TokenBatch.from_tokens(tokens, mask, modality=Modality.AUDIO, layout=layout)
+
+    # ------------------------------------------------------------------ bounded encoder memories
+    def compress_all_encoders(self, policy: str | None = "tova", video_tokens: int = 256, audio_tokens: int = 256,
+                              chunk_frames: int = 4, chunk_seconds: float | None = None, *,
+                              temperature: float = DEFAULT_TEMPERATURE, queries: str = "chunk",
+                              **policy_options) -> "LlavaDeftForCausalLM":
+        """Encode long videos and audio clips chunk by chunk into a BOUNDED token memory per stream,
+        compressed by the KV-cache policy ``policy`` (``tova``, ``h2o``, ``snapkv``, ``streaming_llm``;
+        its ``policy_options`` as in a pipeline's ``llm:`` list), so a stream of any length costs the
+        pipeline and the LLM at most ``video_tokens`` / ``audio_tokens`` tokens
+        (``llava_deft.encoders.stream.StreamMemory``). ``compress_all_encoders(None)`` switches it off
+        (media are encoded whole again, exactly as before). Returns the model.
+
+        Afterwards :meth:`encode_videos` runs each video's frames ``chunk_frames`` at a time through the
+        image encoder + projector (+ ``video.pool_stride`` pooling), so the encoder's activations are
+        bounded too, and streams each chunk's tokens into a memory of ``video_tokens``.
+        :meth:`encode_audios` runs the audio encoder on the whole clip as before (a clip is at most one
+        encoder chunk, ``audio.encoder.chunk_length`` s: the collator refuses longer ones, and the
+        encoder takes only whole chunks) and streams its output tokens ``chunk_seconds`` at a time
+        (default 1 s; ``audio_processor.num_tokens`` of that many samples) into a memory of ``audio_tokens``.
+
+        Rows keep their whole stream's ``layout`` and carry the kept tokens' ORIGINAL positions as
+        ``index`` (ascending), so the splice gives them their unreduced RoPE positions and the pipeline's
+        stages see an already-reduced row; images and text passages are unchanged. ``temperature`` and
+        ``queries`` set the attention a chunk pays the memory (see ``llava_deft.encoders.stream``). Not
+        saved with the model. Bad arguments raise ``InvalidArgumentError`` naming the argument.
+        """
+        if policy is None:
+            self.encoder_memory = None
+            return self
+        names = cache_policy_names()
+        if not isinstance(policy, str) or policy not in names:
+            raise InvalidArgumentError(f"compress_all_encoders: policy={policy!r} is not a KV-cache policy; "
+                                       f"choose one of {names}, or None to switch the compression off")
+        for name, value in (("video_tokens", video_tokens), ("audio_tokens", audio_tokens), ("chunk_frames", chunk_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"compress_all_encoders: {name}={value!r}; give an integer >= 1")
+        for name, value, allow_none in (("chunk_seconds", chunk_seconds, True), ("temperature", temperature, False)):
+            if value is None and allow_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise InvalidArgumentError(f"compress_all_encoders: {name}={value!r}; give a finite number > 0"
+                                           + (" (or None: 1 s)" if allow_none else ""))
+        if queries not in ("chunk", "mean"):
+            raise InvalidArgumentError(f"compress_all_encoders: queries={queries!r}; give 'chunk' or 'mean'")
+        try:
+            memory = EncoderMemory(policy, video_tokens, audio_tokens, chunk_frames, chunk_seconds, float(temperature),
+                                   queries, dict(policy_options))
+        except ValueError as err:
+            raise InvalidArgumentError(f"compress_all_encoders: options of policy {policy!r}: {err}") from err
+        self.encoder_memory = memory
+        return self
+
+    def _stream_videos(self, video_values: Tensor, video_frames: Tensor) -> TokenBatch:
+        """:meth:`encode_videos` through the bounded memory: per video (streams are sequential), chunks of
+        ``chunk_frames`` frames -> encoder, projector, pooling -> ``StreamMemory.add``; rows as
+        ``stream_batch`` lays them out (layout ``(T_v, H', W')``, index = kept positions)."""
+        mem = self.encoder_memory
+        dtype = self.projector_dtype()
+        frames = [int(f) for f in video_frames.tolist()]
+        step = mem.chunk_frames
+        results, start = [], 0
+        for count in frames:
+            memory = mem.memory("video")
+            for first in range(start, start + count, step):
+                feats = self.vision(video_values[first:min(first + step, start + count)].to(dtype))  # (c, N, Dv)
+                tokens, _ = pool_frame_tokens(self.projector(feats), self.vision.grid, self.config.video.pool_stride)
+                memory.add(tokens.flatten(0, 1))  # (c * H'W', D), frame after frame
+            results.append(memory.result())
+            start += count
+        h, w = self.video_grid
+        lay = torch.tensor([[f, h, w] for f in frames], dtype=torch.long).reshape(-1, 3)
+        return stream_batch(results, lay, Modality.VIDEO)
+
+    def _stream_audios(self, tokens: Tensor, lengths: Tensor) -> TokenBatch:
+        """:meth:`encode_audios` through the bounded memory: clip ``a``'s first ``lengths[a]`` encoder
+        tokens streamed ``chunk_seconds`` at a time into a memory of ``audio_tokens``."""
+        mem = self.encoder_memory
+        seconds = 1.0 if mem.chunk_seconds is None else mem.chunk_seconds
+        step = int(self.audio_processor.num_tokens(max(1, round(seconds * self.audio_processor.sampling_rate))))
+        counts = [int(n) for n in lengths.tolist()]
+        results = [mem.memory("audio").feed(tokens[a, :n], step).result() for a, n in enumerate(counts)]
+        lay = torch.tensor([[n, 1, 1] for n in counts], dtype=torch.long).reshape(-1, 3)
+        return stream_batch(results, lay, Modality.AUDIO)
 
     def encode_texts(self, text_ids: Tensor, text_lengths: Tensor | None = None) -> TokenBatch:
         """Passages ``text_ids (P, L)`` (right-padded) of ``text_lengths (P,)`` tokens -> TokenBatch of P

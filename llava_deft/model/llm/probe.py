@@ -26,26 +26,25 @@ def _rotate(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def project_queries(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Queries of decoder ``layer`` for its INPUT hidden states ``hidden`` (B, Q, D) -> (B, H, Q, d)."""
+def _project(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, proj: str, norm: str) -> Tensor:
+    """``input_layernorm`` -> ``self_attn.<proj>`` -> per-head ``<norm>`` (Qwen3) -> RoPE: (B, L, D) -> (B, h, L, d)."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    b, q, _ = x.shape
-    qs = attn.q_proj(x).view(b, q, -1, attn.head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        qs = attn.q_norm(qs)
-    return _rotate(attn, qs.transpose(1, 2), cos, sin)
+    b, n, _ = x.shape
+    states = getattr(attn, proj)(x).view(b, n, -1, attn.head_dim)
+    if getattr(attn, norm, None) is not None:
+        states = getattr(attn, norm)(states)
+    return _rotate(attn, states.transpose(1, 2), cos, sin)
+
+
+def project_queries(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Queries of decoder ``layer`` for its INPUT hidden states ``hidden`` (B, Q, D) -> (B, H, Q, d)."""
+    return _project(layer, hidden, cos, sin, "q_proj", "q_norm")
 
 
 def project_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Keys of decoder ``layer`` for its input ``hidden`` (B, L, D) -> (B, H_kv, L, d), as it caches them."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    b, l, _ = x.shape
-    ks = attn.k_proj(x).view(b, l, -1, attn.head_dim)
-    if getattr(attn, "k_norm", None) is not None:
-        ks = attn.k_norm(ks)
-    return _rotate(attn, ks.transpose(1, 2), cos, sin)
+    return _project(layer, hidden, cos, sin, "k_proj", "k_norm")
 
 
 def attention_probe(queries: Tensor, keys: Tensor, allowed: Tensor, scaling: float) -> Tensor:
