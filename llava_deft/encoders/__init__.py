@@ -1,6 +1,7 @@
 """Modality encoders and their preprocessing: ``image`` (timm ViT / open_clip visual tower + transform),
 ``video`` (decord reading, frame sampling, per-frame pooling), ``audio`` (wav/flac loading, Whisper
-log-mel features, Whisper-style encoder), ``weights`` (local safetensors only). Lazy exports."""
+log-mel features, Whisper-style encoder), ``weights`` (local safetensors only), ``stream`` (bounded
+token memories of long streams, compressed by a KV-cache policy). Lazy exports."""
 
 from .._lazy import lazy_exports
 
@@ -10,5 +11,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "sample_frame_indices": ".video",
     "load_audio": ".audio", "AudioEncoder": ".audio", "AudioProcessor": ".audio",
     "read_safetensors": ".weights",
+    "StreamMemory": ".stream", "EncoderMemory": ".stream", "stream_batch": ".stream",
 })
 __all__ = __dir__()

@@ -7,7 +7,9 @@ clip, laid out ``(T, 1, 1)`` with only the tokens that cover the clip. A text pa
 embedded with the LLM's input embeddings: one TEXT row laid out ``(N, 1, 1)``, which DeFT's fgcs groups
 by top-k semantic neighbours. The rows of a batch, whatever their modality, form ONE ``TokenBatch`` in
 the order their placeholders appear, so the pipeline runs once and the splice fills ``<image>``,
-``<video>``, ``<audio>`` and ``<text>`` placeholders in one pass.
+``<video>``, ``<audio>`` and ``<text>`` placeholders in one pass. ``compress_all_encoders`` streams long
+videos and audio clips chunk by chunk into a bounded token memory per stream instead (a KV-cache
+policy such as TOVA chooses what stays; ``llava_deft.encoders.stream``).
 
     model = LlavaDeftForCausalLM(load_model_config())           # tiny random-initialised default
     out = model(**batch)                                         # batch from MultimodalCollator
