@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--layers", type=int, nargs="+", default=[2], help="FastV's K (the stage runs after layer K-1)")
     p.add_argument("--drop-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
+    p.add_argument("--scoring", nargs="+", default=["attention", "random"], choices=["attention", "random"],
+                   help="FastV's attention scores, and the random drop of the same count (the baseline)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -69,14 +71,18 @@ def main(argv=None) -> list[dict]:
     for task in args.tasks:
         ds = load_task(model, task, tasks_dir, args.split, args.limit)
         for k in args.layers:
-            for r in args.drop_ratios:
-                cfg = {"llm": [{"name": "fastv", "layer": k, "drop_ratio": r}]}
-                model.pipeline.llm = build_pipeline(cfg, model.llm.hidden_size).llm.to(device)
-                t0 = time.perf_counter()
-                preds = predict(model, ds, args.batch_size, args.max_new_tokens, device, f"{task} K={k} R={r:g}")
-                row = {"task": task, "layer": k, "drop_ratio": r, **score(preds), "seconds": time.perf_counter() - t0}
-                rows.append(row)
-                print(f"{task} K={k} R={r:g}: {100 * row['accuracy']['all']:.1f}%", flush=True)
+            for scoring in args.scoring:
+                for r in args.drop_ratios:
+                    if r == 0 and scoring != args.scoring[0]:
+                        continue  # R = 0 drops nothing: one row per K
+                    cfg = {"llm": [{"name": "fastv", "layer": k, "drop_ratio": r, "scoring": scoring}]}
+                    model.pipeline.llm = build_pipeline(cfg, model.llm.hidden_size).llm.to(device)
+                    t0 = time.perf_counter()
+                    preds = predict(model, ds, args.batch_size, args.max_new_tokens, device, f"{task} K={k} {scoring} R={r:g}")
+                    row = {"task": task, "layer": k, "scoring": scoring, "drop_ratio": r, **score(preds),
+                           "seconds": time.perf_counter() - t0}
+                    rows.append(row)
+                    print(f"{task} K={k} {scoring} R={r:g}: {100 * row['accuracy']['all']:.1f}%", flush=True)
     model.pipeline.llm = own
     for row in rows:  # share of the same task's accuracy without FastV (R = 0 at the same K)
         base = next((b for b in rows if b["task"] == row["task"] and b["layer"] == row["layer"] and b["drop_ratio"] == 0), None)
@@ -99,15 +105,17 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
         f"{meta['date']}, {meta['device']}, commit {meta['commit']}, model `{args.model}`"
         + (f" ({meta['training'].get('command', '')})" if meta.get("training") else ""),
         f"split {args.split}" + (f", first {args.limit} questions" if args.limit else ""), "",
-        "| task | K | drop ratio R | media tokens / sample (input) | accuracy (%) | % of R=0 | questions |",
-        "|---|---|---|---|---|---|---|",
+        "| task | K | scoring | drop ratio R | media tokens / sample (input) | accuracy (%) | % of R=0 | questions |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = "" if r["of_no_fastv"] is None else f"{100 * r['of_no_fastv']:.1f}"
-        lines.append(f"| {r['task']} | {r['layer']} | {r['drop_ratio']:g} | {r['media_tokens_per_sample']:.1f} | "
+        scoring = "(none)" if r["drop_ratio"] == 0 else r["scoring"]
+        lines.append(f"| {r['task']} | {r['layer']} | {scoring} | {r['drop_ratio']:g} | {r['media_tokens_per_sample']:.1f} | "
                      f"{100 * r['accuracy']['all']:.1f} | {rel} | {r['counts']['all']} |")
     lines += ["", "Media tokens per sample are what the prompt gives the LLM's first layers; FastV keeps "
-              "ceil((1 - R) x) of them from layer K on.", ""]
+              "ceil((1 - R) x) of them from layer K on, chosen by the attention the last prompt token pays them "
+              "(attention) or uniformly at random (random, the baseline).", ""]
     return "\n".join(lines)
 
 
@@ -120,8 +128,11 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for task in dict.fromkeys(r["task"] for r in rows):
         for k in dict.fromkeys(r["layer"] for r in rows if r["task"] == task):
-            pts = sorted((r["drop_ratio"], r["accuracy"]["all"]) for r in rows if r["task"] == task and r["layer"] == k)
-            ax.plot([x for x, _ in pts], [100 * y for _, y in pts], "o-", label=f"{task}, K={k}")
+            for scoring in dict.fromkeys(r["scoring"] for r in rows):
+                pts = sorted((r["drop_ratio"], r["accuracy"]["all"]) for r in rows if r["task"] == task and r["layer"] == k
+                             and (r["scoring"] == scoring or r["drop_ratio"] == 0))
+                ax.plot([x for x, _ in pts], [100 * y for _, y in pts], "o-" if scoring == "attention" else "x--",
+                        label=f"{task}, K={k}, {scoring}")
     ax.set_xlabel("share of media tokens dropped after layer K")
     ax.set_ylabel("exact match (%)")
     ax.legend()

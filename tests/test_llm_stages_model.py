@@ -93,3 +93,13 @@ def test_training_forward_with_fastv_in_the_model_pipeline():
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.projector[0].weight.grad is not None and model.projector[0].weight.grad.abs().sum() > 0
+
+
+def test_fastv_random_scoring_drops_the_same_count_reproducibly(api):
+    runs = []
+    for _ in range(2):
+        _, info = api.generate(PROMPT, images=[picture(7)], max_new_tokens=2, return_stats=True,
+                               pipeline=with_llm({"name": "fastv", "layer": 1, "drop_ratio": 0.75, "scoring": "random", "seed": 3}))
+        runs.append(info)
+    assert runs[0].llm_stats["fastv"] == {"media_in": 16, "media_kept": 4}
+    assert runs[0].cache == runs[1].cache

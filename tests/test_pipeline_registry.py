@@ -50,7 +50,7 @@ SEED_DEFAULTS = {
     "random": {"retention_ratio": 0.482, "seed": 0},
     "pool": {"retention_ratio": 0.25},
     # stages inside the LLM (pipeline/llm.py)
-    "fastv": {"layer": 2, "drop_ratio": 0.5, "num_queries": 1},
+    "fastv": {"layer": 2, "drop_ratio": 0.5, "num_queries": 1, "scoring": "attention", "seed": 0},
     "tova": {"cache_max_size": 512, "layers": None, "head_strategy": "mean", "per_kv_head": True,
              "entropy_weight": 0.0, "head_weight_lr": 0.1, "history_every": 1, "debug": False},
     "h2o": {"cache_max_size": 512, "layers": None, "recent_ratio": 0.5},

@@ -4,35 +4,45 @@ After decoder layer ``layer - 1`` (0-based; FastV's ``K = layer``) the media tok
 ``num_queries`` prompt positions pay the least attention to (averaged over heads and those queries) are
 dropped, ``drop_ratio`` of each row's media tokens (FastV's ``R``); text is always kept. Layers from
 ``layer`` on compute and cache only what is left. ``drop_ratio: 0`` keeps everything (identity).
+
+``scoring: random`` drops the same number of media tokens uniformly at random instead (drawn from a
+generator seeded by ``seed`` at every call, so the same batch always loses the same tokens): the
+baseline that tells whether the attention scores matter on a task.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from ..llm import AttentionProbe, LayerStage, LayerState
 from ..registry import register
-from ..types import PosInt
+from ..types import NonNegInt, PosInt
 
 DropRatio = Annotated[float, Field(ge=0, le=1)]
 
 
 @register("fastv")
 class FastV(LayerStage):
-    def __init__(self, dim: int | None = None, layer: PosInt = 2, drop_ratio: DropRatio = 0.5, num_queries: PosInt = 1):
+    def __init__(self, dim: int | None = None, layer: PosInt = 2, drop_ratio: DropRatio = 0.5, num_queries: PosInt = 1,
+                 scoring: Literal["attention", "random"] = "attention", seed: NonNegInt = 0):
         super().__init__(layer)
         self.drop_ratio = drop_ratio
         self.queries = num_queries
+        self.scoring = scoring
+        self.seed = seed
 
     def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
         media = state.media  # (B, L)
         if self.drop_ratio == 0 or not bool(media.any()):
             return state
-        score = attention(self.queries).mean(dim=(1, 2))  # (B, L): heads and asking positions averaged
+        if self.scoring == "random":
+            score = torch.rand(media.shape, generator=torch.Generator().manual_seed(self.seed)).to(media.device)
+        else:
+            score = attention(self.queries).mean(dim=(1, 2))  # (B, L): heads and asking positions averaged
         n_media = media.sum(1)  # (B,)
         n_keep = torch.ceil(n_media.double() * (1 - self.drop_ratio) - 1e-9).long()  # (B,)
         ranked = torch.where(media, score, torch.full_like(score, -math.inf))
@@ -43,4 +53,4 @@ class FastV(LayerStage):
         return state.take(keep)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, drop_ratio={self.drop_ratio}, num_queries={self.queries}"
+        return f"layer={self.layer}, drop_ratio={self.drop_ratio}, num_queries={self.queries}, scoring={self.scoring!r}"
