@@ -14,7 +14,9 @@ Head strategies (how the query heads that share a KV head vote):
   ``head_weight_lr`` towards its share of the attention mass that lands on the kept tokens (its
   contribution to the kept set, normalised to mean 1 over the heads of the layer), so heads whose
   attention the kept set serves count more. The trajectory is recorded every ``history_every``
-  evictions; :meth:`TOVA.visualize_head_weights` plots it.
+  evictions; :meth:`TOVA.visualize_head_weights` plots it. The weights are one set per layer, shared
+  by the rows of a batch and carried from call to call, so with ``weighted`` an answer depends on what
+  the policy decoded before and on the other rows of its batch (``mean`` and ``max`` do not).
 
 Entropy-enhanced importance (``entropy_weight`` = beta >= 0): a token's score per head is
 ``a + beta * (-a * log a)``, its attention plus its share of the head's attention entropy (its
