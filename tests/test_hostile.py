@@ -42,9 +42,9 @@ def error_class(name: str) -> type[BaseException]:
 
 
 def test_the_manifest():
-    assert len(CASES) == 87
+    assert len(CASES) == 90
     counts = {k: sum(c["kind"] == k for c in CASES) for k in KINDS}
-    assert counts == {"image": 10, "video": 8, "audio": 9, "record": 27, "config": 21, "checkpoint": 3, "cli": 9}
+    assert counts == {"image": 10, "video": 8, "audio": 9, "record": 27, "config": 24, "checkpoint": 3, "cli": 9}
     assert len({c["id"] for c in CASES}) == len(CASES)
     for c in CASES:
         assert set(c) == {"id", "kind", "input", "error", "match"}, c["id"]
