@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="FastV's attention scores, and the random drop of the same count (the baseline)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (video decoding)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="eval/results")
@@ -78,7 +79,8 @@ def main(argv=None) -> list[dict]:
                     cfg = {"llm": [{"name": "fastv", "layer": k, "drop_ratio": r, "scoring": scoring}]}
                     model.pipeline.llm = build_pipeline(cfg, model.llm.hidden_size).llm.to(device)
                     t0 = time.perf_counter()
-                    preds = predict(model, ds, args.batch_size, args.max_new_tokens, device, f"{task} K={k} {scoring} R={r:g}")
+                    preds = predict(model, ds, args.batch_size, args.max_new_tokens, device, f"{task} K={k} {scoring} R={r:g}",
+                                    args.workers)
                     row = {"task": task, "layer": k, "scoring": scoring, "drop_ratio": r, **score(preds),
                            "seconds": time.perf_counter() - t0}
                     rows.append(row)
