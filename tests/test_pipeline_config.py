@@ -12,11 +12,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
 
 
 def test_unknown_stage_lists_available_names():
-    with pytest.raises(PipelineConfigError, match=r"stages\.0: unknown stage 'tome'\. Available: ") as e:
-        validate_config([{"name": "tome"}])
+    with pytest.raises(PipelineConfigError, match=r"stages\.0: unknown stage 'no_such_stage'\. Available: ") as e:
+        validate_config([{"name": "no_such_stage"}])
     assert str(list_stages("tokens")) in str(e.value)
-    with pytest.raises(PipelineConfigError, match=r"llm\.0: unknown stage 'tome'\. Available: ") as e:
-        validate_config({"llm": [{"name": "tome"}]})
+    with pytest.raises(PipelineConfigError, match=r"llm\.0: unknown stage 'no_such_stage'\. Available: ") as e:
+        validate_config({"llm": [{"name": "no_such_stage"}]})
     assert str(list_stages("llm")) in str(e.value)
 
 

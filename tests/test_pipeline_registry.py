@@ -49,6 +49,8 @@ SEED_DEFAULTS = {
     "rtd": {"mode": "fast", "bottleneck_ratio": 4, "recover_ratio": 0.25, "adaptive_threshold": 0.5, "recon_weight": 1.0},
     "random": {"retention_ratio": 0.482, "seed": 0},
     "pool": {"retention_ratio": 0.25},
+    "tome": {"retention_ratio": 0.25, "use_features": False},
+    "divprune": {"retention_ratio": 0.25, "use_features": False},
     # stages inside the LLM (pipeline/llm.py)
     "fastv": {"layer": 2, "drop_ratio": 0.5, "num_queries": 1, "scoring": "attention", "seed": 0},
     "tova": {"cache_max_size": 512, "layers": None, "head_strategy": "mean", "per_kv_head": True,
@@ -113,8 +115,8 @@ def test_stage_defaults_is_a_fresh_dict_and_names_unknown_stages():
     d = stage_defaults("fgcs")
     d["retention_ratio"] = 0.1
     assert stage_defaults("fgcs")["retention_ratio"] == 0.482
-    with pytest.raises(UnknownStageError, match=re.escape(f"unknown stage 'tome'. Available: {list_stages()}")):
-        stage_defaults("tome")
+    with pytest.raises(UnknownStageError, match=re.escape(f"unknown stage 'no_such_stage'. Available: {list_stages()}")):
+        stage_defaults("no_such_stage")
 
 
 def test_stages_take_plain_arguments():

@@ -1,0 +1,87 @@
+"""``divprune``: keep the most diverse tokens of each row (greedy max-min diversity).
+
+Reference: Alvar, Singh, Akbari & Zhang, "DivPrune: Diversity-based Visual Token Pruning for Large
+Multimodal Models", CVPR 2025, https://arxiv.org/abs/2503.02175 (code: github.com/vbdi/divprune).
+
+DivPrune casts pruning as the Max-Min Diversity Problem: keep ``k`` tokens whose minimum pairwise
+cosine distance ``1 - cos(x_i, x_j)`` is as large as possible, solved greedily as in the paper's
+code: the first pick is the token with the largest distance to its nearest other token; each
+later pick is the unpicked token whose distance to its nearest picked token is largest (ties: the
+earlier token). The paper's code takes the first pick's "nearest other token" as the second
+smallest entry of its distance column (the smallest being the token itself); here the diagonal is
+left out explicitly, which is the same up to rounding. The paper keeps ``round(ratio * n)`` tokens
+(0.098 by default); here ``ceil(retention_ratio * n)``, the pipeline's budget.
+
+The greedy picks are sequential by nature, so the stage loops over the ``max_b k_b`` picks; every
+pick is batched over rows and tokens (a row that has its ``k_b`` stops changing). Memory: the
+``(B, N, N)`` distance matrix, computed once. Selection only, no parameters: kept tokens are input
+rows, sorted by original index, and the others go to ``pruned``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..batch import TokenBatch
+from ..ops import budget, split_by_mask
+from ..registry import register
+from ..types import Ratio
+
+
+def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """Bool (B, N): ``keep[b]`` real tokens of row ``b`` picked by greedy max-min cosine distance.
+
+    ``keys (B, N, S)`` (padding ignored, whatever its value), ``mask (B, N)`` bool, ``keep (B,)`` long
+    (at most the row's real tokens).
+    """
+    b, n = mask.shape
+    if n == 0:
+        return mask.clone()
+    dev = mask.device
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    k = torch.where(mask[..., None], keys.detach().to(dtype), torch.zeros((), dtype=dtype, device=dev))
+    k = F.normalize(k, dim=-1)
+    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
+    dist = 1 - k @ k.transpose(1, 2)  # (B, N, N) cosine distance
+    dist = torch.where(mask[:, None, :] & mask[:, :, None], dist, inf)  # padding is never anyone's nearest
+    eye = torch.eye(n, dtype=torch.bool, device=dev)
+    nearest = dist.masked_fill(eye, float("inf")).amin(-1)  # (B, N) distance to the nearest other token
+    rows = torch.arange(b, device=dev)
+    selected = torch.zeros_like(mask)
+    to_selected = torch.full((b, n), float("inf"), dtype=dtype, device=dev)  # distance to the nearest pick
+    for i in range(int(keep.max()) if keep.numel() else 0):  # the greedy picks; rows and tokens batched
+        score = nearest if i == 0 else to_selected
+        pick = score.masked_fill(~mask | selected, float("-inf")).argmax(1)  # (B,) first maximum on ties
+        active = i < keep  # (B,) rows still picking
+        selected = selected | (F.one_hot(pick, n).bool() & active[:, None])
+        to_selected = torch.where(active[:, None], torch.minimum(to_selected, dist[rows, pick]), to_selected)
+    return selected
+
+
+@register("divprune")
+class DivPrune(nn.Module):
+    """Keep ``ceil(retention_ratio * n)`` tokens per row maximising their minimum pairwise cosine distance.
+
+    Greedy max-min (farthest-point) selection, see the module docstring. ``use_features``: measure
+    distances on ``batch.features`` (written by ``sam``) instead of the tokens. Kept tokens are input
+    rows in original order; ``dim`` is accepted for a uniform builder call and unused.
+    """
+
+    selects_tokens = True  # kept tokens are input rows
+
+    def __init__(self, dim: int | None = None, retention_ratio: Ratio = 0.25, use_features: bool = False):
+        super().__init__()
+        self.retention_ratio = retention_ratio
+        self.use_features = use_features
+
+    def forward(self, batch: TokenBatch) -> TokenBatch:
+        keys = batch.tokens
+        if self.use_features:
+            if batch.features is None:
+                raise ValueError("divprune was built with use_features=True but the batch has no `features`; "
+                                 "put a feature stage such as 'sam' before it")
+            keys = batch.features
+        keep = max_min_select(keys, batch.mask, budget(batch.lengths, self.retention_ratio))
+        return split_by_mask(batch, keep, self.stage_name)
