@@ -433,8 +433,15 @@ class GraphedStep:
         self.runner, self.cache = runner, cache
         self.embeds, self.positions = embeds.clone(), positions.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = runner.decode(self.embeds, self.positions, cache)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = runner.decode(self.embeds, self.positions, cache)
+        except RuntimeError as e:  # the cache's bookkeeping ran without its kernels: this generation cannot go on
+            names = sorted({p.stage_name for p in runner.policies.values()})
+            raise RuntimeError(
+                f"capturing the decoding step of cache policies {names} in a CUDA graph failed ({e}); generate "
+                f"again with cuda_graph=False, and mark a custom policy graph_safe = False if it reads tensors "
+                f"on the host") from e
         self._captured = True  # the capture counted one eviction per layer; the first replay is that step
 
     def __call__(self, embeds: Tensor, positions: Tensor) -> Tensor:
