@@ -14,6 +14,10 @@ Shapes (``B`` rows, ``N`` padded length, ``D`` width, ``S`` semantic width)::
     layout    (B, 3)     long   original grid (T, H, W); T*H*W == original length
     scores    (B, N)     float  set by the last scorer (higher = keep)
     features  (B, N, S)  float  semantic features set by ``sam``
+    encoder_attention (B, N) float  attention each token received in the vision encoder (from the CLS
+                                token of the feature layer, or the mean over all queries without one),
+                                set by the image tower when a stage asks for it (``visionzip``);
+                                None otherwise. Follows the kept tokens like ``scores``.
 
 Row operations on fresh batches (before any stage ran), for callers that gather media of
 several kinds into one pipeline call: ``TokenBatch.cat_rows(parts)``, ``batch.take_rows(order)``
@@ -90,6 +94,7 @@ class TokenBatch:
     scores: Tensor | None = None
     features: Tensor | None = None
     pruned: PrunedTokens | None = None
+    encoder_attention: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -101,10 +106,12 @@ class TokenBatch:
         mask: Tensor | None = None,
         modality: Modality | int | Tensor = Modality.IMAGE,
         layout: tuple[int, int, int] | Tensor | None = None,
+        encoder_attention: Tensor | None = None,
     ) -> "TokenBatch":
         """Wrap ``tokens (B, N, D)``; default mask all-True, layout ``(1, 1, N)``.
 
-        ``layout`` may be one ``(T, H, W)`` for every row or a ``(B, 3)`` tensor.
+        ``layout`` may be one ``(T, H, W)`` for every row or a ``(B, 3)`` tensor;
+        ``encoder_attention`` an optional ``(B, N)`` float (see the module docstring).
         """
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -115,6 +122,8 @@ class TokenBatch:
         if mask.shape != (b, n):
             raise ValueError(f"mask must be {(b, n)}, got {tuple(mask.shape)}")
         mask = mask.bool()
+        if encoder_attention is not None and encoder_attention.shape != (b, n):
+            raise ValueError(f"encoder_attention must be {(b, n)}, got {tuple(encoder_attention.shape)}")
         index = torch.arange(n, device=dev).expand(b, n).clone()
         if isinstance(modality, Tensor):
             mod = modality.to(device=dev, dtype=torch.long).reshape(b)
@@ -131,7 +140,7 @@ class TokenBatch:
                 f"layout (T, H, W) products {lay.prod(1).tolist()} do not match the "
                 f"number of real tokens per row {mask.sum(1).tolist()}"
             )
-        return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay)
+        return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay, encoder_attention=encoder_attention)
 
     @classmethod
     def empty(cls, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "TokenBatch":
@@ -154,7 +163,8 @@ class TokenBatch:
         tokens ``0..N-1``, so theirs stays ``0..N-1``; rows of a bounded stream memory,
         ``llava_deft.encoders.stream``, keep their kept positions); tokens take the
         first part's dtype (e.g. text rows from the LLM's embeddings, media rows from a
-        projector). ``modality`` and ``layout`` are concatenated. Every part must be fresh (no
+        projector). ``modality`` and ``layout`` are concatenated. ``encoder_attention`` is kept
+        when any part has it; parts without it (text, audio) get zeros there. Every part must be fresh (no
         stage has run on it, see :meth:`take_rows`), else ``ValueError``.
         """
         if not parts:
@@ -173,12 +183,20 @@ class TokenBatch:
             return torch.cat([x, last + torch.arange(1, n - x.shape[1] + 1, device=x.device)], dim=1)
 
         dtype = parts[0].tokens.dtype
+        attention = None
+        if any(p.encoder_attention is not None for p in parts):
+            attention = torch.cat([
+                pad(p.encoder_attention.float() if p.encoder_attention is not None
+                    else torch.zeros(p.mask.shape, device=p.mask.device), 0.0)
+                for p in parts
+            ])  # (B, N)
         return cls(
             tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),  # (B, N, D)
             mask=torch.cat([pad(p.mask, False) for p in parts]),  # (B, N)
             index=torch.cat([pad_index(p.index) for p in parts]),  # (B, N)
             modality=torch.cat([p.modality for p in parts]),  # (B,)
             layout=torch.cat([p.layout for p in parts]),  # (B, 3)
+            encoder_attention=attention,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -190,6 +208,7 @@ class TokenBatch:
     def take_rows(self, order: Tensor) -> "TokenBatch":
         """Rows ``order`` (``(B',)`` long indices or a ``(B,)`` bool mask) of a fresh batch.
 
+        ``encoder_attention`` (an input, set with the tokens) follows the rows.
         Only fresh batches (straight from :meth:`from_tokens`, :meth:`cat_rows` or
         :meth:`empty`) are taken apart: ``scores``, ``features``, ``pruned``, ``losses`` and
         ``stats`` describe what stages did, and losses and stats are batch-wide sums that do not
@@ -199,6 +218,7 @@ class TokenBatch:
         return TokenBatch(
             tokens=self.tokens[order], mask=self.mask[order], index=self.index[order],
             modality=self.modality[order], layout=self.layout[order],
+            encoder_attention=None if self.encoder_attention is None else self.encoder_attention[order],
         )
 
     def _require_fresh(self, what: str) -> None:

@@ -42,7 +42,7 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
     """Keep the tokens where ``keep (B, N)`` is True, in original order; move the rest to ``pruned``.
 
     The output length is the largest number kept in any row; shorter rows are padded and masked.
-    Row-aligned tensors (``scores``, ``features``) follow the kept tokens; the dropped tokens'
+    Row-aligned tensors (``scores``, ``features``, ``encoder_attention``) follow the kept tokens; the dropped tokens'
     ``scores`` go to ``pruned.scores`` (None when the batch has no scores).
     """
     keep = keep & batch.mask
@@ -70,6 +70,7 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
         index=batch.index.gather(1, k_idx),
         scores=None if batch.scores is None else batch.scores.gather(1, k_idx),
         features=None if batch.features is None else gather_rows(batch.features, k_idx),
+        encoder_attention=None if batch.encoder_attention is None else batch.encoder_attention.gather(1, k_idx),
         pruned=pruned,
     )
     before = batch.mask.sum(1).float()
@@ -182,7 +183,7 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
     its window (tokens an earlier reducer removed are simply absent); its ``index`` is the
     smallest original index in the window, and outputs are in ascending ``index``. The
     window's other tokens go to ``pruned`` unchanged, so kept ∪ pruned covers every input
-    token by index. ``features`` and ``scores`` are pooled like the tokens.
+    token by index. ``features``, ``scores`` and ``encoder_attention`` are pooled like the tokens.
 
     Windows are counted on the full original grid, so after an earlier reducer a row may end
     up with fewer tokens than the budget (never more).
@@ -205,7 +206,8 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
             return None
         return gather_rows(window_mean(x, batch.mask, cell, n), out_cell)
 
-    out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores))
+    out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores),
+                      encoder_attention=pooled(batch.encoder_attention))
     out.stats[stage]["kernel"] = float(k.float().mean())
     out.stats[stage]["time_kernel"] = float(kt.float().mean())
     return out

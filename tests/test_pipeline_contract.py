@@ -27,11 +27,14 @@ def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
     mask[1, 48:] = False
     pad = pad_scale * torch.randn(2, 64, D, generator=torch.Generator().manual_seed(pad_seed))
     tokens = torch.where(mask.unsqueeze(-1), tokens, pad)
-    return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT)
+    # what the model's image tower gives stages that ask for it (``visionzip``); others carry it along
+    attention = torch.rand(2, 64, generator=torch.Generator().manual_seed(2))
+    attention = torch.where(mask, attention, pad_scale * torch.rand(2, 64, generator=torch.Generator().manual_seed(pad_seed)))
+    return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT, encoder_attention=attention)
 
 
 # options that change what a stage declares (selects_tokens ...) get their own contract run
-VARIANTS = {"fgcs": [{"merge_pruned": True}]}
+VARIANTS = {"fgcs": [{"merge_pruned": True}], "visionzip": [{"dominance": "norm"}, {"dominant_share": 1.0}]}
 CASES = [(name, {}) for name in list_stages("tokens")] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
 
 

@@ -51,6 +51,7 @@ SEED_DEFAULTS = {
     "pool": {"retention_ratio": 0.25},
     "tome": {"retention_ratio": 0.25, "use_features": False},
     "divprune": {"retention_ratio": 0.25, "use_features": False},
+    "visionzip": {"retention_ratio": 0.111, "dominant_share": 54 / 64, "dominance": "encoder"},
     # stages inside the LLM (pipeline/llm.py)
     "fastv": {"layer": 2, "drop_ratio": 0.5, "num_queries": 1, "scoring": "attention", "seed": 0},
     "tova": {"cache_max_size": 512, "layers": None, "head_strategy": "mean", "per_kv_head": True,

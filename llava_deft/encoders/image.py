@@ -27,14 +27,37 @@ from .weights import read_safetensors, require_safetensors
 
 
 class ImageEncoder(nn.Module):
-    """``forward(pixels (M, 3, H, W)) -> tokens (M, gh*gw, width)``; ``grid = (gh, gw)``."""
+    """``forward(pixels (M, 3, H, W)) -> tokens (M, gh*gw, width)``; ``grid = (gh, gw)``.
+
+    ``forward_with_attention(pixels) -> (tokens, attention (M, gh*gw))``: the same tokens and the
+    attention each patch token receives in the feature layer (``TokenBatch.encoder_attention``, read
+    by ``visionzip``); only the timm backend implements it.
+    """
 
     width: int
     grid: tuple[int, int]
     image_size: tuple[int, int]
+    backend = "?"
+
+    def forward_with_attention(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(
+            f"the {self.backend!r} image encoder does not provide encoder attention (needed by visionzip with "
+            f"dominance='encoder'); use vision.backend 'timm', or visionzip's dominance='norm'"
+        )
+
+
+def received_attention(q: Tensor, k: Tensor, scale: float, n_prefix: int, has_cls: bool) -> Tensor:
+    """Attention each patch token receives, averaged over heads: ``q, k (M, heads, L, hd)`` of one
+    attention layer whose first ``n_prefix`` tokens are prefix (CLS / register) tokens -> ``(M, L - n_prefix)``.
+    From the CLS query (token 0) when ``has_cls``, else the mean over all queries."""
+    attn = ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1).mean(1)  # (M, L, L)
+    received = attn[:, 0] if has_cls else attn.mean(1)  # (M, L)
+    return received[:, n_prefix:]
 
 
 class TimmViTEncoder(ImageEncoder):
+    backend = "timm"
+
     def __init__(self, name: str, kwargs: dict, feature_layer: int = -1):
         super().__init__()
         self.model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
@@ -59,6 +82,35 @@ class TimmViTEncoder(ImageEncoder):
             pixels, indices=[self.layer], output_fmt="NLC", intermediates_only=True, norm=self.use_norm
         )[0]
 
+    def forward_with_attention(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward``'s tokens and the attention each patch token receives in the feature layer's block,
+        ``(M, gh*gw)`` float32: softmax(q k^T * scale) of that block's own q, k (``attn.qkv`` on
+        ``norm1`` of the block's input, caught by a forward pre-hook; ``q_norm`` / ``k_norm`` applied),
+        averaged over heads; from the CLS token, or the mean over all queries without one. The forward
+        itself is untouched (same fused attention, same outputs); the attention is not differentiated."""
+        block = self.model.blocks[self.layer]
+        attn = getattr(block, "attn", None)
+        if not (hasattr(block, "norm1") and hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
+            raise NotImplementedError(
+                f"timm block {type(block).__name__} has no norm1 / attn.qkv: encoder attention is not available for it"
+            )
+        seen: list[Tensor] = []
+        handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            tokens = self(pixels)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            x = seen[-1]  # (M, L, C) the block's input
+            m, length, _ = x.shape
+            heads = attn.num_heads
+            qkv = attn.qkv(block.norm1(x)).reshape(m, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+            n_prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+            has_cls = getattr(self.model, "cls_token", None) is not None
+            received = received_attention(q, k, float(attn.scale), n_prefix, has_cls)
+        return tokens, received
+
     def transform(self) -> Callable:
         cfg = resolve_model_data_config(self.model)
         cfg["input_size"] = (3, *self.image_size)
@@ -68,6 +120,8 @@ class TimmViTEncoder(ImageEncoder):
 
 class OpenClipVisualEncoder(ImageEncoder):
     """The visual tower of an open_clip model; patch tokens after ``ln_post`` (width of the tower)."""
+
+    backend = "open_clip"
 
     def __init__(self, name: str, kwargs: dict, feature_layer: int = -1):
         super().__init__()
@@ -129,6 +183,8 @@ class HFClipVisionEncoder(ImageEncoder):
     The tower is kept and run whole, as transformers runs it, so its state dict is the CLIP
     checkpoint's and exports back; the layers after the feature layer and ``post_layernorm`` feed
     nothing, so they stay frozen whatever ``requires_grad_`` asks (no parameter without a gradient)."""
+
+    backend = "hf_clip"
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()

@@ -175,10 +175,20 @@ class LlavaDeftForCausalLM(nn.Module):
     # ------------------------------------------------------------------ media path
     def encode_images(self, pixel_values: Tensor) -> TokenBatch:
         """pixels (M, 3, H, W) -> TokenBatch of projected patch tokens (M, gh*gw, D) on grid (1, gh, gw)."""
-        feats = self.vision(pixel_values.to(self.projector_dtype()))  # (M, N, Dv)
+        feats, attention = self._vision(pixel_values.to(self.projector_dtype()))  # (M, N, Dv), (M, N) or None
         tokens = self.projector(feats)  # (M, N, D)
         gh, gw = self.vision.grid
-        return TokenBatch.from_tokens(tokens, modality=Modality.IMAGE, layout=(1, gh, gw))
+        return TokenBatch.from_tokens(tokens, modality=Modality.IMAGE, layout=(1, gh, gw), encoder_attention=attention)
+
+    def needs_encoder_attention(self) -> bool:
+        """Whether a stage of the pipeline (``visionzip``) reads ``TokenBatch.encoder_attention``."""
+        return any(getattr(s, "needs_encoder_attention", False) for s in self.pipeline.stages)
+
+    def _vision(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The image tower's tokens, with the attention each received when the pipeline asks for it."""
+        if self.needs_encoder_attention():
+            return self.vision.forward_with_attention(pixels)
+        return self.vision(pixels), None
 
     def encode_videos(self, video_values: Tensor, video_frames: Tensor) -> TokenBatch:
         """frames (F, 3, H, W) of V videos with ``video_frames (V,)`` frames each -> TokenBatch of V rows,
@@ -193,9 +203,11 @@ class LlavaDeftForCausalLM(nn.Module):
         """
         if self.encoder_memory is not None:
             return self._stream_videos(video_values, video_frames)
-        feats = self.vision(video_values.to(self.projector_dtype()))  # (F, N, Dv)
+        feats, attention = self._vision(video_values.to(self.projector_dtype()))  # (F, N, Dv), (F, N) or None
         tokens = self.projector(feats)  # (F, N, D)
         tokens, (_, h, w) = pool_frame_tokens(tokens, self.vision.grid, self.config.video.pool_stride)  # (F, n, D)
+        if attention is not None:  # pooled like the tokens: a window's mean attention
+            attention = pool_frame_tokens(attention.unsqueeze(-1), self.vision.grid, self.config.video.pool_stride)[0][..., 0]
         f, n, d = tokens.shape
         dev = tokens.device
         frames = video_frames.to(dev)
@@ -211,7 +223,11 @@ class LlavaDeftForCausalLM(nn.Module):
         mask = torch.zeros(v, width, dtype=torch.bool, device=dev)
         mask[rows, cols] = True
         layout = torch.stack([frames, torch.full_like(frames, h), torch.full_like(frames, w)], 1)  # (V, 3)
-        return TokenBatch.from_tokens(out, mask, modality=Modality.VIDEO, layout=layout)
+        video_attention = None
+        if attention is not None:
+            video_attention = attention.new_zeros(v, width)
+            video_attention[rows, cols] = attention
+        return TokenBatch.from_tokens(out, mask, modality=Modality.VIDEO, layout=layout, encoder_attention=video_attention)
 
     def encode_audios(self, audio_values: Tensor, audio_lengths: Tensor | None = None) -> TokenBatch:
         """log-mel ``audio_values (A, n_mels, frames)`` of A clips of ``audio_lengths (A,)`` waveform

@@ -97,6 +97,7 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
         index=index.gather(1, order),
         scores=scores,
         features=None,
+        encoder_attention=None,  # the recovered tokens have none
         pruned=remaining,
     )
 

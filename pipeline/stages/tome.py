@@ -139,7 +139,9 @@ class TokenMerging(nn.Module):
         tokens, sizes = merged(batch.tokens)
         features, _ = merged(batch.features)
         scores, _ = merged(batch.scores)
-        out = split_by_mask(batch.replace(tokens=tokens, features=features, scores=scores), alive, self.stage_name)
+        attention, _ = merged(batch.encoder_attention)
+        out = split_by_mask(batch.replace(tokens=tokens, features=features, scores=scores, encoder_attention=attention),
+                            alive, self.stage_name)
         # split_by_mask keeps the alive slots in ascending index: the same order gives their sizes
         k = out.mask.shape[1]
         kept_slots = sort_key(batch.index, alive).argsort(dim=1, stable=True)[:, :k]
