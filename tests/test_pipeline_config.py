@@ -136,7 +136,9 @@ def test_every_shipped_pipeline_yaml_validates_and_builds():
     assert {p.stem for p in paths} >= {"none", "fgcs", "random", "pool", "deft", "deft_nofb"}, [p.name for p in paths]
     for path in paths:
         pipe = build_pipeline(path, dim=16).eval()
-        out = pipe(TokenBatch.from_tokens(torch.randn(1, 16, 16), layout=(1, 4, 4)))
+        # encoder_attention as the model gives it when a stage asks for it (visionzip)
+        batch = TokenBatch.from_tokens(torch.randn(1, 16, 16), layout=(1, 4, 4), encoder_attention=torch.rand(1, 16))
+        out = pipe(batch)
         assert out.mask.sum() <= 16
 
 
