@@ -34,6 +34,16 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write ``path`` (its folder created) at 100 dpi and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def exact_match(prediction: str, reference: str | None) -> bool:
     """The eval scripts' answer check: equal after ``strip().lower()``."""
     return prediction.strip().lower() == (reference or "").strip().lower()

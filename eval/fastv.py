@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import run_metadata, write_json  # noqa: E402
+from eval.common import run_metadata, save_figure, write_json  # noqa: E402
 from eval.tasks import EVAL_TASKS, load_task, predict, score, task_json  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 from llava_deft.provenance import read_training_record  # noqa: E402
@@ -139,10 +139,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     ax.set_ylabel("exact match (%)")
     ax.legend()
     ax.set_title(f"FastV, {meta['device']}, {meta['commit']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

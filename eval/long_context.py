@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import exact_match, run_metadata, write_json  # noqa: E402
+from eval.common import exact_match, run_metadata, save_figure, write_json  # noqa: E402
 from eval.tasks import TaskSplit, predict, score  # noqa: E402
 from llava_deft.data import LlavaJsonDataset  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
@@ -225,10 +225,7 @@ def plot(rows: list[dict], args, path: Path, meta: dict) -> None:
         ax.set_title(f"{needles} needle{'s' if needles > 1 else ''}, budget {args.fraction:g} x L")
         ax.legend()
     fig.suptitle(f"{meta['device']}, commit {meta['commit']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

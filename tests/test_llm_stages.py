@@ -85,6 +85,16 @@ def _row(x: torch.Tensor, row: int, n: int) -> torch.Tensor:
     """Row ``row`` alone, without its left padding (its last ``n`` columns)."""
     return x[row: row + 1, x.shape[1] - n:]
 
+def _assert_rows_alone_match(model, prompts, lengths, stages, steps, tokens, logits):
+    """Each row of a ragged batch, decoded alone, gives the batch's tokens and (closely) its logits."""
+    emb, mask, pos, kinds = prompts
+    for row, n in enumerate(lengths):
+        t1, l1, _ = _decode(model, _row(emb, row, n), _row(mask, row, n), _row(pos, row, n), _row(kinds, row, n),
+                            stages, steps=steps)
+        assert torch.equal(tokens[row: row + 1], t1)
+        assert_close(logits[row: row + 1], l1, rtol=1e-4, atol=1e-5)
+
+
 
 def _llm(*cfgs: dict):
     return pipeline.build_pipeline({"llm": list(cfgs)}, DIM).llm
@@ -318,6 +328,17 @@ class _Capture:
             h.remove()
 
 
+def _captured_step(lm, logits, positions, cache, cache_ref, policy, runner):
+    """One greedy decoding step with ``policy``'s views captured: (logits, cache, capture)."""
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    cap = _Capture(lm, cache_ref, policy)
+    try:
+        logits, cache = lm(lm.embed(tok), None, positions, cache, use_cache=True, logits_to_keep=1, stages=runner)
+    finally:
+        cap.remove()
+    return logits, cache, cap
+
+
 @torch.no_grad()
 def _eager_decode_weights(eager: DecoderLM, i: int, snap: dict) -> torch.Tensor:
     """Eager attention weights (B, H, T+1) of the new token over the cached slots plus itself, masked per KV head."""
@@ -353,13 +374,7 @@ def test_tova_decoding_equals_eager_reference_step_by_step(lm64, eager64, strate
         cache_ref[0] = cache
         nxt_pos = pos[:, -1:] + 1
         for step in range(5):
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            cap = _Capture(lm64, cache_ref, policy)
-            try:
-                logits, cache = lm64(lm64.embed(tok), None, nxt_pos, cache, use_cache=True, logits_to_keep=1,
-                                     stages=runner)
-            finally:
-                cap.remove()
+            logits, cache, cap = _captured_step(lm64, logits, nxt_pos, cache, cache_ref, policy, runner)
             for i, snap in cap.seen.items():
                 w = _eager_decode_weights(eager64, i, snap)  # (B, H, T+1)
                 t = snap["valid"].shape[-1]
@@ -418,13 +433,7 @@ def test_h2o_and_streaming_llm_decoding_equal_reference_step_by_step(lm64, eager
     nxt_pos = pos[:, -1:] + 1
     with torch.no_grad():
         for step in range(1, 6):
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            cap = _Capture(lm64, cache_ref, stages[0])
-            try:
-                logits, cache = lm64(lm64.embed(tok), None, nxt_pos, cache, use_cache=True, logits_to_keep=1,
-                                     stages=runner)
-            finally:
-                cap.remove()
+            logits, cache, cap = _captured_step(lm64, logits, nxt_pos, cache, cache_ref, stages[0], runner)
             for i, snap in cap.seen.items():
                 wts = _eager_decode_weights(eager64, i, snap) if name == "h2o" else None
                 t = snap["valid"].shape[-1]
@@ -608,11 +617,7 @@ def test_other_families_identity_and_ragged(model_type):
                   {"name": "h2o", "cache_max_size": 6, "layers": [2]})
     t, l, _ = _decode(lm_f, emb, mask, pos, kinds, acting, steps=steps)
     assert not torch.equal(l, ref_l)
-    for row, n in enumerate(lengths):
-        t1, l1, _ = _decode(lm_f, _row(emb, row, n), _row(mask, row, n), _row(pos, row, n), _row(kinds, row, n),
-                            acting, steps=steps)
-        assert torch.equal(t[row: row + 1], t1)
-        assert_close(l[row: row + 1], l1, rtol=1e-4, atol=1e-5)
+    _assert_rows_alone_match(lm_f, (emb, mask, pos, kinds), lengths, acting, steps, t, l)
 
 
 def test_eager_attention_model_runs_policies_like_sdpa(lm):
@@ -705,11 +710,7 @@ def test_llm_stage_contract(lm, name):
     assert not torch.equal(logits_a, ref_logits)  # the small options do act
 
     # ragged batch = one at a time
-    for row, n in enumerate(lengths):
-        t1, l1, _ = _decode(lm, _row(emb, row, n), _row(mask, row, n), _row(pos, row, n), _row(kinds, row, n),
-                            small, steps=steps)
-        assert torch.equal(toks_a[row: row + 1], t1)
-        assert_close(logits_a[row: row + 1], l1, rtol=1e-4, atol=1e-5)
+    _assert_rows_alone_match(lm, (emb, mask, pos, kinds), lengths, small, steps, toks_a, logits_a)
 
 
 # ---------------------------------------------------------------------------------------------- 7 untouched HF model
