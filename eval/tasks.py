@@ -357,7 +357,7 @@ def main(argv=None) -> list[dict]:
             f"none; add --pipeline configs/pipeline/deft.yaml (or fgcs.yaml, random.yaml, pool.yaml)"
         )
     datasets = {t: load_task(model, t, tasks_dir, args.split, args.limit) for t in args.tasks}
-    rows, predictions = [], {}
+    rows = []
     for r in ratios:
         if any(hasattr(s, "retention_ratio") for s in model.pipeline.stages):
             model.pipeline.set_retention(r)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -212,7 +212,8 @@ class LayerStage(_LLMStageBase):
         return out
 
     def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
-        raise NotImplementedError
+        """The stage itself (abstract): a subclass returns the state of the tokens that go on."""
+        raise NotImplementedError(f"{type(self).__name__} is a LayerStage and must implement reduce(state, attention)")
 
 
 class CachePolicy(_LLMStageBase):
@@ -259,7 +260,8 @@ class CachePolicy(_LLMStageBase):
         """Called with every view before :meth:`score` (also when nothing is evicted): accumulate state."""
 
     def score(self, view: CacheView) -> Tensor:
-        raise NotImplementedError
+        """The policy itself (abstract): a subclass returns the (B, H_kv, T) importance of the slots."""
+        raise NotImplementedError(f"{type(self).__name__} is a CachePolicy and must implement score(view)")
 
     def observe(self, view: CacheView, keep: Tensor) -> None:
         """Called after the runtime chose ``keep`` (B, H_kv, K) slots of ``view``."""
@@ -267,7 +269,3 @@ class CachePolicy(_LLMStageBase):
     def reset(self) -> None:
         """Forget per-call state (called at the start of every prefill)."""
         self.stats = {}
-
-
-def with_state(state: LayerState, **changes) -> LayerState:
-    return replace(state, **changes)

@@ -5,7 +5,6 @@ import math
 from dataclasses import replace
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..llm import TEXT_KIND, CachePolicy, CacheView, group_heads
+from ..llm import TEXT_KIND, CachePolicy, CacheView
 from ..registry import register
 from ..types import NonNegFloat, NonNegInt, PosInt
 

@@ -402,7 +402,9 @@ class LLMStages:
             tl: TrackedLayer = cache.layers[i]
             if tl.headwise:
                 allowed = torch.cat([tl.valid, ones.unsqueeze(1).expand(-1, tl.valid.shape[1], -1)], dim=-1)
-                allowed = allowed.repeat_interleave(heads // allowed.shape[1], dim=1).unsqueeze(2)  # (B, H, 1, T+1)
+                if heads != allowed.shape[1]:  # GQA: one mask row per query head (the keys stay per KV head)
+                    allowed = allowed.repeat_interleave(heads // allowed.shape[1], dim=1)
+                allowed = allowed.unsqueeze(2)  # (B, H, 1, T+1)
                 if self.eager:
                     attn_mask = torch.zeros(allowed.shape, dtype=h.dtype, device=dev).masked_fill(
                         ~allowed, torch.finfo(h.dtype).min)
