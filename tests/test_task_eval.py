@@ -200,6 +200,19 @@ def test_missing_task_folder_names_the_command(saved_model, tmp_path):
         run(saved_model, tmp_path / "none", tmp_path, "--tasks", "video_shapes")
 
 
+def test_scenes_and_video_small_are_scored_per_question_type(saved_model, tmp_path):
+    from llava_deft.tasks.prepare import prepare_tasks
+
+    prepare_tasks(tmp_path / "t", "small", ["scenes", "video_small"], progress=False, overrides={
+        "scenes": {"n_train": 1, "n_test": 2}, "video_small": {"n_train": 1, "n_test": 1, "frames": 4}})
+    rows = run(saved_model, tmp_path / "t", tmp_path, "--tasks", "scenes", "video_small", "--ratios", "1", "0.25")
+    by = {(r["task"], r["retention"]): r for r in rows}
+    assert set(by["scenes", 1.0]["counts"]) - {"all"} <= {"relation_color", "shape", "color", "count", "presence"}
+    assert {"count", "presence"} <= set(by["scenes", 1.0]["counts"])
+    assert by["video_small", 1.0]["counts"]["all"] == 5
+    assert by["scenes", 0.25]["media_tokens_per_sample"] < by["scenes", 1.0]["media_tokens_per_sample"]
+
+
 def test_ratios_need_a_reducer(tiny_tasks_dir, tmp_path):
     LlavaDeftForCausalLM({"video": {"num_frames": 4}}).save_pretrained(tmp_path / "plain")
     with pytest.raises(SystemExit, match=r"--ratios needs a reducer .*add --pipeline configs/pipeline/deft.yaml"):

@@ -46,7 +46,7 @@ def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, samp
     if not path.is_file():
         hint = ""
         if path.parent.name in TASK_NAMES:
-            hint = f"; generate the task data with `{prepare_command(path.parent.parent)}`"
+            hint = f"; generate the task data with `{prepare_command(path.parent.parent, path.parent.name)}`"
         raise FileNotFoundError(f"{who}: LLaVA JSON file '{path}' does not exist{hint}")
     kwargs: dict[str, Any] = dict(video or {})
     if sampling_rate is not None:

@@ -3,9 +3,12 @@
     video_shapes  moving-shape video QA          (video_shapes.py, PyAV + decord)
     audio_words   spoken colour/shape/number QA  (audio_words.py, espeak-ng)
     passkey       long-text pass-key retrieval   (passkey.py)
+    scenes        multi-object image QA: relations, counts, attributes (scenes.py, Pillow)
+    video_small   video_shapes with half-size shapes (video_shapes.py, ``object_scale=0.5``)
 
-``python -m llava_deft.tasks --out data/tasks`` prepares all three in one folder (``prepare.py``);
-each task lands in ``<out>/<task>/`` with ``train.json``, ``test.json`` and ``meta.json``.
+``python -m llava_deft.tasks --out data/tasks`` prepares the first three (:data:`DEFAULT_TASKS`, the
+mixed recipe's data) in one folder (``prepare.py``); ``--only scenes video_small`` the others. Each task
+lands in ``<out>/<task>/`` with ``train.json``, ``test.json`` and ``meta.json``.
 This module imports nothing heavy: configs and error messages use the names below.
 """
 
@@ -14,15 +17,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TASK_NAMES = ("video_shapes", "audio_words", "passkey")
+TASK_NAMES = ("video_shapes", "audio_words", "passkey", "scenes", "video_small")
 """The generated tasks, by the folder each is written to under the prepare command's ``--out``."""
+
+DEFAULT_TASKS = ("video_shapes", "audio_words", "passkey")
+"""The tasks prepared (and scored by eval/tasks.py) when none are named: configs/train/mix_tiny.yaml's data."""
 
 DEFAULT_TASKS_DIR = "data/tasks"
 
 
-def prepare_command(out: str | Path = DEFAULT_TASKS_DIR) -> str:
-    """The command that writes every generated task under ``out`` (named in missing-data errors)."""
-    return f"python -m llava_deft.tasks --out {out}"
+def prepare_command(out: str | Path = DEFAULT_TASKS_DIR, task: str | None = None) -> str:
+    """The command that writes the default tasks under ``out`` (named in missing-data errors); with a
+    ``task`` outside :data:`DEFAULT_TASKS`, the one that writes that task."""
+    only = f" --only {task}" if task is not None and task not in DEFAULT_TASKS else ""
+    return f"python -m llava_deft.tasks --out {out}{only}"
 
 
 def task_parser(doc: str, out_help: str, train_help: str, test_help: str) -> argparse.ArgumentParser:

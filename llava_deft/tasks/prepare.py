@@ -1,8 +1,9 @@
-"""Prepare every generated task (video QA, audio QA, pass-key) in one folder, deterministically.
+"""Prepare the generated tasks (video QA, audio QA, pass-key; scenes, small-object video) in one folder, deterministically.
 
     python -m llava_deft.tasks --out data/tasks                   # preset "full": the GPU recipe's data
     python -m llava_deft.tasks --out data/tasks_small --preset small   # a few dozen samples each (CPU smoke)
     python -m llava_deft.tasks --out data/tasks --only passkey --force
+    python -m llava_deft.tasks --out data/tasks --only scenes video_small   # the tasks not made by default
     bash scripts/make_tasks.sh                                     # the same, with the venv's python
 
 Layout (each task's files are the ones its generator writes; see its module)::
@@ -10,10 +11,15 @@ Layout (each task's files are the ones its generator writes; see its module)::
     <out>/video_shapes/{train,test}.json, {train,test}/clips/*.mp4, meta.json
     <out>/audio_words/{train,test}.json, {train,test}/clips/*.wav, {train,test}_clips.json, meta.json
     <out>/passkey/{train,test}.json, meta.json
+    <out>/scenes/{train,test}.json, {train,test}/images/*.png, meta.json
+    <out>/video_small/  as video_shapes (shapes at half the size)
     <out>/tasks.json     what was asked for and what each task holds (records per split)
 
+Without ``--only`` (``tasks=None``) the three of :data:`~llava_deft.tasks.DEFAULT_TASKS` are prepared
+(configs/train/mix_tiny.yaml's data); ``scenes`` and ``video_small`` only when named.
+
 The generators are the existing ones (``video_shapes.make_video_task``, ``audio_words.generate_audio_task``,
-``passkey.make_passkey_task``); this module picks their arguments by preset and caches: a task
+``passkey.make_passkey_task``, ``scenes.make_scenes_task``); this module picks their arguments by preset and caches: a task
 folder whose ``meta.json`` records the same arguments is left as it is (``--force`` regenerates).
 Before a task is regenerated its previous outputs are removed, so no clip of an older, larger run
 survives. Every output is a function of the arguments (``--seed``), so two runs give the same files.
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LlavaDeftError
-from . import TASK_NAMES
+from . import DEFAULT_TASKS, TASK_NAMES
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The data of configs/train/mix_tiny.yaml. Pass-key passages are 128-512 tokens (the generator's
@@ -44,12 +50,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "video_shapes": {"n_train": 2000, "n_test": 500, "frames": 16, "fps": 8, "size": 64},
         "audio_words": {"n_train": 2000, "n_test": 500},
         "passkey": {"n_train": 2000, "n_test": 500, "min_tokens": 128, "max_tokens": 512},
+        # 6,000 train / 600 test images with up to 5 questions each (one per type): about 29,000 / 2,900
+        # questions, easy-VQA's order of magnitude; configs/train/scenes_deft.yaml trains on them.
+        "scenes": {"n_train": 6000, "n_test": 600, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4},
+        "video_small": {"n_train": 2000, "n_test": 500, "frames": 16, "fps": 8, "size": 64, "object_scale": 0.5},
     },
     # A few dozen samples per task: the CPU smoke run of the mixed recipe, and quick eval checks.
     "small": {
         "video_shapes": {"n_train": 16, "n_test": 8, "frames": 16, "fps": 8, "size": 64},
         "audio_words": {"n_train": 24, "n_test": 8},
         "passkey": {"n_train": 32, "n_test": 8, "min_tokens": 96, "max_tokens": 192},
+        "scenes": {"n_train": 32, "n_test": 8, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4},
+        "video_small": {"n_train": 16, "n_test": 8, "frames": 16, "fps": 8, "size": 64, "object_scale": 0.5},
     },
 }
 """Preset -> task -> keyword arguments of the task's generator (``seed`` is added from ``--seed``)."""
@@ -91,7 +103,7 @@ def _cached(folder: Path, args: dict[str, Any]) -> bool:
 
 
 def _generate(task: str, folder: Path, args: dict[str, Any], progress: bool) -> None:
-    if task == "video_shapes":
+    if task in ("video_shapes", "video_small"):  # video_small: the same generator, object_scale 0.5
         from .video_shapes import make_video_task
 
         make_video_task(folder, progress=progress, **args)
@@ -103,6 +115,10 @@ def _generate(task: str, folder: Path, args: dict[str, Any], progress: bool) -> 
         from .passkey import make_passkey_task
 
         make_passkey_task(folder, progress=progress, **args)
+    elif task == "scenes":
+        from .scenes import make_scenes_task
+
+        make_scenes_task(folder, progress=progress, **args)
     else:
         raise ValueError(f"unknown task {task!r}; the tasks are {list(TASK_NAMES)}")
 
@@ -121,7 +137,7 @@ def prepare_tasks(
     progress: bool = True,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Generate ``tasks`` (default: all) under ``out`` with ``preset``'s arguments (per task, updated
+    """Generate ``tasks`` (default: :data:`~llava_deft.tasks.DEFAULT_TASKS`) under ``out`` with ``preset``'s arguments (per task, updated
     by ``overrides[task]``). Returns what is written to ``out/tasks.json``: per task its status
     ("generated", "cached" or "skipped" with the reason), its arguments and its records per split.
 
@@ -130,7 +146,7 @@ def prepare_tasks(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; the presets are {sorted(PRESETS)}")
-    tasks = list(TASK_NAMES if tasks is None else tasks)
+    tasks = list(DEFAULT_TASKS if tasks is None else tasks)
     unknown = sorted(set(tasks) - set(TASK_NAMES)) + sorted(set(overrides or {}) - set(TASK_NAMES))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASK_NAMES)}")
@@ -168,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_deft.tasks", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder that receives one sub-folder per task")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS), help="sizes (see PRESETS)")
-    p.add_argument("--only", nargs="+", choices=TASK_NAMES, help="prepare these tasks only")
+    p.add_argument("--only", nargs="+", choices=TASK_NAMES,
+                   help=f"prepare these tasks only (default: {' '.join(DEFAULT_TASKS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even when meta.json matches")
     p.add_argument("--skip-missing", action="store_true", help="skip the audio task when espeak-ng is missing")

@@ -101,9 +101,12 @@ class ClipSpec:
         return self.last_color if self.change_frame is not None and t >= self.change_frame else self.first_color
 
 
-def sample_clip(rng: np.random.Generator, frames: int = 16, size: int = 64, change_prob: float = 0.5) -> ClipSpec:
+def sample_clip(rng: np.random.Generator, frames: int = 16, size: int = 64, change_prob: float = 0.5,
+                object_scale: float = 1.0) -> ClipSpec:
     """Draw one clip's parameters. The shape stays whole inside the frame for the whole clip and moves
-    between about a third and a half of the frame in total."""
+    between about a third and a half of the frame in total. ``object_scale`` multiplies the shape's
+    size (its radius is 11-17 % of the frame times it); 1 draws exactly what it always drew."""
+    check_object_scale(object_scale)
     if frames < 2:
         raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
     if size < 32:
@@ -119,7 +122,7 @@ def sample_clip(rng: np.random.Generator, frames: int = 16, size: int = 64, chan
         change_frame = int(rng.integers(lo, hi + 1))
     else:
         last, change_frame = first, None
-    radius = float(rng.uniform(0.11, 0.17) * size)
+    radius = float(rng.uniform(0.11, 0.17) * size * object_scale)  # x 1.0 is exact: the same clips
     aspect = float(rng.uniform(0.55, 0.9)) if shape == "rectangle" else 1.0
     room = size - 2 * _MARGIN - 2 * radius  # free travel for the centre along an axis
     travel = float(rng.uniform(0.55, 0.95) * room)
@@ -136,6 +139,12 @@ def sample_clip(rng: np.random.Generator, frames: int = 16, size: int = 64, chan
         radius=radius, aspect=aspect, start=start, step=travel / (frames - 1), background=background,
         frames=frames, size=size,
     )
+
+
+def check_object_scale(object_scale: float) -> None:
+    """``ValueError`` unless the shape keeps at least a few pixels and fits the frame."""
+    if not 0.25 <= object_scale <= 2.0:
+        raise ValueError(f"object_scale must be in [0.25, 2] (the shape's size relative to the default), got {object_scale}")
 
 
 def render_clip(spec: ClipSpec) -> np.ndarray:
@@ -196,7 +205,7 @@ def _clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def generate_split(
     out: str | Path, split: str, n: int, frames: int = 16, seed: int = 0, fps: int = 8, size: int = 64,
-    progress: bool = True,
+    progress: bool = True, object_scale: float = 1.0,
 ) -> Path:
     """Render and write ``n`` clips of ``split`` under ``out/split/clips/`` and their questions to
     ``out/split.json``; returns the JSON path."""
@@ -208,7 +217,7 @@ def generate_split(
     records = []
     for i in tqdm(range(n), desc=f"video {split}", unit="clip", disable=not progress):
         rng = _clip_rng(seed, split, i)
-        spec = sample_clip(rng, frames=frames, size=size)
+        spec = sample_clip(rng, frames=frames, size=size, object_scale=object_scale)
         rel = f"{split}/clips/{i:05d}.mp4"
         write_clip(render_clip(spec), out / rel, fps=fps)
         for qtype, question, answer in clip_questions(spec, rng):
@@ -228,23 +237,28 @@ def generate_split(
 
 def make_video_task(
     out: str | Path, n_train: int = 2000, n_test: int = 500, frames: int = 16, seed: int = 0, fps: int = 8,
-    size: int = 64, progress: bool = True,
+    size: int = 64, progress: bool = True, object_scale: float = 1.0,
 ) -> dict[str, Path]:
-    """Generate both splits and ``meta.json``; returns ``{"train": json_path, "test": json_path}``."""
+    """Generate both splits and ``meta.json``; returns ``{"train": json_path, "test": json_path}``.
+    ``object_scale`` < 1 makes every shape smaller (the ``video_small`` task: 0.5); ``meta.json``
+    records it when it is not 1 (so the default writes the same files as before the option)."""
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if fps < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
+    check_object_scale(object_scale)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        split: generate_split(out, split, n, frames=frames, seed=seed, fps=fps, size=size, progress=progress)
+        split: generate_split(out, split, n, frames=frames, seed=seed, fps=fps, size=size, progress=progress,
+                              object_scale=object_scale)
         for split, n in (("train", n_train), ("test", n_test))
     }
     meta = {
         "generator": "llava_deft.tasks.video_shapes", "version": GENERATOR_VERSION, "seed": seed, "frames": frames,
-        "fps": fps, "size": size, "n_train": n_train, "n_test": n_test,
+        "fps": fps, "size": size, **({"object_scale": object_scale} if object_scale != 1.0 else {}),
+        "n_train": n_train, "n_test": n_test,
         "questions_per_clip": len(QUESTIONS), "codec": "libx264rgb crf 0 rgb24 (lossless), mp4",
         "av": av.__version__, "numpy": np.__version__,
     }
@@ -258,11 +272,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     for flag, default, what in (("frames", 16, "frames per clip"), ("fps", 8, "frame rate written into the clips"),
                                 ("size", 64, "frame width and height in pixels")):
         parser.add_argument(f"--{flag}", type=int, default=default, help=what)
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="shape size relative to the default (0.5: the video_small task's small shapes)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     paths = make_video_task(
         args.out, n_train=args.n_train, n_test=args.n_test, frames=args.frames, seed=args.seed, fps=args.fps,
-        size=args.size,
+        size=args.size, object_scale=args.object_scale,
     )
     print(
         f"wrote {args.n_train} train / {args.n_test} test clips ({len(QUESTIONS)} questions each) to "
