@@ -44,6 +44,4 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def exact_match(prediction: str, reference: str | None) -> bool:
-    """The eval scripts' answer check: equal after ``strip().lower()``."""
-    return prediction.strip().lower() == (reference or "").strip().lower()
+from llava_deft.evaluation.loop import exact_match  # noqa: E402,F401  (the one answer check; eval scripts import it here)

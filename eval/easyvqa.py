@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import exact_match, run_metadata, write_json  # noqa: E402
+from eval.common import run_metadata, write_json  # noqa: E402
 from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
-from llava_deft.data import EasyVQADataset, LlavaJsonDataset, build_collator  # noqa: E402
+from llava_deft.data import EasyVQADataset, LlavaJsonDataset  # noqa: E402
+from llava_deft.evaluation.loop import predict, score  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 
 
@@ -46,35 +44,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def evaluate(model: LlavaDeftForCausalLM, dataset, batch_size: int, max_new_tokens: int, device, desc: str) -> dict:
-    """Greedy answers for every item; exact match overall and per question type."""
-    collate = build_collator(model.processors, generation=True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda s: (collate(s), s))
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    media_tokens, n_images = 0, 0
+    """Greedy answers for every item (the library's loop): exact match overall and per question type,
+    visual tokens per image, the per-question record and the wall time."""
     t0 = time.perf_counter()
-    for batch, samples in tqdm(loader, desc=desc, dynamic_ncols=True):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True)
-        media_tokens += int(n_media.sum())
-        n_images += int(batch["media_counts"].sum())
-        preds = model.tokenizer.batch_decode(out, skip_special_tokens=True)
-        for pred, ref, s in zip(preds, batch["references"], samples):
-            qtype = s.get("question_type", "all")
-            ok = int(exact_match(pred, ref))
-            for key in ("all", qtype) if qtype != "all" else ("all",):
-                correct[key] += ok
-                total[key] += 1
-    seconds = time.perf_counter() - t0
-    kept = media_tokens / max(1, n_images)
-    return {
-        "accuracy": {k: correct[k] / total[k] for k in total},
-        "counts": dict(total),
-        "tokens_per_image": kept,
-        "seconds": seconds,
-    }
+    res = score(predict(model, dataset, batch_size, max_new_tokens, device, desc=desc))
+    return {"accuracy": res["accuracy"], "counts": res["counts"], "tokens_per_image": res["tokens_per_item"],
+            "correct": res["correct"], "seconds": time.perf_counter() - t0}
 
 
 def markdown_table(rows: list[dict], types: list[str]) -> str:

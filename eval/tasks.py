@@ -7,8 +7,9 @@
     python eval/tasks.py --model runs/mix_tiny_deft25/final --ratios 0.25 \
         --reference eval/results/mix_tiny_h100.json                           # vs the no-reduction model
 
-Tasks: ``video_shapes``, ``audio_words`` and ``passkey`` read ``<tasks-dir>/<task>/<split>.json``
-(written by ``python -m llava_deft.tasks --out <tasks-dir>``); ``easyvqa`` is the bundled dataset.
+Tasks: ``video_shapes``, ``audio_words``, ``passkey`` (the default set, with ``easyvqa``), ``scenes`` and
+``video_small`` read ``<tasks-dir>/<task>/<split>.json`` (written by ``python -m llava_deft.tasks --out
+<tasks-dir>``, the last two with ``--only scenes video_small``); ``easyvqa`` is the bundled dataset.
 Answers are generated greedily and compared after ``strip().lower()`` (``eval.common.exact_match``),
 overall and per question type (a record's ``question_type``; the audio task's is the last part of its
 id). ``--ratios`` sets the retention ratio of every reducer of the pipeline (``--pipeline`` replaces
@@ -35,32 +36,32 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import exact_match, run_metadata, write_json  # noqa: E402
-from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
-from llava_deft.data import EasyVQADataset, LlavaJsonDataset, build_collator  # noqa: E402
-from llava_deft.errors import ReferenceResultError, TaskDataError  # noqa: E402
+from eval.common import run_metadata, write_json  # noqa: E402
+from llava_deft.errors import ReferenceResultError  # noqa: E402
+from llava_deft.evaluation.data import BUILTIN_TASKS as EVAL_TASKS  # noqa: E402
+from llava_deft.evaluation.data import TaskSplit, load_task, question_type, task_json  # noqa: E402,F401  (used by eval/*.py)
+from llava_deft.evaluation.loop import predict, score  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
-from llava_deft.tasks import DEFAULT_TASKS_DIR, TASK_NAMES, prepare_command  # noqa: E402
+from llava_deft.provenance import describe_training, read_training_record  # noqa: E402
+from llava_deft.tasks import DEFAULT_TASKS, DEFAULT_TASKS_DIR  # noqa: E402
 
-EVAL_TASKS = (*TASK_NAMES, "easyvqa")
-"""Tasks this script scores: the generated ones, then the bundled easy-VQA."""
+DEFAULT_EVAL_TASKS = (*DEFAULT_TASKS, "easyvqa")
+"""Tasks scored without ``--tasks``: the mixed recipe's (configs/train/mix_tiny.yaml)."""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (save_pretrained / training export)")
     p.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help="folder of `python -m llava_deft.tasks --out`")
-    p.add_argument("--tasks", nargs="+", default=list(EVAL_TASKS), choices=EVAL_TASKS, help="tasks to score")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_EVAL_TASKS), choices=EVAL_TASKS,
+                   help=f"tasks to score (default: {' '.join(DEFAULT_EVAL_TASKS)})")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--pipeline", help="replace the model's reduction pipeline (YAML); trained stage weights are kept")
     p.add_argument("--ratios", type=float, nargs="+", default=None, help="retention ratios to sweep (1 = no reduction)")
@@ -78,94 +79,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
-class TaskSplit(Dataset):
-    """A generated task's split as LLaVA JSON samples, each with its ``question_type``."""
-
-    def __init__(self, task: str, base: LlavaJsonDataset):
-        self.task, self.base = task, base
-        raw = json.loads(base.json_path.read_text())
-        self.question_types = [question_type(task, r) for r in raw]
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.base[index], "question_type": self.question_types[index]}
-
-
-def question_type(task: str, record: dict) -> str:
-    """A record's question type: its ``question_type`` key; for the audio task (whose records have
-    none) the last part of its id (``audio_words-test-000000-color`` -> ``color``)."""
-    if "question_type" in record:
-        return str(record["question_type"])
-    if task == "audio_words":
-        return str(record["id"]).rsplit("-", 1)[-1]
-    return "all"
-
-
-def task_json(tasks_dir: Path, task: str, split: str) -> Path:
-    """``<tasks_dir>/<task>/<split>.json``; :class:`TaskDataError` naming the command that writes it."""
-    path = tasks_dir / task / f"{split}.json"
-    if not path.is_file():
-        where = "the folder does not exist" if not (tasks_dir / task).is_dir() else f"it has no {split}.json"
-        raise TaskDataError(
-            f"task {task!r}: '{path}' does not exist ({where}); generate the tasks with "
-            f"`{prepare_command(tasks_dir)}` (or `bash scripts/make_tasks.sh --out {tasks_dir}`), "
-            f"or point --tasks-dir at the folder that holds them"
-        )
-    return path
-
-
-def load_task(model: LlavaDeftForCausalLM, task: str, tasks_dir: Path, split: str, limit: int | None) -> Dataset:
-    """The dataset of ``task``'s ``split``; videos and audio are read the way the model's config says."""
-    if task == "easyvqa":
-        ds = EasyVQADataset(split)
-    else:
-        base = LlavaJsonDataset(task_json(tasks_dir, task, split), tasks_dir / task, options=model.processors.media)
-        ds = TaskSplit(task, base)
-    return Subset(ds, range(min(limit, len(ds)))) if limit else ds
-
-
-# ------------------------------------------------------------------------------------------ scoring
-
-
-@torch.no_grad()
-def predict(model: LlavaDeftForCausalLM, dataset: Dataset, batch_size: int, max_new_tokens: int, device,
-            desc: str, workers: int = 0, **generate_kwargs) -> list[dict]:
-    """Greedy answers: one ``{"id", "question_type", "prediction", "reference", "media_tokens"}`` per item,
-    ``media_tokens`` being what the sample's media (after reduction) gave the LLM. ``generate_kwargs`` go to
-    ``model.generate`` (e.g. ``cuda_graph=False``)."""
-    collate = build_collator(model.processors, generation=True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=lambda s: (collate(s), [x.get("question_type", "all") for x in s]))
-    out = []
-    for batch, qtypes in tqdm(loader, desc=desc, dynamic_ncols=True):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        ids, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True, **generate_kwargs)
-        preds = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        for sid, qtype, pred, ref, n in zip(batch["ids"], qtypes, preds, batch["references"], n_media.tolist()):
-            out.append({"id": sid, "question_type": qtype, "prediction": pred.strip(), "reference": ref,
-                        "media_tokens": int(n)})
-    return out
-
-
-def score(predictions: list[dict]) -> dict:
-    """Exact match overall ("all") and per question type, counts, and mean media tokens per sample."""
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    for p in predictions:
-        ok = int(exact_match(p["prediction"], p["reference"]))
-        for key in {"all", p["question_type"]}:
-            correct[key] += ok
-            total[key] += 1
-    return {
-        "accuracy": {k: correct[k] / total[k] for k in sorted(total)},
-        "counts": dict(sorted(total.items())),
-        "media_tokens_per_sample": sum(p["media_tokens"] for p in predictions) / max(1, len(predictions)),
-    }
+# ------------------------------------------------------------------------------------------ data and scoring
+# The loop, the datasets and the scorer are the library's (llava_deft.evaluation), shared by every eval script.
 
 
 def add_relative(rows: list[dict]) -> None:

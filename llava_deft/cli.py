@@ -8,6 +8,10 @@
     llava-deft generate --model runs/x/final --audio seven.wav --text "$(cat passage.txt)" "what is said?"
     llava-deft generate --model runs/x/final --image shape.png --pipeline configs/pipeline/deft.yaml \
         --retention 0.25 --stats --overlay kept.png --stream "what shape is this?"
+    llava-deft eval --model runs/x/final --task scenes --pipeline configs/pipeline/deft_q.yaml --ratios 1 0.25 0.11
+    llava-deft eval --model runs/x/final --test my/test.json --image-folder my/
+    llava-deft sweep run configs/sweeps/scenes.yaml [seeds=[0] ...] [--only base deft_q@0.25] [--time-budget 480]
+    llava-deft sweep report configs/sweeps/scenes.yaml
     llava-deft --version
 
 An error a command raises on purpose (``LlavaDeftError``), and ``FileNotFoundError``, ``ValueError`` and
@@ -37,10 +41,12 @@ COMMAND_ERRORS = (LlavaDeftError, FileNotFoundError, ValueError, TypeError)
 
 
 def _kind(path: Path) -> str:
-    """Which config a YAML file is: a training recipe, a model or a pipeline."""
+    """Which config a YAML file is: a training recipe, a model, a pipeline or a sweep spec."""
     data = load_yaml(path.read_text()) or {}
     if isinstance(data, list) or set(data) <= {"stages", "llm"}:
         return "pipeline"
+    if {"recipe", "reducers"} <= set(data):
+        return "sweep"
     if {"data", "deepspeed", "output_dir"} & set(data) or isinstance(data.get("stages"), list) and "model" in data:
         return "train"
     return "model"
@@ -60,11 +66,16 @@ def validate(paths: list[str]) -> int:
                 validate_config(p)
             elif kind == "model":
                 load_model_config(p)
+            elif kind == "sweep":
+                from .evaluation.sweep import load_spec, plan
+
+                plan(load_spec(p))  # every reducer pipeline resolved at every ratio
+                load_train_config(load_spec(p).recipe)
             else:
                 cfg = load_train_config(p)
                 load_model_config(cfg.model)
             print(f"ok      {p} ({kind})")
-        except (PipelineConfigError, ConfigError, FileNotFoundError, yaml.YAMLError) as e:
+        except (PipelineConfigError, ConfigError, FileNotFoundError, ValueError, yaml.YAMLError) as e:
             bad += 1
             print(f"invalid {p}: {e}")
     return bad
@@ -119,7 +130,89 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlay", default=None, metavar="PNG",
                    help="write the first image (else video) with the tokens each stage kept drawn over it to this PNG")
     g.add_argument("prompt", help="the question or instruction")
+    _eval_parser(sub, common)
+    _sweep_parser(sub, common)
     return p
+
+
+def _eval_parser(sub, common) -> None:
+    from .tasks import DEFAULT_TASKS_DIR
+
+    e = sub.add_parser("eval", help="exact-match accuracy, tokens and time to first token of a saved model", parents=[common])
+    e.add_argument("--model", required=True, help="model directory (save_pretrained or a training run's final/)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a built-in task: easyvqa or a generated one (python -m llava_deft.tasks)")
+    src.add_argument("--test", help="a LLaVA-JSON test file")
+    e.add_argument("--image-folder", default=None, help="media folder of --test (default: the JSON's folder)")
+    e.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help="folder of the generated tasks")
+    e.add_argument("--pipeline", default=None, help="reduction pipeline YAML (default: the model's; learned stages keep their weights)")
+    e.add_argument("--ratios", type=float, nargs="+", default=[1.0], help="retention ratios, each in (0, 1]")
+    e.add_argument("--limit", type=int, default=None, help="first N test questions only")
+    e.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="most answer tokens")
+    e.add_argument("--ttft-batch", type=int, default=1, help="batch at which time to first token is measured (0: not)")
+    e.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    e.add_argument("--out", default=None, help="write <out>/<name>.{json,md,png} (default: print only)")
+    e.add_argument("--name", default=None, help="output file stem (default: eval_<data>)")
+
+
+def _sweep_parser(sub, common) -> None:
+    s = sub.add_parser("sweep", help="reducer x ratio x seed comparison from a YAML spec (configs/sweeps/)", parents=[common])
+    ss = s.add_subparsers(dest="sweep_cmd", required=True, metavar="ACTION")
+    for action, text in (("run", "train and evaluate what is missing, then write the report"),
+                         ("report", "write the report and plot from the results JSON, run nothing")):
+        a = ss.add_parser(action, help=text, parents=[common])
+        a.add_argument("spec", help="sweep spec YAML (e.g. configs/sweeps/scenes.yaml)")
+        a.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the spec (e.g. seeds=[0] data.limit=200)")
+        if action == "run":
+            a.add_argument("--only", nargs="+", default=None, metavar="REDUCER[@RATIO]",
+                           help="run only these (and 'base'); the rest of the JSON is kept")
+            a.add_argument("--reeval", action="store_true", help="evaluate rows again even when the JSON has them")
+            a.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                           help="stop training at this many seconds (it resumes next call); evaluate what finished")
+            a.add_argument("--launch-margin", type=float, default=120.0, metavar="SECONDS",
+                           help="with --time-budget: launch no training run with less than this left")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``llava-deft eval``: print the table (and write the files with ``--out``)."""
+    from .evaluation.data import EvalData
+    from .evaluation.single import evaluate_model, markdown, write_outputs
+    from .provenance import git_commit, utc_now
+
+    data = EvalData(task=args.task, test=args.test, image_folder=args.image_folder, tasks_dir=args.tasks_dir,
+                    limit=args.limit)
+    rows = evaluate_model(args.model, data, args.pipeline, args.ratios, args.batch_size, args.max_new_tokens,
+                          args.device, args.ttft_batch)
+    print(markdown(rows))
+    if args.out is not None:
+        import torch
+
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"
+        meta = {"model": str(args.model), "data": data.label, "pipeline_config": args.pipeline, "limit": args.limit,
+                "device": device, "date": utc_now(), "commit": git_commit()}
+        paths = write_outputs(rows, args.out, args.name or f"eval_{data.label}", meta)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"eval {data.label}: " + ", ".join(f"r={r['ratio']:g} {100 * r['accuracy']['all']:.1f}%" for r in rows))
+    return 0
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """``llava-deft sweep run|report SPEC``; 1 when a training run failed."""
+    import shlex
+
+    from .evaluation import sweep as sw
+
+    spec = sw.load_spec(args.spec, args.overrides)
+    if args.sweep_cmd == "report":
+        md = sw.report(spec)
+        print(md, end="")
+        return 0
+    outcome = sw.run(spec, only=args.only, reeval=args.reeval, time_budget=args.time_budget,
+                     launch_margin=args.launch_margin, command=shlex.join(["llava-deft", *argv]))
+    print(outcome.markdown, end="")
+    return 1 if outcome.failed else 0
 
 
 def _stats_lines(info) -> list[str]:
@@ -210,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_easyvqa(args.out_dir, args.split, args.limit))
             return 0
+        if args.cmd == "eval":
+            return evaluate(args)
+        if args.cmd == "sweep":
+            return sweep(args, argv)
         return generate(args)
 
     return _run(args.cmd, debug, run)

@@ -18,6 +18,15 @@ Shapes (``B`` rows, ``N`` padded length, ``D`` width, ``S`` semantic width)::
                                 token of the feature layer, or the mean over all queries without one),
                                 set by the image tower when a stage asks for it (``visionzip``);
                                 None otherwise. Follows the kept tokens like ``scores``.
+    query     (B, Q, D)  float  optional: the embeddings of the text that asks about each row (the
+                                row's own sample's PROMPT tokens, at the LLM's input-embedding width,
+                                D) for stages that score tokens by their relevance to it (``fgcs`` with
+                                ``query_weight > 0``); None otherwise. Set with the tokens
+                                (``from_tokens(query=...)``; ``LlavaDeftForCausalLM`` attaches it when a
+                                stage declares ``needs_query``) and never changed by a stage: stages
+                                keep every row, in order, so it rides along.
+    query_mask (B, Q)    bool   True for a real query token (a row may have none: the query term is
+                                then 0 for it); set exactly when ``query`` is.
 
 Row operations on fresh batches (before any stage ran), for callers that gather media of
 several kinds into one pipeline call: ``TokenBatch.cat_rows(parts)``, ``batch.take_rows(order)``
@@ -78,6 +87,27 @@ class PrunedTokens:
         )
 
 
+def _check_query(query: Tensor | None, query_mask: Tensor | None, b: int, d: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(query, query_mask)`` checked against ``B`` rows of width ``D``: ``query (B, Q, D)`` float,
+    ``query_mask (B, Q)`` (default all-True); a mask without a query raises ``ValueError``."""
+    if query is None:
+        if query_mask is not None:
+            raise ValueError("query_mask was given without a query; pass query=(B, Q, D) embeddings too")
+        return None, None
+    if query.dim() != 3 or query.shape[0] != b or query.shape[2] != d:
+        raise ValueError(
+            f"query must be (B, Q, D) = ({b}, Q, {d}) (one row of prompt embeddings per token row, at the "
+            f"tokens' width), got shape {tuple(query.shape)}"
+        )
+    if not query.is_floating_point():
+        raise ValueError(f"query must be a float tensor of embeddings, got {query.dtype}")
+    if query_mask is None:
+        query_mask = torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+    if query_mask.shape != query.shape[:2]:
+        raise ValueError(f"query_mask must be {tuple(query.shape[:2])} (B, Q), got {tuple(query_mask.shape)}")
+    return query, query_mask.bool()
+
+
 def sort_key(index: Tensor, mask: Tensor) -> Tensor:
     """Key that sorts real tokens by ``index`` and puts padding last. (B, N) long."""
     big = torch.iinfo(torch.long).max // 2
@@ -95,6 +125,8 @@ class TokenBatch:
     features: Tensor | None = None
     pruned: PrunedTokens | None = None
     encoder_attention: Tensor | None = None
+    query: Tensor | None = None
+    query_mask: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -107,11 +139,14 @@ class TokenBatch:
         modality: Modality | int | Tensor = Modality.IMAGE,
         layout: tuple[int, int, int] | Tensor | None = None,
         encoder_attention: Tensor | None = None,
+        query: Tensor | None = None,
+        query_mask: Tensor | None = None,
     ) -> "TokenBatch":
         """Wrap ``tokens (B, N, D)``; default mask all-True, layout ``(1, 1, N)``.
 
         ``layout`` may be one ``(T, H, W)`` for every row or a ``(B, 3)`` tensor;
-        ``encoder_attention`` an optional ``(B, N)`` float (see the module docstring).
+        ``encoder_attention`` an optional ``(B, N)`` float; ``query`` an optional ``(B, Q, D)`` float
+        with ``query_mask (B, Q)`` bool (default all-True; see the module docstring).
         """
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -124,6 +159,7 @@ class TokenBatch:
         mask = mask.bool()
         if encoder_attention is not None and encoder_attention.shape != (b, n):
             raise ValueError(f"encoder_attention must be {(b, n)}, got {tuple(encoder_attention.shape)}")
+        query, query_mask = _check_query(query, query_mask, b, tokens.shape[2])
         index = torch.arange(n, device=dev).expand(b, n).clone()
         if isinstance(modality, Tensor):
             mod = modality.to(device=dev, dtype=torch.long).reshape(b)
@@ -140,7 +176,8 @@ class TokenBatch:
                 f"layout (T, H, W) products {lay.prod(1).tolist()} do not match the "
                 f"number of real tokens per row {mask.sum(1).tolist()}"
             )
-        return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay, encoder_attention=encoder_attention)
+        return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay, encoder_attention=encoder_attention,
+                   query=query, query_mask=query_mask)
 
     @classmethod
     def empty(cls, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "TokenBatch":
@@ -164,8 +201,9 @@ class TokenBatch:
         ``llava_deft.encoders.stream``, keep their kept positions); tokens take the
         first part's dtype (e.g. text rows from the LLM's embeddings, media rows from a
         projector). ``modality`` and ``layout`` are concatenated. ``encoder_attention`` is kept
-        when any part has it; parts without it (text, audio) get zeros there. Every part must be fresh (no
-        stage has run on it, see :meth:`take_rows`), else ``ValueError``.
+        when any part has it; parts without it (text, audio) get zeros there. ``query`` likewise: padded
+        to the longest ``Q`` (``query_mask`` False there), parts without one get an all-False mask.
+        Every part must be fresh (no stage has run on it, see :meth:`take_rows`), else ``ValueError``.
         """
         if not parts:
             raise ValueError("TokenBatch.cat_rows needs at least one batch")
@@ -190,6 +228,20 @@ class TokenBatch:
                     else torch.zeros(p.mask.shape, device=p.mask.device), 0.0)
                 for p in parts
             ])  # (B, N)
+        query = query_mask = None
+        if any(p.query is not None for p in parts):
+            first = next(p.query for p in parts if p.query is not None)
+            q = max(p.query.shape[1] for p in parts if p.query is not None)
+            query = torch.cat([
+                F.pad(p.query.to(first.dtype), (0, 0, 0, q - p.query.shape[1])) if p.query is not None
+                else first.new_zeros(p.tokens.shape[0], q, first.shape[2])
+                for p in parts
+            ])  # (B, Q, D)
+            query_mask = torch.cat([
+                F.pad(p.query_mask, (0, q - p.query_mask.shape[1]), value=False) if p.query is not None
+                else torch.zeros(p.tokens.shape[0], q, dtype=torch.bool, device=first.device)
+                for p in parts
+            ])  # (B, Q)
         return cls(
             tokens=torch.cat([pad(p.tokens.to(dtype), 0.0) for p in parts]),  # (B, N, D)
             mask=torch.cat([pad(p.mask, False) for p in parts]),  # (B, N)
@@ -197,6 +249,8 @@ class TokenBatch:
             modality=torch.cat([p.modality for p in parts]),  # (B,)
             layout=torch.cat([p.layout for p in parts]),  # (B, 3)
             encoder_attention=attention,
+            query=query,
+            query_mask=query_mask,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -208,7 +262,7 @@ class TokenBatch:
     def take_rows(self, order: Tensor) -> "TokenBatch":
         """Rows ``order`` (``(B',)`` long indices or a ``(B,)`` bool mask) of a fresh batch.
 
-        ``encoder_attention`` (an input, set with the tokens) follows the rows.
+        ``encoder_attention`` and ``query`` / ``query_mask`` (inputs, set with the tokens) follow the rows.
         Only fresh batches (straight from :meth:`from_tokens`, :meth:`cat_rows` or
         :meth:`empty`) are taken apart: ``scores``, ``features``, ``pruned``, ``losses`` and
         ``stats`` describe what stages did, and losses and stats are batch-wide sums that do not
@@ -219,7 +273,16 @@ class TokenBatch:
             tokens=self.tokens[order], mask=self.mask[order], index=self.index[order],
             modality=self.modality[order], layout=self.layout[order],
             encoder_attention=None if self.encoder_attention is None else self.encoder_attention[order],
+            query=None if self.query is None else self.query[order],
+            query_mask=None if self.query_mask is None else self.query_mask[order],
         )
+
+    def with_query(self, query: Tensor | None, query_mask: Tensor | None = None) -> "TokenBatch":
+        """This batch with ``query (B, Q, D)`` / ``query_mask (B, Q)`` set (checked as in
+        :meth:`from_tokens`; ``None`` clears them). Stages never change the query, so it may be set on
+        any batch."""
+        query, query_mask = _check_query(query, query_mask, self.tokens.shape[0], self.tokens.shape[2])
+        return self.replace(query=query, query_mask=query_mask)
 
     def _require_fresh(self, what: str) -> None:
         set_fields = [k for k in ("scores", "features", "pruned") if getattr(self, k) is not None]

@@ -94,7 +94,9 @@ class DeFTModule(nn.Module):
     For 2-D ``tokens (N, D)`` the outputs drop the batch dimension. ``task_loss`` (optional, as in
     the seed): a loss whose graph contains ``tokens``; its gradient × input becomes the saliency
     head's target. Without it, in training, the feedback is captured from whatever backward the
-    caller runs through ``retained_tokens`` (see :class:`pipeline.stages.fgcs.FGCS`).
+    caller runs through ``retained_tokens`` (see :class:`pipeline.stages.fgcs.FGCS`). ``query (B, Q, D)``
+    / ``(Q, D)`` and ``query_mask``: the question's embeddings, for ``query_weight`` > 0 (fgcs's
+    question-aware saliency; e.g. ``DeFTModule(token_dim, query_weight=1.0)``).
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class DeFTModule(nn.Module):
         task_loss: Tensor | None = None,
         inference_mode: Literal["fast", "hybrid", "adaptive"] = "fast",
         mask: Tensor | None = None,
+        query: Tensor | None = None,
+        query_mask: Tensor | None = None,
     ) -> dict[str, Any]:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; choose one of {sorted(MODALITIES)}")
@@ -149,7 +153,9 @@ class DeFTModule(nn.Module):
         if m is not None and not bool((m.sum(1) == m.sum(1)[0]).all()):
             raise ValueError("DeFTModule takes one spatial_shape for the batch: every row needs the same number of real tokens")
         layout = layout_for(modality, spatial_shape, n_real if n_real is not None else int(m[0].sum()))
-        batch = TokenBatch.from_tokens(x, m, modality=MODALITIES[modality], layout=layout)
+        q = None if query is None else (query.unsqueeze(0) if unbatched else query)
+        qm = None if query_mask is None else (query_mask.unsqueeze(0) if unbatched else query_mask)
+        batch = TokenBatch.from_tokens(x, m, modality=MODALITIES[modality], layout=layout, query=q, query_mask=qm)
         if self.rtd is not None:
             self.rtd.set_mode(inference_mode)
         out = self.pipeline(batch)

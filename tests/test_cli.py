@@ -17,11 +17,11 @@ def test_stages_lists_the_registry(capsys):
 
 def test_validate_every_shipped_yaml(capsys):
     paths = sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml"))
-    assert len(paths) == 31, f"configs/ holds {len(paths)} YAML files, not 31: update this count with the change"
+    assert len(paths) == 38, f"configs/ holds {len(paths)} YAML files, not 38: update this count with the change"
     assert main(["validate", *paths]) == 0
     out = capsys.readouterr().out
     assert out.count("ok ") == len(paths)
-    assert "(train)" in out and "(model)" in out and "(pipeline)" in out
+    assert "(train)" in out and "(model)" in out and "(pipeline)" in out and "(sweep)" in out
 
 
 def test_validate_reports_every_bad_file(tmp_path, capsys):

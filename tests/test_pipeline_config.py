@@ -54,7 +54,7 @@ def test_unknown_key_names_stage_key_and_allowed_keys():
         match=re.escape(
             "stages.1.fgcs.retention_ratoi: Extra inputs are not permitted "
             "(allowed keys of 'fgcs': ['alpha_var', 'explore_temperature', 'feedback_weight', 'group_weight', 'hidden_dim', "
-            "'merge_pruned', 'retention_ratio', 'semantic_weight', 'text_k', 'video_radius'])"
+            "'merge_pruned', 'query_dim', 'query_weight', 'retention_ratio', 'semantic_weight', 'text_k', 'video_radius'])"
         ),
     ):
         validate_config(cfg)
@@ -136,8 +136,9 @@ def test_every_shipped_pipeline_yaml_validates_and_builds():
     assert {p.stem for p in paths} >= {"none", "fgcs", "random", "pool", "deft", "deft_nofb"}, [p.name for p in paths]
     for path in paths:
         pipe = build_pipeline(path, dim=16).eval()
-        # encoder_attention as the model gives it when a stage asks for it (visionzip)
-        batch = TokenBatch.from_tokens(torch.randn(1, 16, 16), layout=(1, 4, 4), encoder_attention=torch.rand(1, 16))
+        # encoder_attention and the prompt's query as the model gives them when a stage asks (visionzip, fgcs)
+        batch = TokenBatch.from_tokens(torch.randn(1, 16, 16), layout=(1, 4, 4), encoder_attention=torch.rand(1, 16),
+                                       query=torch.randn(1, 5, 16))
         out = pipe(batch)
         assert out.mask.sum() <= 16
 

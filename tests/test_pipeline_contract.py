@@ -30,11 +30,18 @@ def ragged_batch(pad_scale: float = 1.0, pad_seed: int = 1) -> TokenBatch:
     # what the model's image tower gives stages that ask for it (``visionzip``); others carry it along
     attention = torch.rand(2, 64, generator=torch.Generator().manual_seed(2))
     attention = torch.where(mask, attention, pad_scale * torch.rand(2, 64, generator=torch.Generator().manual_seed(pad_seed)))
-    return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT, encoder_attention=attention)
+    # the prompt's embeddings, as the model gives stages that ask (``fgcs`` with query_weight > 0): row 0 has
+    # 5 query tokens, row 1 has 3 (padded to 5)
+    query = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(4))
+    query_mask = torch.tensor([[True] * 5, [True, False, True, True, False]])
+    query = torch.where(query_mask.unsqueeze(-1), query,
+                        pad_scale * torch.randn(2, 5, D, generator=torch.Generator().manual_seed(pad_seed + 1)))
+    return TokenBatch.from_tokens(tokens, mask, layout=LAYOUT, encoder_attention=attention, query=query,
+                                  query_mask=query_mask)
 
 
 # options that change what a stage declares (selects_tokens ...) get their own contract run
-VARIANTS = {"fgcs": [{"merge_pruned": True}], "visionzip": [{"dominance": "norm"}, {"dominant_share": 1.0}]}
+VARIANTS = {"fgcs": [{"merge_pruned": True}, {"query_weight": 1.0, "query_dim": 8}], "visionzip": [{"dominance": "norm"}, {"dominant_share": 1.0}]}
 CASES = [(name, {}) for name in list_stages("tokens")] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
 
 
@@ -104,6 +111,8 @@ def check_output(stage, batch: TokenBatch, out: TokenBatch, original: TokenBatch
     for value in [out.tokens, out.features, out.scores, *out.losses.values()]:
         if value is not None:
             assert not torch.isnan(value).any()
+    # the query (an input, like encoder_attention) rides along unchanged: stages keep every row, in order
+    assert out.query is batch.query and out.query_mask is batch.query_mask
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=[f"{n}{''.join(f'-{k}' for k in o)}" for n, o in CASES])

@@ -45,6 +45,8 @@ SEED_DEFAULTS = {
         "video_radius": 2,
         "explore_temperature": 0.0,
         "merge_pruned": False,
+        "query_weight": 0.0,  # question-aware saliency off: DeFT exactly
+        "query_dim": 64,
     },
     "rtd": {"mode": "fast", "bottleneck_ratio": 4, "recover_ratio": 0.25, "adaptive_threshold": 0.5, "recon_weight": 1.0},
     "random": {"retention_ratio": 0.482, "seed": 0},

@@ -184,6 +184,31 @@ class LlavaDeftForCausalLM(nn.Module):
         """Whether a stage of the pipeline (``visionzip``) reads ``TokenBatch.encoder_attention``."""
         return any(getattr(s, "needs_encoder_attention", False) for s in self.pipeline.stages)
 
+    def needs_query(self) -> bool:
+        """Whether a stage of the pipeline (``fgcs`` with ``query_weight`` > 0) reads ``TokenBatch.query``."""
+        return any(getattr(s, "needs_query", False) for s in self.pipeline.stages)
+
+    def prompt_query(self, input_ids: Tensor, attention_mask: Tensor, text: Tensor,
+                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each sample's question for question-aware stages: ``(text.detach() (B, L, D), prompt mask (B, L))``.
+
+        ``text`` are the LLM input embeddings of ``input_ids``. The mask keeps the real (attention mask),
+        non-placeholder, non-special (bos / eos / pad ... ``tokenizer.all_special_ids``) tokens and, when
+        ``labels`` are given (training), only those labelled ``IGNORE_INDEX`` that come before the sample's
+        last labelled token: the answer the model learns is never part of the query, nor is the template's
+        text after it, so a single-turn prompt gives the same query in training as in generation (the
+        answers of earlier turns of a multi-turn conversation are left out in training, part of the
+        prompt in generation). Detached: the reduction pipeline reads the embeddings, it does not train them.
+        """
+        special = {int(i) for i in self.tokenizer.all_special_ids} | {i for i in self.media_token_ids.values() if i >= 0}
+        special_ids = torch.tensor(sorted(special), dtype=input_ids.dtype, device=input_ids.device)
+        keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+        if labels is not None:
+            answer = labels.to(input_ids.device) != IGNORE_INDEX  # (B, L)
+            after = answer.flip(1).long().cumsum(1).flip(1) == 0  # (B, L): no labelled token here or later
+            keep = keep & ~answer & ~(after & answer.any(1, keepdim=True))
+        return text.detach(), keep
+
     def _vision(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
         """The image tower's tokens, with the attention each received when the pipeline asks for it."""
         if self.needs_encoder_attention():
@@ -361,24 +386,36 @@ class LlavaDeftForCausalLM(nn.Module):
         feats = torch.zeros(1, self.audio.num_mel_bins, self.audio.num_frames, device=self.device)
         return self.encode_audios(feats)
 
-    def _media(self, input_ids: Tensor, attention_mask: Tensor, rows: dict[str, TokenBatch]):
+    def _blanks(self, rows: dict[str, TokenBatch]) -> list[TokenBatch]:
+        """The blank inputs of the encoders that get no input in this batch (see :meth:`_media`), encoded."""
+        busy = {MODALITIES[k].encoder for k in rows}
+        return [b for kind in MODALITIES.values() if kind.encoder not in busy and (b := kind.blank(self)) is not None]
+
+    def _media(self, input_ids: Tensor, attention_mask: Tensor, rows: dict[str, TokenBatch],
+               query: tuple[Tensor, Tensor] | None = None, idle: list[TokenBatch] | None = None):
         """Reduce every media row of the batch (``rows``: kind -> its rows, in sample order) in one
         pipeline call. Returns (reduced rows or None, zero-weight term or None, losses, stats).
 
         Rows are gathered into placeholder order (sample order, then position in the prompt), whatever
         their kind: a placeholder's row is ``offset[kind] + its rank among placeholders of its kind``
-        (one-hot cumsum), the blocks being stacked in ``MODALITIES`` order.
+        (one-hot cumsum), the blocks being stacked in ``MODALITIES`` order. ``query``: the per-sample
+        ``(embeddings (B, L, D), mask (B, L))`` of :meth:`prompt_query`, when a stage needs it; each
+        row gets its own placeholder's sample's (``(P, L, D)``, ``(P, L)``).
 
         An encoder that gets no input in this batch still runs once on a blank input that enters the
         graph with weight 0 (a blank image when there is no image nor video; silence when audio is
         enabled and there is no clip; with no row at all, the blank image also goes through the
         pipeline): every rank then runs the same modules, which ZeRO-3 needs (a rank skipping the
-        encoder while another gathers its parameters hangs).
+        encoder while another gathers its parameters hangs). ``idle``: those blanks (:meth:`_blanks`)
+        when the caller encoded them already. ZeRO-3 also needs the same ORDER on every rank: encoders
+        (real or blank), then the pipeline (rows or the blank image), whatever the batch holds.
         """
-        busy = {MODALITIES[k].encoder for k in rows}
-        idle = [b for kind in MODALITIES.values() if kind.encoder not in busy and (b := kind.blank(self)) is not None]
-        if not rows:  # the blank image also goes through the pipeline
-            idle = [self.pipeline(b) if b.modality[0] == Modality.IMAGE else b for b in idle]
+        if idle is None:
+            idle = self._blanks(rows)
+        if not rows:  # the blank image also goes through the pipeline (with an empty query when one is needed:
+            # the query stages still run their projections, so every rank runs the same modules)
+            idle = [self.pipeline(self._no_query(b) if query is not None else b) if b.modality[0] == Modality.IMAGE
+                    else b for b in idle]
         zero = sum(t.sum() for b in idle for t in [b.tokens, *b.losses.values()]) * 0.0 if idle else None
         if not rows:
             return None, zero, {}, {}
@@ -392,8 +429,19 @@ class LlavaDeftForCausalLM(nn.Module):
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank among placeholders of its kind
         sizes = torch.tensor([rows[k].tokens.shape[0] for k in kinds], device=dev)  # (K,)
         order = (sizes.cumsum(0) - sizes)[kind] + rank  # (P,) row of each placeholder's media
-        out = self.pipeline(batch.take_rows(order.to(batch.tokens.device)))
+        batch = batch.take_rows(order.to(batch.tokens.device))
+        if query is not None:
+            sample = ph.nonzero()[:, 0]  # (P,) the sample of each placeholder, i.e. of each pipeline row
+            text, keep = query
+            batch = batch.with_query(text[sample].to(batch.tokens.device), keep[sample].to(batch.tokens.device))
+        out = self.pipeline(batch)
         return out, zero, out.losses, out.stats
+
+    @staticmethod
+    def _no_query(batch: TokenBatch) -> TokenBatch:
+        """``batch`` with an empty query (one zero token per row, masked out): the query term is 0."""
+        b, _, d = batch.tokens.shape
+        return batch.with_query(batch.tokens.new_zeros(b, 1, d), torch.zeros(b, 1, dtype=torch.bool, device=batch.tokens.device))
 
     def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, media: dict, n_items: dict[str, int], ids=None):
         """Per sample and kind, placeholders == media (``media[kind.counts_key]`` items per sample,
@@ -417,7 +465,10 @@ class LlavaDeftForCausalLM(nn.Module):
 
         Media arguments are the collator's outputs (``llava_deft.modality.MEDIA_INPUTS``: images as
         ``pixel_values`` / ``media_counts``, then ``video_*``, ``audio_*``, ``text_*``); ``audio_lengths``
-        and ``text_lengths`` may be None (every clip fills its chunk, every passage its row).
+        and ``text_lengths`` may be None (every clip fills its chunk, every passage its row). When a stage
+        declares ``needs_query`` (``fgcs`` with ``query_weight`` > 0), each pipeline row carries its
+        sample's prompt embeddings as ``TokenBatch.query`` (:meth:`prompt_query`; ``labels`` keep the
+        answer out of it).
         """
         unknown = sorted(set(media) - set(MEDIA_INPUTS))
         if unknown:
@@ -428,8 +479,16 @@ class LlavaDeftForCausalLM(nn.Module):
             n_items[key] = kind.num_items(media)
         self._check_counts(input_ids, attention_mask, media, n_items, ids)
         rows = {key: kind.encode(self, media) for key, kind in MODALITIES.items() if n_items[key]}
-        media, zero, losses, stats = self._media(input_ids, attention_mask, rows)
-        text = self.llm.embed(input_ids)
+        idle = self._blanks(rows)
+        query = None
+        if self.needs_query():
+            # the pipeline reads the prompt's embeddings: every rank runs encoders (real or blank), the
+            # embedding, then the pipeline (on rows or the blank image), so ZeRO-3 gathers in one order
+            text = self.llm.embed(input_ids)
+            query = self.prompt_query(input_ids, attention_mask, text, labels)
+        media, zero, losses, stats = self._media(input_ids, attention_mask, rows, query, idle)
+        if query is None:  # no query stage: encoders, pipeline, then the embedding, as always
+            text = self.llm.embed(input_ids)
         if zero is not None:
             text = text + zero.to(text.dtype)
         if media is None:  # no media rows: an empty (0, 1, D) batch keeps one splice path

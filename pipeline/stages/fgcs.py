@@ -37,9 +37,30 @@ without exploration a token the scorer ranks low is never kept and can never ear
 the noise gives it the chance (eval stays deterministic). In training the kept tokens
 pass a straight-through gate so the task loss also reaches the scorer directly:
 ``x + x * (sigmoid(score) - sigmoid(score).detach())``, equal to ``x`` in value.
+
+**Question-aware saliency** (``query_weight`` > 0; not in the paper): the tokens that matter depend on
+what is asked, so a query-conditioned term joins the saliency logit. The query is
+``TokenBatch.query (B, Q, D)``: per row, the LLM input embeddings of its own sample's PROMPT text
+(``LlavaDeftForCausalLM`` forms it: real, non-placeholder, non-special tokens of the prompt, and in
+training only the positions whose label is ``IGNORE_INDEX``, so the answer is never part of it; the
+embeddings are detached, so this stage cannot train the LLM's embedding table). With
+``q_j = W_q query_j`` and ``k_i = W_k x_i`` (``query_dim`` = d wide, no bias; ``x`` the scorer's input:
+the ``sam`` features or the tokens), each valid query token ``j`` attends over the row's ``n`` real
+tokens, ``p_ji = softmax_i(q_j . k_i / sqrt(d))``, and the attention a token receives, averaged over the
+row's ``Q_v`` valid query tokens, ``a_i = (1/Q_v) sum_j p_ji``, becomes the relevance logit
+``r_i = log(n * a_i + 1e-6)`` (about 0 for uniform attention, > 0 for tokens the question points at).
+The saliency logit used everywhere (selection score, group term, straight-through gate and the
+feedback BCE fit) is ``s + query_weight * r``, so the feedback target trains ``W_q`` and ``W_k`` as well
+as the MLP. A row without a valid query token (a blank input, a prompt with no text) gets ``r = 0``.
+Image, video, audio and text rows are treated alike. ``query_weight = 0`` (the default) builds no
+``W_q`` / ``W_k`` and computes nothing: the stage is exactly DeFT's. A batch without a query raises
+``ValueError`` when ``query_weight`` > 0 (the model attaches it; standalone, pass
+``TokenBatch.from_tokens(..., query=..., query_mask=...)``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +96,34 @@ def feedback_loss(logits: Tensor, target: Tensor, valid: Tensor, alpha_var: floa
     per_row = bce.sum(1) / n.clamp(min=1) + alpha_var * var
     rows = (n > 0).float()
     return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+QUERY_EPS = 1e-6
+"""``r = log(n * a + QUERY_EPS)``: bounds the relevance logit of a token no query token attends to."""
+
+
+def query_relevance(q: Tensor, k: Tensor, query_mask: Tensor, mask: Tensor) -> Tensor:
+    """The relevance logit ``r (B, N)`` fp32 of each token to its row's query (see the module docstring).
+
+    ``q (B, Q, d)`` projected query tokens, ``k (B, N, d)`` projected token keys, ``query_mask (B, Q)`` and
+    ``mask (B, N)`` bool. ``r_i = log(n * mean_j softmax_i(q_j . k_i / sqrt(d)) + QUERY_EPS)`` over the
+    valid query tokens ``j`` and the row's ``n`` real tokens; 0 at padding and in rows without a valid
+    query token. Batched; no host sync.
+
+    A masked matmul + softmax, not ``scaled_dot_product_attention``: SDPA returns the attention-weighted
+    values, never the weights, and ``a_i`` sums the weights over the QUERY axis, which SDPA cannot
+    contract without an (N, N) identity as values. ``(B, Q, N)`` scores are small here (a prompt's tokens
+    times a row's media tokens).
+    """
+    logits = (q.float() @ k.float().transpose(1, 2)) / math.sqrt(q.shape[-1])  # (B, Q, N)
+    logits = logits.masked_fill(~mask[:, None, :], torch.finfo(torch.float32).min)
+    attn = torch.softmax(logits, dim=-1) * mask[:, None, :]  # (B, Q, N); a row of no real token: all 0
+    w = query_mask.float()  # (B, Q)
+    n_query = w.sum(1)  # (B,)
+    a = (attn * w[..., None]).sum(1) / n_query.clamp(min=1)[:, None]  # (B, N) mean attention received
+    n = mask.sum(1, keepdim=True).float()  # (B, 1)
+    r = torch.log(n * a + QUERY_EPS)
+    return torch.where(mask & (n_query > 0)[:, None], r, torch.zeros_like(r))
 
 
 class _FeedbackTap(torch.autograd.Function):
@@ -114,7 +163,9 @@ class FGCS(nn.Module):
     Output: the kept tokens in original order, ``scores (B, K)`` (the combined score), the rest in
     ``pruned``. ``stats["fgcs"]["feedback_loss"]`` is the feedback loss of the previous backward.
     ``feedback_weight=0`` switches the feedback signal off (the ablation); ``group_weight=0`` the
-    group term; ``merge_pruned=True`` merges the pruned tokens into the kept ones.
+    group term; ``merge_pruned=True`` merges the pruned tokens into the kept ones. ``query_weight`` > 0
+    adds the question-aware relevance ``query_weight * r`` to the saliency logit (``query_dim``: width of
+    its projections; reads ``batch.query``, see the module docstring).
     """
 
     selects_tokens = True  # kept tokens are input rows (the gates leave their values unchanged); not with merge_pruned
@@ -132,6 +183,8 @@ class FGCS(nn.Module):
         video_radius: NonNegInt = 2,
         explore_temperature: NonNegFloat = 0.0,
         merge_pruned: bool = False,
+        query_weight: NonNegFloat = 0.0,
+        query_dim: PosInt = 64,
         feature_dim: int | None = None,
     ):
         super().__init__()
@@ -156,7 +209,17 @@ class FGCS(nn.Module):
             nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
+        self.query_weight = query_weight
+        self.query_dim = query_dim
+        if query_weight > 0:  # built only when used: query_weight 0 keeps DeFT's parameters, init and state dict
+            self.query_proj = nn.Linear(dim, query_dim, bias=False)  # W_q on the prompt embeddings (width D)
+            self.key_proj = nn.Linear(in_dim, query_dim, bias=False)  # W_k on the scorer's input
         self.last_feedback: dict[str, Tensor] = {}
+
+    @property
+    def needs_query(self) -> bool:
+        """Read by the model: it then sets ``TokenBatch.query`` / ``query_mask`` (the prompt's embeddings)."""
+        return self.query_weight > 0
 
     def _inputs(self, batch: TokenBatch) -> Tensor:
         if not self.use_features:
@@ -168,9 +231,32 @@ class FGCS(nn.Module):
             )
         return batch.features  # (B, N, S)
 
+    def relevance(self, batch: TokenBatch, inputs: Tensor | None = None) -> Tensor:
+        """Question-aware relevance logits ``r`` (B, N) fp32 of the tokens to ``batch.query`` (module
+        docstring). ``inputs``: the scorer's input when the caller has it (``self._inputs(batch)``)."""
+        if batch.query is None:
+            raise ValueError(
+                f"fgcs has query_weight={self.query_weight} (question-aware saliency) but the batch has no `query`: "
+                "LlavaDeftForCausalLM attaches the prompt's embeddings itself; standalone, pass "
+                "TokenBatch.from_tokens(..., query=(B, Q, D) embeddings, query_mask=(B, Q)) or batch.with_query(...); "
+                "or set query_weight: 0"
+            )
+        x = self._inputs(batch) if inputs is None else inputs
+        dtype = self.query_proj.weight.dtype
+        query = torch.where(batch.query_mask[..., None], batch.query, torch.zeros((), dtype=batch.query.dtype,
+                                                                                   device=batch.query.device))
+        q = self.query_proj(query.to(dtype))  # (B, Q, d); padded query tokens are zeros (and masked below)
+        k = self.key_proj(x.to(dtype))  # (B, N, d)
+        return query_relevance(q, k, batch.query_mask, batch.mask)
+
     def saliency_logits(self, batch: TokenBatch) -> Tensor:
-        """Semantic saliency logits ``s`` (B, N); higher = keep."""
-        return self.saliency(self._inputs(batch)).squeeze(-1)
+        """Saliency logits (B, N); higher = keep: the MLP's ``s``, plus ``query_weight * r`` when
+        ``query_weight`` > 0 (question-aware; see the module docstring)."""
+        x = self._inputs(batch)
+        s = self.saliency(x).squeeze(-1)
+        if self.query_weight > 0:
+            s = s + (self.query_weight * self.relevance(batch, x)).to(s.dtype)
+        return s
 
     def combine(self, batch: TokenBatch, logits: Tensor) -> Tensor:
         """Selection score ``semantic_weight * s + group_weight * mean(s over the token's group)``, (B, N)."""
