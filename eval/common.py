@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-import torch
 
-from llava_deft.provenance import git_commit, utc_now
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def run_metadata(device: torch.device) -> dict:
-    import transformers
-
-    return {
-        "date": utc_now(),
-        "commit": git_commit(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+from llava_deft.provenance import device_name, run_metadata  # noqa: F401  (re-exported for eval/*.py)
 
 
 def write_json(path: Path, data: dict) -> None:

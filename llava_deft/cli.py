@@ -178,7 +178,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """``llava-deft eval``: print the table (and write the files with ``--out``)."""
     from .evaluation.data import EvalData
     from .evaluation.single import evaluate_model, markdown, write_outputs
-    from .provenance import git_commit, utc_now
+    from .provenance import run_metadata
 
     data = EvalData(task=args.task, test=args.test, image_folder=args.image_folder, tasks_dir=args.tasks_dir,
                     limit=args.limit)
@@ -189,9 +189,8 @@ def evaluate(args: argparse.Namespace) -> int:
         import torch
 
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"
         meta = {"model": str(args.model), "data": data.label, "pipeline_config": args.pipeline, "limit": args.limit,
-                "device": device, "date": utc_now(), "commit": git_commit()}
+                **run_metadata(dev)}
         paths = write_outputs(rows, args.out, args.name or f"eval_{data.label}", meta)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(f"eval {data.label}: " + ", ".join(f"r={r['ratio']:g} {100 * r['accuracy']['all']:.1f}%" for r in rows))

@@ -35,6 +35,27 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def device_name(device) -> str:
+    """A result row's device: the GPU's name, or the CPU and its thread count."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_metadata(device) -> dict:
+    """What every result row records: date, commit, device, torch and transformers versions."""
+    import torch
+    import transformers
+
+    return {"date": utc_now(), "commit": git_commit(), "device": device_name(device), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
 def training_record(argv: list[str], started: str, world_size: int, device: str, stages: list[dict]) -> dict:
     """What ``final/training.json`` holds; ``command`` re-runs the training from the repo root."""
     launcher = ["python"] if world_size == 1 else ["deepspeed", "--num_gpus", str(world_size)]

@@ -77,7 +77,7 @@ from pipeline.stages.rtd import MODES as RTD_MODES
 
 from ..config.base import Strict, apply_overrides
 from ..errors import ConfigError
-from ..provenance import git_commit, utc_now
+from ..provenance import run_metadata
 from .data import EvalData, load_dataset
 from .loop import predict, score, time_to_first_token
 from .report import (
@@ -636,17 +636,6 @@ def warn_if_stale(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def _metadata(device: torch.device) -> dict:
-    import platform
-
-    import transformers
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"date": utc_now(), "commit": git_commit(), "device": name, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
 class Evaluator:
     """``evaluator(item, runs) -> rows`` on the spec's test data (loaded once, with the first model's
     media options), on ``device``."""
@@ -694,7 +683,7 @@ class Evaluator:
                 "checkpoint": str(ckpt), "checkpoint_sha": sha,
                 "recipe": {"train_config": spec.recipe, "stages": recipe.get("stages"), "seed": recipe.get("seed"),
                            "save_steps": recipe.get("save_steps")},
-                **_metadata(self.device),
+                **run_metadata(self.device),
             })
         del model
         if self.device.type == "cuda":

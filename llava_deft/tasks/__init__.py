@@ -33,6 +33,20 @@ def prepare_command(out: str | Path = DEFAULT_TASKS_DIR, task: str | None = None
     return f"python -m llava_deft.tasks --out {out}{only}"
 
 
+def qa_record(sample_id: str, media_key: str, path: str, question_type: str, question: str, answer: str,
+              placeholder: str) -> dict:
+    """One LLaVA conversation record of a generated task: a media file, one question and its answer."""
+    return {
+        "id": sample_id,
+        media_key: path,
+        "question_type": question_type,
+        "conversations": [
+            {"from": "human", "value": f"{placeholder}\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+
+
 def task_parser(doc: str, out_help: str, train_help: str, test_help: str) -> argparse.ArgumentParser:
     """The flags every single-task generator takes: ``--out``, ``--n-train`` (2,000), ``--n-test`` (500), ``--seed``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0].split("\n")[0])

@@ -62,7 +62,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..modality import PLACEHOLDERS
-from . import task_parser
+from . import qa_record, task_parser
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -319,15 +319,7 @@ def generate_split(
         rel = f"{split}/images/{i:06d}.png"
         Image.fromarray(render_scene(spec)).save(out / rel, format="PNG")
         for qtype, question, answer in questions:
-            records.append({
-                "id": f"scenes-{split}-{i:06d}-{qtype}",
-                "image": rel,
-                "question_type": qtype,
-                "conversations": [
-                    {"from": "human", "value": f"{PLACEHOLDERS['image']}\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            })
+            records.append(qa_record(f"scenes-{split}-{i:06d}-{qtype}", "image", rel, qtype, question, answer, PLACEHOLDERS["image"]))
     json_path = out / f"{split}.json"
     json_path.write_text(json.dumps(records, ensure_ascii=False))
     return json_path

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..modality import PLACEHOLDERS
-from . import task_parser
+from . import qa_record, task_parser
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -221,15 +221,7 @@ def generate_split(
         rel = f"{split}/clips/{i:05d}.mp4"
         write_clip(render_clip(spec), out / rel, fps=fps)
         for qtype, question, answer in clip_questions(spec, rng):
-            records.append({
-                "id": f"video-{split}-{i:05d}-{qtype}",
-                "video": rel,
-                "question_type": qtype,
-                "conversations": [
-                    {"from": "human", "value": f"{PLACEHOLDERS['video']}\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            })
+            records.append(qa_record(f"video-{split}-{i:05d}-{qtype}", "video", rel, qtype, question, answer, PLACEHOLDERS["video"]))
     json_path = out / f"{split}.json"
     json_path.write_text(json.dumps(records, ensure_ascii=False))
     return json_path
