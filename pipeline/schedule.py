@@ -25,8 +25,11 @@ class RetentionSchedule:
                 f"got hold_ratio={hold_ratio}, ramp_ratio={ramp_ratio}"
             )
         self.stages = [s for s in getattr(pipeline, "stages", []) if hasattr(s, "retention_ratio")]
-        self.enabled = hold_ratio + ramp_ratio > 0
-        if self.enabled and not self.stages:
+        # An empty pipeline is the no-reduction base: a recipe's curriculum has nothing to anneal there.
+        # Stages none of which reduces are a configuration mistake.
+        has_stages = bool(list(getattr(pipeline, "stages", [])))
+        self.enabled = hold_ratio + ramp_ratio > 0 and bool(self.stages)
+        if hold_ratio + ramp_ratio > 0 and has_stages and not self.stages:
             names = [getattr(s, "stage_name", type(s).__name__) for s in getattr(pipeline, "stages", [])]
             raise ValueError(
                 f"a retention schedule (hold_ratio={hold_ratio}, ramp_ratio={ramp_ratio}) was asked for, but no "

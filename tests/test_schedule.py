@@ -50,3 +50,10 @@ def test_errors_name_the_fields():
         RetentionSchedule(pipe([{"name": "random"}]), total_steps=5, hold_ratio=0.6, ramp_ratio=0.6)
     with pytest.raises(ValueError, match="retention_hold_ratio \\+ retention_ramp_ratio must be <= 1"):
         StageSpec(retention_hold_ratio=0.5, retention_ramp_ratio=0.7)
+
+
+def test_empty_pipeline_is_the_no_reduction_base():
+    # A reducer recipe with a curriculum also trains the base (model.pipeline = no stages): nothing to anneal.
+    p = pipe([])
+    s = RetentionSchedule(p, total_steps=10, hold_ratio=0.3, ramp_ratio=0.3)
+    assert not s.enabled and s.apply(0) == [] and s.apply(9) == []
