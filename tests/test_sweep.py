@@ -540,6 +540,7 @@ def test_the_readme_command_runs_the_spec_on_a_users_llava_json_pair(tmp_path, m
     log = (tmp_path / "runs/base.log").read_text()  # seed 0 is the recipe's: the folder keeps its name
     assert f'"path": "{(pair / "train.json").resolve()}"' in log.splitlines()[0]  # the recipe's data replaced by the pair
     doc = json.loads((tmp_path / "out/my_sweep.json").read_text())
-    assert {r["reducer"] for r in doc["rows"]} == {"deft_q", "deft", "random", "pool", "tome", "divprune"}
+    assert {r["reducer"] for r in doc["rows"] if r["protocol"] != "prior"} == {"deft_q", "deft", "random", "pool", "tome", "divprune"}
+    assert [r["reducer"] for r in doc["rows"] if r["protocol"] == "prior"] == ["question_prior"]  # its train answers
     assert all(r["questions"] == 12 and r["data"] == "my" for r in doc["rows"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("my_sweep: base ")

@@ -21,6 +21,7 @@ from .stats import paired_bootstrap
 
 BASE = "base"  # the no-reduction run's name and its rows' protocol
 PROTOCOLS = ("training_free", "trained")
+PRIOR = "prior"  # the question prior's rows (llava_deft/evaluation/prior.py): the text alone, no media
 PROTOCOL_TITLES = {
     "training_free": "Training-free (the base checkpoint, reducer inserted at evaluation)",
     "trained": "Trained (reducer in the training loop, same recipe)",
@@ -145,12 +146,12 @@ def _seeds_note(*rows: dict) -> str:
 
 def sweep_ratios(rows: list[dict], protocol: str | None = None) -> list[float]:
     """Ratios present in the rows (of one protocol), largest first; the base's 1.0 excluded."""
-    rs = {round(r["ratio"], 9) for r in rows if r["protocol"] != BASE and protocol in (None, r["protocol"])}
+    rs = {round(r["ratio"], 9) for r in rows if r["protocol"] not in (BASE, PRIOR) and protocol in (None, r["protocol"])}
     return sorted(rs, reverse=True)
 
 
 def reducer_order(rows: list[dict], preferred: list[str] | tuple[str, ...]) -> list[str]:
-    seen = {r["reducer"] for r in rows if r["protocol"] != BASE}
+    seen = {r["reducer"] for r in rows if r["protocol"] not in (BASE, PRIOR)}
     return [n for n in dict.fromkeys(preferred) if n in seen] + sorted(seen - set(preferred))
 
 
@@ -198,6 +199,13 @@ def acceptance_checks(rows: list[dict], spec: ReportSpec) -> list[Check]:
     checks: list[Check] = []
     if ref is None:
         checks.append(Check("MISSING", f"no base row (reducer {method!r} at retention 1.0): no % of base can be computed"))
+    prior = next((r for r in rows if r["protocol"] == PRIOR), None)
+    if ref is not None and prior is not None:
+        status, text = compare(ref, prior, spec)
+        hint = ("" if status == "PASS" else
+                "; the base does not use the media beyond what the question text says, so this data cannot "
+                "rank reducers (train the base longer or use a task it learns)")
+        checks.append(Check(status, f"the base beats the question prior (text only, no media): {text}{hint}"))
     protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
     for proto in protocols if ref is not None else ():
         ratios = sweep_ratios(rows, proto)
@@ -293,15 +301,16 @@ def protocol_table(rows: list[dict], protocol: str, ref: dict | None, order: lis
 def type_table(raw: list[dict], order: list[str], base: str) -> str:
     """Accuracy by question type of the base and the trained rows (rtd fast or none): per cell
     'mean ± std [min-max]' over its seeds, in %, and a last line with each type's range."""
-    keep = [r for r in raw if r["protocol"] in (BASE, "trained") and r.get("rtd_mode") in (None, "fast")]
+    keep = [r for r in raw if r["protocol"] in (PRIOR, BASE, "trained") and r.get("rtd_mode") in (None, "fast")]
     types = [k for k in dict.fromkeys(k for r in keep for k in r["accuracy"]) if k != "all"]
     if not keep or not types:
         return ""
     cells: dict[tuple, list[dict]] = {}
-    for r in sorted(keep, key=lambda r: (r["protocol"] != BASE, -r["ratio"])):
+    first = {PRIOR: 0, BASE: 1}
+    for r in sorted(keep, key=lambda r: (first.get(r["protocol"], 2), -r["ratio"])):
         cells.setdefault((r["protocol"], r["reducer"], round(float(r["ratio"]), 9)), []).append(r)
     rank = {n: i for i, n in enumerate([base, *order])}
-    keys = sorted(cells, key=lambda k: (k[0] != BASE, rank.get(k[1], len(rank)), -k[2]))
+    keys = sorted(cells, key=lambda k: (first.get(k[0], 2), rank.get(k[1], len(rank)), -k[2]))
 
     def stat(values: list[float]) -> str:
         v = [100 * x for x in values]
@@ -312,7 +321,7 @@ def type_table(raw: list[dict], order: list[str], base: str) -> str:
     lines = ["| run | ratio | n | all | " + " | ".join(types) + " |", "|---|---|---|---|" + "---|" * len(types)]
     for key in keys:
         rs = cells[key]
-        label = "no reduction (base)" if key[0] == BASE else key[1]
+        label = {BASE: "no reduction (base)", PRIOR: "question prior (text only)"}.get(key[0], key[1])
         per = [stat([r["accuracy"][t] for r in rs if t in r["accuracy"]]) if any(t in r["accuracy"] for r in rs) else "—"
                for t in types]
         lines.append(f"| {label} | {ratio_tag(key[2])} | {len(rs)} | {stat([r['accuracy']['all'] for r in rs])} | "

@@ -76,13 +76,15 @@ from pipeline import PipelineConfigError, get_stage, list_stages, validate_confi
 from pipeline.stages.rtd import MODES as RTD_MODES
 
 from ..config.base import Strict, apply_overrides
-from ..errors import ConfigError
+from ..errors import ConfigError, TaskDataError
 from ..provenance import run_metadata
-from .data import EvalData, load_dataset
+from .data import EvalData, load_dataset, question_type, task_json
 from .loop import predict, score, time_to_first_token
+from .prior import question_prior, read_records
 from .report import (
     BASE,
     LEGACY_SEED,
+    PRIOR,
     PROTOCOLS,
     ReportSpec,
     build_report,
@@ -740,6 +742,31 @@ def _sigterm(signum, frame):  # `timeout` sends SIGTERM: stop the training subpr
     raise SystemExit(128 + signum)
 
 
+def prior_rows(spec: SweepSpec) -> list[dict]:
+    """The question prior's rows (one per seed, so the report pairs them with each base) when the data
+    has a training split of answered LLaVA-JSON records; none for easy-VQA or generated-on-the-fly data."""
+    d = spec.data
+    if d.task == "easyvqa":
+        return []
+    try:
+        if d.task is not None:
+            train_p, test_p = (task_json(Path(d.tasks_dir), d.task, s) for s in ("train", "test"))
+        else:
+            train_p, test_p = d.train, d.test
+    except TaskDataError:
+        return []
+    if train_p is None or not Path(train_p).is_file():
+        return []
+    qtype = (lambda rec: question_type(d.task, rec)) if d.task is not None else (lambda rec: question_type("", rec))
+    row = question_prior(read_records(train_p), read_records(test_p), d.limit, qtype)
+    if row is None:
+        return []
+    meta = run_metadata("cpu")
+    meta["device"] = "none (counts over the training answers)"
+    return [{"protocol": PRIOR, "reducer": "question_prior", "ratio": 1.0, "rtd_mode": None, "seed": seed, **row,
+             "tokens_per_image": 0.0, "data": d.label, "limit": d.limit, **meta} for seed in spec.seeds]
+
+
 def run(spec: SweepSpec, only: list[str] | None = None, reeval: bool = False, time_budget: float | None = None,
         launch_margin: float = 120.0, command: str | None = None,
         evaluator: Callable[[EvalItem, dict[str, Run]], list[dict]] | None = None) -> Outcome:
@@ -758,6 +785,7 @@ def run(spec: SweepSpec, only: list[str] | None = None, reeval: bool = False, ti
     json_path = spec.json_path
     todo = pending_items(items, runs, load_results(json_path)["rows"], spec, sel, reeval)
     save_rows(json_path, [], command, {"spec": spec.model_dump(mode="json"), "data": spec.data.label})
+    save_rows(json_path, prior_rows(spec))  # cheap, and always in step with the data and its limit
     need = [runs[n] for n in dict.fromkeys(it.run for it in todo)]
     for r in need:
         if is_trained(r.dir):
