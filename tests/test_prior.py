@@ -85,3 +85,12 @@ def test_report_checks_the_base_against_the_prior(base_bits, status):
     assert rp.sweep_ratios(rows) == [] and rp.reducer_order(rows, ("deft",)) == []  # the prior is no reducer cell
     table = rp.type_table(rows, ["deft"], "deft")
     assert table.splitlines()[2].startswith("| question prior (text only) |")
+
+
+def test_read_records_wants_a_list(tmp_path):
+    from llava_deft.errors import DatasetFormatError
+
+    p = tmp_path / "train.json"
+    p.write_text('{"id": 1}')
+    with pytest.raises(DatasetFormatError, match=r"train.json: a LLaVA-JSON file holds a list of records; got a JSON dict"):
+        pr.read_records(p)

@@ -303,9 +303,7 @@ def test_two_reducers_one_ratio_two_seeds_end_to_end(tmp_path, monkeypatch, caps
         "rtd": {"modes": ["fast", "hybrid"], "ratio": 0.25},
         "training": {"parallel": 2}, "evaluation": {"batch_size": 16, "device": "cpu", "ttft_repeats": 1},
         "bootstrap": {"resamples": 200}, "runs": str(tmp_path / "runs"), "out": str(tmp_path / "out")})
-    t0 = time.monotonic()
     assert cli.main(["sweep", "run", str(spec_path)]) == 0
-    took = time.monotonic() - t0
     runs = tmp_path / "runs"
     for name in ["base#s0", "base#s1", "trained/deft@0.25#s0", "trained/random@0.25#s1"]:
         assert (runs / name / "final/config.json").is_file(), name
@@ -319,6 +317,7 @@ def test_two_reducers_one_ratio_two_seeds_end_to_end(tmp_path, monkeypatch, caps
     for r in doc["rows"]:
         assert r["questions"] == 16 and len(r["correct"]) == 16 and set(r["correct"]) <= {"0", "1"}
         assert r["ttft_ms"] > 0 and r["ttft_batch"] == 1 and {"device", "date", "commit"} <= set(r)
+        assert r["ttft_concurrent_trainings"] in (0, 1, 2)  # at most `parallel` runs train beside the evaluation
         assert sum(map(int, r["correct"])) == round(16 * r["accuracy"]["all"])
     tokens = {(r["protocol"], r["reducer"], r["rtd_mode"]): r["tokens_per_image"] for r in doc["rows"] if r["seed"] == 0}
     assert tokens["base", "deft", "fast"] == 64.0 and tokens["trained", "deft", "fast"] == tokens["training_free", "random", None] == 16.0
@@ -328,7 +327,6 @@ def test_two_reducers_one_ratio_two_seeds_end_to_end(tmp_path, monkeypatch, caps
     assert (tmp_path / "out/smoke.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert re.fullmatch(r"smoke: base \d+\.\d%; .*acceptance \d+ pass, \d+ fail, \d+ missing", out.strip().splitlines()[-1])
-    assert took < 60, f"the 2 x 1 x 2 sweep took {took:.0f} s"
 
     assert cli.main(["sweep", "run", str(spec_path)]) == 0  # everything current: nothing trained or evaluated
     assert "0 model(s) to evaluate; 0 training run(s) to do" in capsys.readouterr().out
@@ -544,3 +542,14 @@ def test_the_readme_command_runs_the_spec_on_a_users_llava_json_pair(tmp_path, m
     assert [r["reducer"] for r in doc["rows"] if r["protocol"] == "prior"] == ["question_prior"]  # its train answers
     assert all(r["questions"] == 12 and r["data"] == "my" for r in doc["rows"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("my_sweep: base ")
+
+
+def test_report_warns_when_ttft_was_measured_beside_training_runs():
+    rows = [{"protocol": "base", "reducer": "deft", "ratio": 1.0, "rtd_mode": "fast", "seed": 0, "accuracy": {"all": 0.5},
+             "tokens_per_image": 64.0, "ttft_ms": 3.0, "ttft_batch": 1, "device": "cpu", "ttft_concurrent_trainings": c}
+            for c in (0,)]
+    rows.append({**rows[0], "protocol": "trained", "ratio": 0.25, "tokens_per_image": 16.0, "ttft_concurrent_trainings": 7})
+    md = rp.build_report({"commands": [], "rows": rows}, rspec(ablations={}))
+    assert "the TTFT of 1 of 2 rows was measured while up to 7 training runs shared the device" in md
+    rows[1]["ttft_concurrent_trainings"] = 0
+    assert "shared the device" not in rp.build_report({"commands": [], "rows": rows}, rspec(ablations={}))

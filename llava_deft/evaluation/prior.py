@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from ..errors import DatasetFormatError
 from ..modality import PLACEHOLDERS
 from .loop import exact_match, ids_digest
 
@@ -93,7 +94,7 @@ def question_prior(train: list[dict], test: list[dict], limit: int | None = None
 def read_records(path: str | Path) -> list[dict]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a LLaVA-JSON file holds a list of records; got {type(data).__name__}")
+        raise DatasetFormatError(f"{path}: a LLaVA-JSON file holds a list of records; got a JSON {type(data).__name__}")
     return data
 
 

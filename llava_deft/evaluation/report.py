@@ -378,6 +378,12 @@ def build_report(doc: dict, spec: ReportSpec, failed: list[str] = (), runs_dir: 
     out.append("Cells: exact-match accuracy % (in parentheses % of the base's accuracy); tokens/item: media tokens each "
                "media item gives the LLM; TTFT: median time to first token (encoders + pipeline + prefill)"
                + (f" at batch {ttft.get('ttft_batch')} on {ttft.get('device')}" if ttft else " (not measured)") + ".")
+    shared = [r for r in raw if r.get("ttft_ms") is not None and r.get("ttft_concurrent_trainings")]
+    if shared:
+        out.append(f"Note: the TTFT of {len(shared)} of {sum(r.get('ttft_ms') is not None for r in raw)} rows was "
+                   f"measured while up to {max(r['ttft_concurrent_trainings'] for r in shared)} training runs shared "
+                   "the device, so its differences between rows are contention, not reducer cost; time reducers on an "
+                   "idle device (`eval/bench_decode.py`).")
     if stale:
         out.append(f"Note: {len(stale)} training-free row(s) were evaluated on a base checkpoint other than their seed's base row's "
                    f"(trained on another machine?): {sorted({str(r.get('checkpoint_sha')) for r in stale})}.")

@@ -640,12 +640,14 @@ def warn_if_stale(run: Run) -> None:
 # ---------------------------------------------------------------------------------- evaluation
 class Evaluator:
     """``evaluator(item, runs) -> rows`` on the spec's test data (loaded once, with the first model's
-    media options), on ``device``."""
+    media options), on ``device``. ``busy()``, when set, counts the training runs sharing the device; each
+    row records it beside its TTFT (``ttft_concurrent_trainings``)."""
 
-    def __init__(self, spec: SweepSpec, device: str | torch.device):
+    def __init__(self, spec: SweepSpec, device: str | torch.device, busy: Callable[[], int] | None = None):
         self.spec = spec
         self.device = torch.device(device)
         self.dataset = None
+        self.busy = busy
 
     def __call__(self, it: EvalItem, runs: dict[str, Run]) -> list[dict]:
         from ..model import LlavaDeftForCausalLM
@@ -672,13 +674,16 @@ class Evaluator:
             preds = predict(model, self.dataset, ev.batch_size, ev.max_new_tokens, self.device, desc=desc)
             res = score(preds)
             seconds = time.perf_counter() - t0
+            sharing = self.busy() if self.busy is not None else 0
             ttft = (time_to_first_token(model, self.dataset, ev.ttft_batch, self.device, repeats=ev.ttft_repeats)
                     if ev.ttft_batch else None)
+            sharing = max(sharing, self.busy() if self.busy is not None else 0)
             rows.append({
                 "protocol": it.protocol, "reducer": it.reducer, "ratio": it.ratio, "rtd_mode": mode, "seed": it.seed,
                 "accuracy": res["accuracy"], "counts": res["counts"], "tokens_per_image": res["tokens_per_item"],
                 "media_tokens_per_sample": res["media_tokens_per_sample"], "correct": res["correct"],
                 "ids_digest": res["ids_digest"], "seconds": seconds, "ttft_ms": ttft, "ttft_batch": ev.ttft_batch or None,
+                "ttft_concurrent_trainings": sharing if ttft is not None else None,
                 "questions": res["counts"].get("all", 0), "data": spec.data.label, "limit": spec.data.limit,
                 "steps": spec.training.steps, "overrides": list(spec.training.overrides),
                 "pipeline": model.pipeline.names, "pipeline_config": it.pipeline,
@@ -800,6 +805,8 @@ def run(spec: SweepSpec, only: list[str] | None = None, reeval: bool = False, ti
         spec.runs_dir.mkdir(parents=True, exist_ok=True)
         ev = evaluator or Evaluator(spec, spec.device())
         launcher = Launcher(spec, len(to_train), deadline, launch_margin)
+        if isinstance(ev, Evaluator) and ev.busy is None:
+            ev.busy = lambda: len(launcher.procs)
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _sigterm) if in_main else None
         try:
