@@ -45,7 +45,10 @@ call resumes them), what finished is evaluated and the report written. A row alr
 same checkpoint, pipeline, data limit, steps and overrides is not evaluated again (``reeval`` forces it).
 
 Each row keeps the per-question record (``correct``) that the paired bootstrap of "A beats B" needs, and
-the median time to first token at ``evaluation.ttft_batch`` on the evaluation device.
+the median time to first token at ``evaluation.ttft_batch`` on the evaluation device with the number of
+training runs that shared it meanwhile (``ttft_concurrent_trainings``). When the data has answered
+LLaVA-JSON training records, the question prior (:mod:`.prior`: the text alone) gets one row per seed, and
+the report checks that the base beats it; a base that does not cannot rank reducers.
 """
 
 from __future__ import annotations
