@@ -139,9 +139,10 @@ def test_chat_refuses_malformed_conversations(api, messages, system, error, matc
 def test_every_image_form_gives_the_same_pixels_and_answer(api, tmp_path):
     image = picture(4)
     image.save(tmp_path / "x.png")
-    array = np.asarray(image)
-    forms = [tmp_path / "x.png", str(tmp_path / "x.png"), image, array, torch.from_numpy(array),
-             torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(array).permute(2, 0, 1).float() / 255,
+    array = np.asarray(image)  # read-only, as PIL gives it: a form users pass
+    tensor = torch.from_numpy(array.copy())  # torch wants a writable buffer
+    forms = [tmp_path / "x.png", str(tmp_path / "x.png"), image, array, tensor,
+             tensor.permute(2, 0, 1), tensor.permute(2, 0, 1).float() / 255,
              torch.from_numpy(array).float() / 255]
     batches = [api.build_batch(["q"], images=[[f]]) for f in forms]
     for b in batches[1:]:
