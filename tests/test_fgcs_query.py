@@ -370,3 +370,39 @@ def test_every_batch_enters_the_modules_in_one_order(query, tiny_model, qmodel):
     assert with_image == text_only
     embed_first = ["vision", "projector", "embed", "pipeline.sam", "pipeline.fgcs"]
     assert with_image == (embed_first if query else ["vision", "projector", "pipeline.sam", "pipeline.fgcs", "embed"])
+
+
+# ------------------------------------------------------------------------------------ query_keys / query_init
+def test_tied_token_keys_point_at_the_question_word_before_any_training():
+    """query_keys=tokens, query_init=tied: W_k starts equal to W_q, so (untrained) the token that equals a
+    question token's embedding receives the most attention, with features from sam in the batch."""
+    dim = 64
+    torch.manual_seed(0)
+    stage = FGCS(dim=dim, retention_ratio=0.1, hidden_dim=4, group_weight=0.0, query_weight=1.0, query_dim=48,
+                 query_keys="tokens", query_init="tied", feature_dim=16).eval()
+    assert torch.equal(stage.key_proj.weight, stage.query_proj.weight) and stage.key_proj.in_features == dim
+    x = torch.randn(2, 20, dim, generator=gen(5))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    query = torch.randn(2, 2, dim, generator=gen(6))
+    qm = torch.ones(2, 2, dtype=torch.bool)
+    x[0, 13], x[1, 4] = query[0, 1], query[1, 0]  # the passage repeats a word of the question
+    features = torch.randn(2, 20, 16, generator=gen(7))
+    batch = TokenBatch.from_tokens(x, mask, modality=Modality.TEXT, layout=torch.tensor([[20, 1, 1]] * 2),
+                                   query=query, query_mask=qm).replace(features=features)
+    with torch.no_grad():
+        r = stage.relevance(batch)
+        # the keys are the tokens, not the features: the same as projecting x by hand
+        ref = slow_relevance(stage.query_proj(query), stage.key_proj(x), qm, mask).float()
+    torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-5)
+    assert r[0].argmax().item() == 13 and r[1].argmax().item() == 4
+
+
+def test_query_key_options_are_validated():
+    with pytest.raises(ValueError, match=r"query_init='tied' needs keys as wide as the prompt embeddings \(8\), "
+                                         r"but query_keys='input' gives width 16 \(the sam features\)"):
+        FGCS(dim=D, query_weight=1.0, query_init="tied", feature_dim=16)
+    FGCS(dim=D, query_weight=1.0, query_init="tied")  # keys = the tokens themselves: as wide as the query
+    from pipeline import PipelineConfigError, validate_config
+
+    with pytest.raises(PipelineConfigError, match="query_keys: Input should be 'input' or 'tokens'"):
+        validate_config({"stages": [{"name": "fgcs", "query_keys": "features"}]})

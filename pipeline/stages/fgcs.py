@@ -56,11 +56,19 @@ Image, video, audio and text rows are treated alike. ``query_weight = 0`` (the d
 ``W_q`` / ``W_k`` and computes nothing: the stage is exactly DeFT's. A batch without a query raises
 ``ValueError`` when ``query_weight`` > 0 (the model attaches it; standalone, pass
 ``TokenBatch.from_tokens(..., query=..., query_mask=...)``).
+
+``query_keys``: what ``W_k`` reads, ``input`` (the scorer's input, above) or ``tokens`` (the media tokens
+themselves, which the projector has put in the LLM's embedding space, the space of the query).
+``query_init: tied`` (needs keys as wide as the query, so ``query_keys: tokens``) starts ``W_k`` equal to
+``W_q``: then ``q . k`` is a random projection of the dot product of a question token's embedding and a
+media token, so the relevance points at tokens like the question's words (pass-key's "pass key"
+sentence) before any training; ``random`` (the default) draws both independently.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +193,8 @@ class FGCS(nn.Module):
         merge_pruned: bool = False,
         query_weight: NonNegFloat = 0.0,
         query_dim: PosInt = 64,
+        query_keys: Literal["input", "tokens"] = "input",
+        query_init: Literal["random", "tied"] = "random",
         feature_dim: int | None = None,
     ):
         super().__init__()
@@ -211,9 +221,20 @@ class FGCS(nn.Module):
         )
         self.query_weight = query_weight
         self.query_dim = query_dim
+        self.query_keys = query_keys
+        self.query_init = query_init
+        key_dim = dim if query_keys == "tokens" else in_dim
+        if query_init == "tied" and key_dim != dim:
+            raise ValueError(
+                f"fgcs query_init='tied' needs keys as wide as the prompt embeddings ({dim}), but query_keys="
+                f"{query_keys!r} gives width {key_dim} (the sam features); set query_keys: tokens or query_init: random"
+            )
         if query_weight > 0:  # built only when used: query_weight 0 keeps DeFT's parameters, init and state dict
             self.query_proj = nn.Linear(dim, query_dim, bias=False)  # W_q on the prompt embeddings (width D)
-            self.key_proj = nn.Linear(in_dim, query_dim, bias=False)  # W_k on the scorer's input
+            self.key_proj = nn.Linear(key_dim, query_dim, bias=False)  # W_k on the scorer's input or the tokens
+            if query_init == "tied":  # q.k = (W x).(W y): a random projection of the embedding dot product
+                with torch.no_grad():
+                    self.key_proj.weight.copy_(self.query_proj.weight)
         self.last_feedback: dict[str, Tensor] = {}
 
     @property
@@ -241,7 +262,10 @@ class FGCS(nn.Module):
                 "TokenBatch.from_tokens(..., query=(B, Q, D) embeddings, query_mask=(B, Q)) or batch.with_query(...); "
                 "or set query_weight: 0"
             )
-        x = self._inputs(batch) if inputs is None else inputs
+        if self.query_keys == "tokens":
+            x = batch.tokens
+        else:
+            x = self._inputs(batch) if inputs is None else inputs
         dtype = self.query_proj.weight.dtype
         query = torch.where(batch.query_mask[..., None], batch.query, torch.zeros((), dtype=batch.query.dtype,
                                                                                    device=batch.query.device))
