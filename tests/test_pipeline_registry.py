@@ -47,6 +47,8 @@ SEED_DEFAULTS = {
         "merge_pruned": False,
         "query_weight": 0.0,  # question-aware saliency off: DeFT exactly
         "query_dim": 64,
+        "query_keys": "input",  # W_k on the scorer's input (sam features), drawn independently of W_q
+        "query_init": "random",
     },
     "rtd": {"mode": "fast", "bottleneck_ratio": 4, "recover_ratio": 0.25, "adaptive_threshold": 0.5, "recon_weight": 1.0},
     "random": {"retention_ratio": 0.482, "seed": 0},
