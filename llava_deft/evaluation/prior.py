@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import DatasetFormatError
 from ..modality import PLACEHOLDERS
+from .data import question_type
 from .loop import exact_match, ids_digest
 
 _PLACEHOLDER = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
@@ -42,14 +43,12 @@ def qa_pair(record: dict) -> tuple[str, str] | None:
     return None
 
 
-def _record_type(record: dict) -> str:
-    return str(record.get("question_type", "all"))
-
-
 def question_prior(train: list[dict], test: list[dict], limit: int | None = None,
-                   qtype: Callable[[dict], str] = _record_type) -> dict | None:
+                   qtype: Callable[[dict], str] | None = None) -> dict | None:
     """Score the prior on the first ``limit`` scorable test records; None when ``train`` has no answer.
-    ``qtype`` gives a record's question type (default: its ``question_type`` key, else "all")."""
+    ``qtype`` gives a record's question type (default :func:`.data.question_type`: its ``question_type``
+    key, else "all")."""
+    qtype = qtype or (lambda rec: question_type("", rec))
     by_question: dict[str, Counter] = defaultdict(Counter)
     by_type: dict[str, Counter] = defaultdict(Counter)
     overall: Counter = Counter()

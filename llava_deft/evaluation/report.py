@@ -22,6 +22,7 @@ from .stats import paired_bootstrap
 BASE = "base"  # the no-reduction run's name and its rows' protocol
 PROTOCOLS = ("training_free", "trained")
 PRIOR = "prior"  # the question prior's rows (llava_deft/evaluation/prior.py): the text alone, no media
+REFERENCES = (BASE, PRIOR)  # protocols of reference rows, not reducer cells
 PROTOCOL_TITLES = {
     "training_free": "Training-free (the base checkpoint, reducer inserted at evaluation)",
     "trained": "Trained (reducer in the training loop, same recipe)",
@@ -146,12 +147,12 @@ def _seeds_note(*rows: dict) -> str:
 
 def sweep_ratios(rows: list[dict], protocol: str | None = None) -> list[float]:
     """Ratios present in the rows (of one protocol), largest first; the base's 1.0 excluded."""
-    rs = {round(r["ratio"], 9) for r in rows if r["protocol"] not in (BASE, PRIOR) and protocol in (None, r["protocol"])}
+    rs = {round(r["ratio"], 9) for r in rows if r["protocol"] not in REFERENCES and protocol in (None, r["protocol"])}
     return sorted(rs, reverse=True)
 
 
 def reducer_order(rows: list[dict], preferred: list[str] | tuple[str, ...]) -> list[str]:
-    seen = {r["reducer"] for r in rows if r["protocol"] not in (BASE, PRIOR)}
+    seen = {r["reducer"] for r in rows if r["protocol"] not in REFERENCES}
     return [n for n in dict.fromkeys(preferred) if n in seen] + sorted(seen - set(preferred))
 
 

@@ -677,10 +677,11 @@ class Evaluator:
             preds = predict(model, self.dataset, ev.batch_size, ev.max_new_tokens, self.device, desc=desc)
             res = score(preds)
             seconds = time.perf_counter() - t0
-            sharing = self.busy() if self.busy is not None else 0
+            busy = self.busy or (lambda: 0)
+            sharing = busy()  # the most runs beside the timing: before it or after it
             ttft = (time_to_first_token(model, self.dataset, ev.ttft_batch, self.device, repeats=ev.ttft_repeats)
                     if ev.ttft_batch else None)
-            sharing = max(sharing, self.busy() if self.busy is not None else 0)
+            sharing = max(sharing, busy())
             rows.append({
                 "protocol": it.protocol, "reducer": it.reducer, "ratio": it.ratio, "rtd_mode": mode, "seed": it.seed,
                 "accuracy": res["accuracy"], "counts": res["counts"], "tokens_per_image": res["tokens_per_item"],
@@ -765,8 +766,7 @@ def prior_rows(spec: SweepSpec) -> list[dict]:
         return []
     if train_p is None or not Path(train_p).is_file():
         return []
-    qtype = (lambda rec: question_type(d.task, rec)) if d.task is not None else (lambda rec: question_type("", rec))
-    row = question_prior(read_records(train_p), read_records(test_p), d.limit, qtype)
+    row = question_prior(read_records(train_p), read_records(test_p), d.limit, lambda rec: question_type(d.task or "", rec))
     if row is None:
         return []
     meta = run_metadata("cpu")
