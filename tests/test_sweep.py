@@ -553,3 +553,67 @@ def test_report_warns_when_ttft_was_measured_beside_training_runs():
     assert "the TTFT of 1 of 2 rows was measured while up to 7 training runs shared the device" in md
     rows[1]["ttft_concurrent_trainings"] = 0
     assert "shared the device" not in rp.build_report({"commands": [], "rows": rows}, rspec(ablations={}))
+
+
+# ------------------------------------------------------------------------------ finetuned from the base
+def test_finetuned_runs_start_from_their_seeds_base_with_their_own_steps_and_overrides(tmp_path):
+    spec = make_spec(tmp_path, seeds=[0, 1], protocols=["finetuned"],
+                     training={"steps": 40, "overrides": ["lr=1"], "finetune_steps": 7,
+                               "finetune_overrides": ["stages.0.retention_hold_ratio=0"]})
+    runs, items = ds.plan(spec, recipe_seed=0)
+    assert list(runs) == ["base#s0", "base#s1", "ft_deft@0.25#s0", "ft_random@0.25#s0", "ft_deft@0.25#s1", "ft_random@0.25#s1"]
+    ft = runs["ft_random@0.25#s1"]
+    assert (ft.protocol, ft.after, ft.init_from) == ("finetuned", "base#s1", runs["base#s1"].dir / "final")
+    assert ft.dir == (tmp_path / "runs/finetuned/random@0.25#s1").resolve()
+    assert {(it.protocol, it.run) for it in items if it.reducer == "random"} == {
+        ("finetuned", "ft_random@0.25#s0"), ("finetuned", "ft_random@0.25#s1")}
+    launcher = ds.Launcher(spec, 1)
+    cmd = launcher.command(ft)
+    assert "stages.0.max_steps=7" in cmd and f"init_from={runs['base#s1'].dir / 'final'}" in cmd
+    assert cmd[-3:] == ["lr=1", "stages.0.retention_hold_ratio=0", f"model.pipeline={ft.pipeline_yaml}"]
+    base_cmd = launcher.command(runs["base#s1"])
+    assert "stages.0.max_steps=40" in base_cmd and not any(a.startswith(("init_from=", "stages.0.retention")) for a in base_cmd)
+    launcher.terminate()
+    assert spec.training.steps_for("finetuned") == 7 and spec.training.steps_for("trained") == 40
+    assert make_spec(tmp_path, training={"steps": 40}).training.steps_for("finetuned") == 40  # None: as `steps`
+    with pytest.raises(ValueError, match=r"training.overrides \['init_from=x'\]: the finetuned protocol sets init_from"):
+        make_spec(tmp_path, training={"finetune_overrides": ["init_from=x"]})
+    assert make_spec(tmp_path).protocols == ["training_free", "trained"]  # the default leaves finetuned out
+
+
+def test_a_finetuned_run_waits_for_its_base_and_inherits_a_failed_one(tmp_path, monkeypatch, capsys):
+    """One sweep call trains the base and then the runs that start from it (never before it has exported
+    final/); when the base fails, its finetuned runs are failed without being launched."""
+    spec = make_spec(tmp_path, name="ft", protocols=["finetuned"], training={"parallel": 3},
+                     evaluation={"device": "cpu"}, thresholds={0.25: 99.0})
+    sleeps = {"base": 1.0, "ft_deft@0.25": 0, "ft_random@0.25": 0}
+    started = {}
+
+    def command(self, run):
+        started[run.name] = time.monotonic()
+        return fake_training(sleeps)(self, run)
+
+    monkeypatch.setattr(ds.Launcher, "command", command)
+
+    def evaluate(it, runs):
+        assert (runs[it.run].dir / "final/config.json").is_file()
+        return [row(it.protocol, it.reducer, it.ratio, 0.9 if it.protocol == "base" else 0.8, 64 * it.ratio, mode=m,
+                    seed=it.seed, limit=None, steps=None, overrides=[], pipeline_config=it.pipeline) for m in it.modes]
+
+    outcome = ds.run(spec, evaluator=evaluate)
+    assert not outcome.failed and not outcome.unfinished
+    base_done = (tmp_path / "runs/base/final/config.json").stat().st_mtime
+    assert started["ft_deft@0.25"] >= started["base"] + 1.0 and started["ft_random@0.25"] >= started["base"] + 1.0
+    assert (tmp_path / "runs/finetuned/deft@0.25/final/config.json").stat().st_mtime >= base_done
+    doc = ds.load_results(Path(spec.out) / "ft.json")
+    assert sorted((r["protocol"], r["reducer"]) for r in doc["rows"]) == [("base", "deft"), ("finetuned", "deft"), ("finetuned", "random")]
+    md = (Path(spec.out) / "ft.md").read_text()
+    assert "## Fine-tuned from the base" in md and "- **FAIL** finetuned: deft keeps >= 99 % of base accuracy at 0.25" in md
+
+    (tmp_path / "b").mkdir()
+    spec = make_spec(tmp_path / "b", name="ft", protocols=["finetuned"], training={"parallel": 3}, evaluation={"device": "cpu"})
+    monkeypatch.setattr(ds.Launcher, "command", lambda self, run: [sys.executable, "-c", "raise SystemExit(3)"]
+                        if run.name == "base" else pytest.fail(f"{run.name} launched after its base failed"))
+    outcome = ds.run(spec, evaluator=evaluate)
+    assert outcome.failed == ["base", "ft_deft@0.25", "ft_random@0.25"]
+    assert "run ft_deft@0.25 FAILED (its base base FAILED)" in capsys.readouterr().out

@@ -98,3 +98,30 @@ def test_the_training_entry_reads_with_the_model_configs_limits(tmp_path):
                  "stages.0.max_steps=1", "model.limits.max_image_pixels=100"], timeout=110)
     assert res.returncode != 0
     assert "MediaLimitError" in res.stderr and "0.png" in res.stderr and "max_image_pixels" in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_init_from_keeps_the_command_lines_model_overrides_and_swaps_the_pipeline(tmp_path):
+    """`init_from=<base>/final model.pipeline=<other>` (the sweep's finetuned protocol): the run starts from
+    the base's weights (its LLM frozen: exported equal to the base's) with the other pipeline, which it exports;
+    the override is printed, not dropped in favour of the saved config.json."""
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(ROOT / "configs/model/tiny.yaml"), "data": {"type": "easyvqa", "split": "train", "limit": 16},
+        "stages": [{"name": "finetune", "max_steps": 1}], "per_device_batch_size": 8, "bf16": False,
+        "log_steps": 1, "deepspeed": "configs/deepspeed/zero2.json"}))
+    base = train(["--config", str(recipe), "--output_dir", str(tmp_path / "base")])
+    assert base.returncode == 0, base.stderr[-3000:]
+    random_pipe = ROOT / "configs/pipeline/random.yaml"
+    ft = train(["--config", str(recipe), "--output_dir", str(tmp_path / "ft"), f"init_from={tmp_path / 'base/final'}",
+                "stages.0.freeze_llm=true", f"model.pipeline={random_pipe}"])
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert f"[train] init_from {tmp_path / 'base/final'}: its config.json replaces `model:`, then model.pipeline={random_pipe}" in ft.stdout
+    saved = json.loads((tmp_path / "ft/final/config.json").read_text())["pipeline"]
+    assert [s["name"] for s in saved["stages"]] == ["random"], saved
+    before, after = (load_file(tmp_path / d / "final/model.safetensors") for d in ("base", "ft"))
+    llm = [k for k in before if k.startswith("llm.")]
+    assert llm and all(after[k].equal(before[k]) for k in llm)
+    assert not any(k.startswith("pipeline.") for k in after)  # random has no parameters; the base's are gone

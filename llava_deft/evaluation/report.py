@@ -2,7 +2,7 @@
 the no-reduction base; "A beats B" by a paired bootstrap CI over questions and seeds), tables by
 protocol and question type, and the plot of accuracy against kept tokens and against time to first token.
 
-A row is one evaluation: ``protocol`` (``base`` | ``training_free`` | ``trained``), ``reducer``,
+A row is one evaluation: ``protocol`` (``base`` | ``training_free`` | ``trained`` | ``finetuned``), ``reducer``,
 ``ratio``, ``rtd_mode``, ``seed``, ``accuracy`` {"all", <type>...} in [0, 1], ``tokens_per_image``
 (media tokens per media item that reach the LLM), ``correct`` ("0"/"1" per question, in the order
 ``ids_digest`` names), ``ttft_ms`` and its metadata (device, date, commit, checkpoint...).
@@ -20,12 +20,15 @@ import numpy as np
 from .stats import paired_bootstrap
 
 BASE = "base"  # the no-reduction run's name and its rows' protocol
-PROTOCOLS = ("training_free", "trained")
+PROTOCOLS = ("training_free", "trained", "finetuned")
+DEFAULT_PROTOCOLS = ("training_free", "trained")  # a spec without `protocols:`
+TRAINED_WITH = ("trained", "finetuned")  # protocols whose checks decide (the reducer was in the training loop)
 PRIOR = "prior"  # the question prior's rows (llava_deft/evaluation/prior.py): the text alone, no media
 REFERENCES = (BASE, PRIOR)  # protocols of reference rows, not reducer cells
 PROTOCOL_TITLES = {
     "training_free": "Training-free (the base checkpoint, reducer inserted at evaluation)",
     "trained": "Trained (reducer in the training loop, same recipe)",
+    "finetuned": "Fine-tuned from the base (its seed's base checkpoint trained on with the reducer in the loop)",
 }
 LEGACY_SEED = 0  # rows written before seeds were recorded come from the recipe's default seed
 
@@ -226,14 +229,14 @@ def acceptance_checks(rows: list[dict], spec: ReportSpec) -> list[Check]:
             checks.append(Check("PASS" if pct >= need else "FAIL",
                                 f"{what}: {pct:.2f} % ({acc(r):.1f} vs {acc(ref):.1f}{_seeds_note(r, ref)}{short})"))
     for proto in protocols:
-        status_of = (lambda s: s) if proto == "trained" else (lambda s: "INFO")
+        status_of = (lambda s: s) if proto in TRAINED_WITH else (lambda s: "INFO")
         for ratio in sweep_ratios(rows, proto):
             mine = main_row(rows, proto, method, ratio)
             for other in spec.beats:
                 theirs = main_row(rows, proto, other, ratio)
                 what = f"{proto}: {method} beats {other} at {ratio_tag(ratio)}"
                 if mine is None or theirs is None:
-                    if proto == "trained":
+                    if proto in TRAINED_WITH:
                         checks.append(Check("MISSING", f"{what}: no row for {method if mine is None else other}"))
                     continue
                 status, text = compare(mine, theirs, spec)
@@ -302,7 +305,7 @@ def protocol_table(rows: list[dict], protocol: str, ref: dict | None, order: lis
 def type_table(raw: list[dict], order: list[str], base: str) -> str:
     """Accuracy by question type of the base and the trained rows (rtd fast or none): per cell
     'mean ± std [min-max]' over its seeds, in %, and a last line with each type's range."""
-    keep = [r for r in raw if r["protocol"] in (PRIOR, BASE, "trained") and r.get("rtd_mode") in (None, "fast")]
+    keep = [r for r in raw if r["protocol"] in (PRIOR, BASE, *TRAINED_WITH) and r.get("rtd_mode") in (None, "fast")]
     types = [k for k in dict.fromkeys(k for r in keep for k in r["accuracy"]) if k != "all"]
     if not keep or not types:
         return ""
@@ -322,7 +325,8 @@ def type_table(raw: list[dict], order: list[str], base: str) -> str:
     lines = ["| run | ratio | n | all | " + " | ".join(types) + " |", "|---|---|---|---|" + "---|" * len(types)]
     for key in keys:
         rs = cells[key]
-        label = {BASE: "no reduction (base)", PRIOR: "question prior (text only)"}.get(key[0], key[1])
+        label = {BASE: "no reduction (base)", PRIOR: "question prior (text only)",
+                 "finetuned": f"{key[1]} (fine-tuned)"}.get(key[0], key[1])
         per = [stat([r["accuracy"][t] for r in rs if t in r["accuracy"]]) if any(t in r["accuracy"] for r in rs) else "—"
                for t in types]
         lines.append(f"| {label} | {ratio_tag(key[2])} | {len(rs)} | {stat([r['accuracy']['all'] for r in rs])} | "
@@ -354,7 +358,8 @@ def build_report(doc: dict, spec: ReportSpec, failed: list[str] = (), runs_dir: 
     stale = [r for r in raw if r["protocol"] == "training_free" and row_seed(r) in base_sha
              and r.get("checkpoint_sha") != base_sha[row_seed(r)]]
     out = [
-        f"# {spec.title or doc.get('data', 'sweep')}: reducer x retention ratio, training-free and trained ({spec.name})",
+        f"# {spec.title or doc.get('data', 'sweep')}: reducer x retention ratio, "
+        + ", ".join(p.replace("_", "-") for p in PROTOCOLS if any(r["protocol"] == p for r in raw)) + f" ({spec.name})",
         "",
         "Command(s):",
         "",
@@ -393,7 +398,7 @@ def build_report(doc: dict, spec: ReportSpec, failed: list[str] = (), runs_dir: 
             out += ["", f"## {PROTOCOL_TITLES[proto]}", "", protocol_table(rows, proto, ref, order)]
     by_type = type_table(raw, order, base)
     if by_type:
-        out += ["", "## By question type (base and trained, rtd fast)", "",
+        out += ["", "## By question type (base, trained and fine-tuned, rtd fast)", "",
                 "Each cell: mean ± sample std [min-max] over its seeds, % exact match.", "", by_type]
     checks = acceptance_checks(raw, spec)
     out += ["", "## Acceptance checks", "",
@@ -401,7 +406,7 @@ def build_report(doc: dict, spec: ReportSpec, failed: list[str] = (), runs_dir: 
             + ", ".join(f"{ratio_tag(r)}: {t:g}" for r, t in sorted(spec.thresholds.items(), reverse=True))
             + f". '{base} beats X': the paired bootstrap {100 * spec.confidence:g} % CI of the accuracy difference "
               f"(questions and seeds resampled together, {spec.resamples} resamples) lies above zero; decided on the "
-              "trained rows, reported (INFO) on the training-free ones.", ""]
+              "trained and fine-tuned rows, reported (INFO) on the training-free ones.", ""]
     out += [f"- **{c.status}** {c.text}" for c in checks]
     n = {s: sum(c.status == s for c in checks) for s in ("PASS", "FAIL", "MISSING")}
     lowest = []
@@ -440,9 +445,11 @@ def plot_sweep(rows: list[dict], path: Path, spec: ReportSpec) -> None:
     colors = {n: f"C{i % 10}" for i, n in enumerate(order)}
     has_ttft = any(r.get("ttft_ms") is not None for r in rows)
     axes_x = [("tokens_per_image", "media tokens per item")] + ([("ttft_ms", "time to first token (ms)")] if has_ttft else [])
-    fig, axes = plt.subplots(len(axes_x), 2, figsize=(11, 4.2 * len(axes_x)), sharey=True, squeeze=False)
+    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)] or list(DEFAULT_PROTOCOLS)
+    fig, axes = plt.subplots(len(axes_x), len(protocols), figsize=(5.5 * len(protocols), 4.2 * len(axes_x)),
+                             sharey=True, squeeze=False)
     for (key, xlabel), ax_row in zip(axes_x, axes):
-        for ax, proto in zip(ax_row, PROTOCOLS):
+        for ax, proto in zip(ax_row, protocols):
             for name in order:
                 line = [r for ratio in sweep_ratios(rows, proto) if (r := main_row(rows, proto, name, ratio)) is not None
                         and r.get(key) is not None]

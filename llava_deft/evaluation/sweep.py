@@ -17,12 +17,13 @@ A spec (``SweepSpec``; every key below, unknown keys are errors)::
     method: deft_q                     # what the checks are about; its pipeline at retention 1.0 trains the base
     ratios: [0.25, 0.11]
     seeds: [0, 1, 2]                   # null: the recipe's seed
-    protocols: [training_free, trained]
+    protocols: [training_free, trained]   # and/or finetuned
     thresholds: {0.25: 99.0, 0.11: 97.0}   # % of the base's accuracy the method must keep
     beats: [random, pool]              # null: every reducer that is neither the method nor an ablation
     ablations: {deft: deft_q}          # ablation -> the reducer it ablates (differences, not checks)
     rtd: {modes: [fast], ratio: 0.11}  # pipelines with an rtd stage: modes evaluated at that ratio
-    training: {steps: null, save_steps: null, overrides: [], parallel: null, num_workers: 0}
+    training: {steps: null, save_steps: null, overrides: [], parallel: null, num_workers: 0,
+               finetune_steps: null, finetune_overrides: []}
     evaluation: {batch_size: 256, max_new_tokens: 8, ttft_batch: 1, ttft_repeats: 5, device: null}
     bootstrap: {resamples: 10000, confidence: 0.95}
     runs: runs/sweeps/scenes
@@ -32,7 +33,11 @@ Paths are relative to the working directory (run from the repository root). The 
 ("base") is trained with the method's pipeline at retention 1.0. Then ``training_free``: each seed's
 base checkpoint with each reducer's pipeline at each ratio (stages whose names and shapes match keep
 the base's trained weights); ``trained``: each reducer x ratio x seed trained with that pipeline in the
-loop (same recipe) and evaluated. With a ``train``/``test`` pair the recipe's data is replaced by the
+loop (same recipe) and evaluated; ``finetuned``: each reducer x ratio x seed starts from that seed's base
+checkpoint (``init_from``) and trains ``training.finetune_steps`` more steps with its pipeline in the loop
+(``training.overrides`` then ``training.finetune_overrides``, e.g. a retention ramp from 1.0 with no hold), as
+LLaVA token reducers are fine-tuned from a trained LLaVA; a base trained in the same call is waited for.
+The checks are decided on ``trained`` and ``finetuned`` rows. With a ``train``/``test`` pair the recipe's data is replaced by the
 ``train`` file; with a built-in ``task`` the recipe names its data.
 
 Training runs are subprocesses (``python -m llava_deft.train``), ``training.parallel`` at a time (spread
@@ -88,7 +93,7 @@ from .report import (
     BASE,
     LEGACY_SEED,
     PRIOR,
-    PROTOCOLS,
+    DEFAULT_PROTOCOLS,
     ReportSpec,
     build_report,
     merge_rows,
@@ -112,13 +117,25 @@ class TrainingOptions(Strict):
     overrides: list[str] = Field(default_factory=list)  # key=value overrides of every run's recipe
     parallel: int | None = Field(None, gt=0)  # runs at once (None: 13 with a GPU, else 1)
     num_workers: int = Field(0, ge=0)
+    finetune_steps: int | None = Field(None, gt=0)  # max_steps of a finetuned run's stages (None: as `steps`)
+    finetune_overrides: list[str] = Field(default_factory=list)  # after `overrides`, for finetuned runs only
 
-    @field_validator("overrides")
+    def steps_for(self, protocol: str) -> int | None:
+        """max_steps of the runs behind ``protocol``'s rows (None: the recipe's epochs)."""
+        return (self.finetune_steps or self.steps) if protocol == "finetuned" else self.steps
+
+    def overrides_for(self, protocol: str) -> list[str]:
+        return [*self.overrides, *self.finetune_overrides] if protocol == "finetuned" else list(self.overrides)
+
+    @field_validator("overrides", "finetune_overrides")
     @classmethod
     def _no_sweep_keys(cls, v: list[str]) -> list[str]:
         clash = [o for o in v if o.partition("=")[0].strip() in ("seed", "output_dir", "model.pipeline")]
         if clash:
             raise ValueError(f"training.overrides {clash}: seeds, run folders and pipelines are the sweep's (use `seeds:`)")
+        start = [o for o in v if o.partition("=")[0].strip() == "init_from"]
+        if start:
+            raise ValueError(f"training.overrides {start}: the finetuned protocol sets init_from (its seed's base)")
         bad = [o for o in v if "=" not in o]
         if bad:
             raise ValueError(f"training.overrides {bad} are not key=value")
@@ -160,7 +177,7 @@ class SweepSpec(Strict):
     method: str
     ratios: list[float]
     seeds: list[int] | None = None
-    protocols: list[Literal["training_free", "trained"]] = Field(default_factory=lambda: list(PROTOCOLS))
+    protocols: list[Literal["training_free", "trained", "finetuned"]] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     thresholds: dict[float, float] = Field(default_factory=dict)
     beats: list[str] | None = None
     ablations: dict[str, str] = Field(default_factory=dict)
@@ -201,7 +218,7 @@ class SweepSpec(Strict):
         if bad_t:
             raise ValueError(f"thresholds {bad_t}: ratio in (0, 1) -> % of base in (0, 100]")
         if not self.protocols:
-            raise ValueError("protocols is empty; give training_free and/or trained")
+            raise ValueError("protocols is empty; give training_free, trained and/or finetuned")
         return self
 
     @property
@@ -360,6 +377,9 @@ class Run:
     ratio: float
     seed: int = LEGACY_SEED
     pass_seed: bool = False  # give the run `seed=<seed>` (else it trains with the recipe's, which is `seed`)
+    protocol: str = "trained"  # BASE, "trained" or "finetuned": which steps and overrides it trains with
+    after: str | None = None  # finetuned: the base Run it starts from (init_from <that dir>/final)
+    init_from: Path | None = None
 
     @property
     def pipeline_yaml(self) -> Path:
@@ -463,7 +483,7 @@ def plan(spec: SweepSpec, recipe_seed: int = LEGACY_SEED) -> tuple[dict[str, Run
     base_mode = configured_rtd_mode(base_cfg)
     for seed in seeds:
         b = BASE + suffix(seed)
-        runs[b] = Run(b, runs_dir / b, base_cfg, base_src, 1.0, seed, named)
+        runs[b] = Run(b, runs_dir / b, base_cfg, base_src, 1.0, seed, named, BASE)
         items.append(EvalItem(BASE, spec.method, 1.0, (base_mode,), b, None, base_cfg, base_src, seed))
     for seed in seeds:
         for name, path in spec.reducers.items():
@@ -480,6 +500,12 @@ def plan(spec: SweepSpec, recipe_seed: int = LEGACY_SEED) -> tuple[dict[str, Run
                     run = tag + suffix(seed)
                     runs[run] = Run(run, runs_dir / "trained" / run, cfg, Path(path), ratio, seed, named)
                     items.append(EvalItem("trained", name, ratio, modes, run, None, cfg, Path(path), seed))
+                if "finetuned" in spec.protocols:
+                    run = f"ft_{tag}{suffix(seed)}"
+                    b = BASE + suffix(seed)
+                    runs[run] = Run(run, runs_dir / "finetuned" / (tag + suffix(seed)), cfg, Path(path), ratio, seed, named,
+                                    "finetuned", b, runs[b].dir / "final")
+                    items.append(EvalItem("finetuned", name, ratio, modes, run, None, cfg, Path(path), seed))
     return runs, items
 
 
@@ -494,8 +520,8 @@ def pending_items(items: list[EvalItem], runs: dict[str, Run], rows: list[dict],
         sha = checkpoint_sha(runs[it.run].dir)  # None when the checkpoint is not here: trust the row
         rs = [index.get((it.protocol, it.reducer, round(it.ratio, 9), m, it.seed)) for m in it.modes]
         return all(
-            r is not None and r.get("limit") == spec.data.limit and r.get("steps") == spec.training.steps
-            and r.get("overrides", []) == spec.training.overrides
+            r is not None and r.get("limit") == spec.data.limit and r.get("steps") == spec.training.steps_for(it.protocol)
+            and r.get("overrides", []) == spec.training.overrides_for(it.protocol)
             and _same_config(r.get("pipeline_config", {}), it.pipeline)
             and (sha is None or r.get("checkpoint_sha") == sha)
             for r in rs
@@ -538,6 +564,8 @@ class Launcher:
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.gpus = (visible.split(",") if visible else [str(i) for i in range(n_gpus)])[:n_gpus] if n_gpus else []
         self.launched = 0
+        self.status: dict[str, str] = {}  # run name -> done | failed | unfinished, once known
+        self.settled: dict[str, threading.Event] = {}
         self.bar = tqdm(total=n_runs, desc="training runs finished", dynamic_ncols=True, disable=n_runs == 0)
 
     def time_left(self) -> float:
@@ -547,13 +575,17 @@ class Launcher:
         t = self.spec.training
         cmd = [sys.executable, "-m", "llava_deft.train", "--config", str(Path(self.spec.recipe).resolve()),
                "--output_dir", str(run.dir), "--resume", f"num_workers={t.num_workers}"]
-        if t.steps is not None:
-            cmd += [f"stages.{i}.max_steps={t.steps}" for i in range(self.n_stages)]
+        steps = t.steps_for(run.protocol)
+        if steps is not None:
+            cmd += [f"stages.{i}.max_steps={steps}" for i in range(self.n_stages)]
         if t.save_steps is not None:
             cmd.append(f"save_steps={t.save_steps}")
         if run.pass_seed:
             cmd.append(f"seed={run.seed}")
-        return cmd + self.spec.data.train_overrides() + list(t.overrides) + [f"model.pipeline={run.pipeline_yaml}"]
+        if run.init_from is not None:
+            cmd.append(f"init_from={run.init_from}")
+        return (cmd + self.spec.data.train_overrides() + t.overrides_for(run.protocol)
+                + [f"model.pipeline={run.pipeline_yaml}"])
 
     def train(self, run: Run) -> int | None:
         """Train one run (``--resume``); its exit code, None when ``stop()`` came first."""
@@ -577,8 +609,25 @@ class Launcher:
                 self.procs.discard(proc)
         return rc
 
+    def event(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.settled.setdefault(name, threading.Event())
+
+    def mark_done(self, names) -> None:
+        """Runs trained before this call (a finetuned run may start from them at once)."""
+        for n in names:
+            self.status[n] = "done"
+            self.event(n).set()
+
     def train_and_report(self, run: Run) -> str:
-        """``train`` in a worker thread: 'done', 'failed' (recorded with the log's tail) or 'unfinished'."""
+        """``train`` in a worker thread: 'done', 'failed' (recorded with the log's tail) or 'unfinished'.
+        A finetuned run first waits for its base (launched before it) and inherits a base that did not finish."""
+        if run.after is not None:
+            self.event(run.after).wait()
+            base = self.status.get(run.after)
+            if base != "done":
+                why = f"its base {run.after} " + ("FAILED" if base == "failed" else "did not finish")
+                return self._finish(run, "failed" if base == "failed" else "unfinished", why)
         left = self.time_left()
         if self.stopping or left < self.margin:
             why = self.stop_reason if self.stopping else f"not started: {max(left, 0):.0f} s left < launch margin {self.margin:g} s"
@@ -597,10 +646,13 @@ class Launcher:
 
     def _finish(self, run: Run, status: str, why: str) -> str:
         with self.lock:
+            self.status[run.name] = status
             if status == "failed":
                 self.failed[run.name] = why
             elif status == "unfinished":
                 self.unfinished[run.name] = why
+            event = self.settled.setdefault(run.name, threading.Event())
+        event.set()
         if status == "failed":
             tqdm.write(f"[sweep] run {run.name} FAILED ({why}); last lines of {run.log}:\n{log_tail(run.log)}")
         self.bar.update(1)
@@ -689,7 +741,7 @@ class Evaluator:
                 "ids_digest": res["ids_digest"], "seconds": seconds, "ttft_ms": ttft, "ttft_batch": ev.ttft_batch or None,
                 "ttft_concurrent_trainings": sharing if ttft is not None else None,
                 "questions": res["counts"].get("all", 0), "data": spec.data.label, "limit": spec.data.limit,
-                "steps": spec.training.steps, "overrides": list(spec.training.overrides),
+                "steps": spec.training.steps_for(it.protocol), "overrides": spec.training.overrides_for(it.protocol),
                 "pipeline": model.pipeline.names, "pipeline_config": it.pipeline,
                 "checkpoint": str(ckpt), "checkpoint_sha": sha,
                 "recipe": {"train_config": spec.recipe, "stages": recipe.get("stages"), "seed": recipe.get("seed"),
@@ -716,6 +768,7 @@ def train_and_evaluate(
         timer = threading.Timer(max(0.0, launcher.time_left()), launcher.stop, kwargs={"reason": "time budget reached"})
         timer.daemon = True
         timer.start()
+    launcher.mark_done(ready)
     pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="train")
     try:
         futures = {pool.submit(launcher.train_and_report, r): r.name for r in to_train}
@@ -798,7 +851,14 @@ def run(spec: SweepSpec, only: list[str] | None = None, reeval: bool = False, ti
     for r in need:
         if is_trained(r.dir):
             warn_if_stale(r)
+    for r in list(need):  # a finetuned run needs its base's checkpoint, also when the base's rows are current
+        if r.after is not None and runs[r.after] not in need:
+            need.insert(0, runs[r.after])
     to_train = [r for r in need if not is_trained(r.dir)]
+    to_train.sort(key=lambda r: r.after is not None)  # bases before the runs that start from them (stable)
+    retrained = {r.name for r in to_train}  # a new checkpoint: its other items are stale too
+    todo += [it for it in items if it.run in retrained and it not in todo
+             and (it.protocol == BASE or selected(sel, it.reducer, it.ratio))]
     parallel = spec.parallel()
     print(f"[sweep] {len(todo)} model(s) to evaluate; {len(to_train)} training run(s) to do "
           f"({', '.join(r.name for r in to_train) or 'none'}), {parallel} at a time, logs in {spec.runs_dir}/<run>.log"

@@ -358,7 +358,12 @@ def stage_model(cfg: TrainConfig, i: int, stage: StageSpec, init_from: Path | No
     """The model a stage trains: the previous stage's export (or the recipe's model), frozen as the
     stage says, with the stage's LoRA adapters injected into its LLM (4-bit base weights for QLoRA,
     put on this rank's GPU)."""
-    model = LlavaDeftForCausalLM.from_pretrained(init_from) if init_from is not None else LlavaDeftForCausalLM(cfg.model)
+    if init_from is None:
+        model = LlavaDeftForCausalLM(cfg.model)
+    else:  # stage 0 of a run with init_from may swap the saved pipeline for its own (model.pipeline=...)
+        saved = read_config_json(init_from).get("pipeline")
+        mine = cfg.model.get("pipeline") if i == 0 and isinstance(cfg.model, dict) else saved
+        model = LlavaDeftForCausalLM.from_pretrained(init_from, pipeline=None if mine == saved else mine)
     model.apply_freeze(vision=stage.freeze_vision, llm=stage.freeze_llm, audio=stage.freeze_audio)
     if stage.lora_enabled:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -464,7 +469,14 @@ def main(argv: list[str] | None = None) -> Path:
         if not (start / "config.json").is_file():
             raise FileNotFoundError(f"init_from '{start}' is not a saved llava-deft model folder (no config.json); "
                                     f"give a run's final/ folder (e.g. runs/passkey_long_a/final)")
-        cfg = cfg.model_copy(update={"model": {**read_config_json(start), "tokenizer": str(start / TOKENIZER_DIR)}})
+        saved = {**read_config_json(start), "tokenizer": str(start / TOKENIZER_DIR)}
+        # the saved config replaces `model:`; the command line's model.* overrides (e.g. model.pipeline=...,
+        # a reducer fine-tuned from a base) still apply on top of it, they are never dropped silently
+        mine = [o for o in overrides if o.startswith("model.")]
+        model = apply_overrides({"model": saved}, mine)["model"] if mine else saved
+        cfg = cfg.model_copy(update={"model": model})
+        if mine:
+            print(f"[train] init_from {start}: its config.json replaces `model:`, then {' '.join(mine)}")
     model_cfg = load_model_config(cfg.model)
     check_stages(cfg, model_cfg)
     dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate(), limits=model_cfg.limits)
