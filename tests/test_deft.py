@@ -31,9 +31,10 @@ def slow_feedback_loss(logits, target, valid, alpha_var):
     return torch.stack(rows).mean()
 
 
-def run_fgcs(feedback_weight, alpha_var=0.1):
+def run_fgcs(feedback_weight, alpha_var=0.1, signal="l1"):
     torch.manual_seed(0)
-    stage = FGCS(dim=8, retention_ratio=0.5, hidden_dim=16, feedback_weight=feedback_weight, alpha_var=alpha_var)
+    stage = FGCS(dim=8, retention_ratio=0.5, hidden_dim=16, feedback_weight=feedback_weight, alpha_var=alpha_var,
+                 feedback_signal=signal)
     stage.train()
     x = torch.randn(2, 12, 8, generator=gen(1))
     mask = torch.ones(2, 12, dtype=torch.bool)
@@ -46,15 +47,23 @@ def run_fgcs(feedback_weight, alpha_var=0.1):
     return stage, x, mask, out, w, grads
 
 
-def test_feedback_target_is_gradient_times_input_of_kept_tokens():
-    stage, x, mask, out, w, _ = run_fgcs(1.0)
+SLOW_SIGNALS = {
+    "l1": lambda g, x: sum(abs(float(g[d] * x[d])) for d in range(len(g))),
+    "dot": lambda g, x: abs(float(sum(g[d] * x[d] for d in range(len(g))))),
+    "grad_norm": lambda g, x: math.sqrt(sum(float(g[d]) ** 2 for d in range(len(g)))),
+}
+
+
+@pytest.mark.parametrize("signal", list(SLOW_SIGNALS))
+def test_feedback_target_is_gradient_times_input_of_kept_tokens(signal):
+    stage, x, mask, out, w, _ = run_fgcs(1.0, signal=signal)
     fb = stage.last_feedback
     # slow reference: the loss is sum(out * w), so dL/dx at a kept token is its w row; pruned get 0
     expected = torch.zeros(2, 12)
     for b in range(2):
         for k in range(int(out.mask[b].sum())):
             p = int(out.index[b, k])
-            expected[b, p] = abs(float(sum(w[b, k, d] * x[b, p, d] for d in range(8))))
+            expected[b, p] = SLOW_SIGNALS[signal](w[b, k], x[b, p])
     torch.testing.assert_close(fb["importance"], expected, rtol=1e-5, atol=1e-6)
     for b in range(2):
         top = expected[b].max()
@@ -376,3 +385,17 @@ def test_use_deft_model_trains_end_to_end_with_feedback():
     assert "loss" in fgcs.last_feedback and fgcs.last_feedback["target"].max() == 1
     assert fgcs.saliency[0].weight.grad.abs().sum() > 0
     assert model.pipeline.stages[2].encoder.weight.grad.abs().sum() > 0
+
+
+def test_feedback_signals_differ_where_gradient_times_input_cancels():
+    """A token whose gradient is orthogonal to its value has no ``dot`` importance (the cancellation that
+    hid pass-key's first digit) but keeps its ``l1`` and ``grad_norm`` importance."""
+    from pipeline.stages.fgcs import feedback_importance
+
+    x = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])  # (1, 2, 2)
+    g = torch.tensor([[[1.0, -1.0], [0.5, 0.0]]])
+    torch.testing.assert_close(feedback_importance(g, x, "dot"), torch.tensor([[0.0, 0.5]]))
+    torch.testing.assert_close(feedback_importance(g, x, "l1"), torch.tensor([[2.0, 0.5]]))
+    torch.testing.assert_close(feedback_importance(g, x, "grad_norm"), torch.tensor([[math.sqrt(2.0), 0.5]]))
+    with pytest.raises(ValueError, match=r"unknown feedback_signal 'sum'; choose one of \['l1', 'dot', 'grad_norm'\]"):
+        feedback_importance(g, x, "sum")

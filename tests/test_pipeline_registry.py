@@ -40,6 +40,7 @@ SEED_DEFAULTS = {
         "semantic_weight": 1.0,
         "group_weight": 0.5,
         "feedback_weight": 1.0,
+        "feedback_signal": "l1",  # sum_d |g_d x_d|; "dot" (|sum_d g_d x_d|) cancels (eval/needle_recall.py)
         "alpha_var": 0.1,
         "text_k": 5,
         "video_radius": 2,

@@ -11,8 +11,14 @@ Three signals decide which tokens stay:
    (image 8-connected neighbours, video ±2 frames, text top-5 semantic neighbours; see
    :mod:`pipeline.group`). The selection score is ``semantic_weight * s + group_weight * g``;
 3. **feedback-aware importance** (training only): in the SAME backward pass that trains the model,
-   the task loss's gradient with respect to the kept tokens gives each its gradient × input
-   importance ``|sum_d dL/dx_d * x_d|``, normalised per row to [0, 1] by the row's maximum. It is
+   the task loss's gradient ``g = dL/dx`` with respect to the kept tokens gives each its gradient × input
+   importance, ``feedback_signal``: ``l1`` (the default) ``sum_d |g_d * x_d|``; ``dot``
+   ``|sum_d g_d * x_d|``; ``grad_norm`` ``||g||_2``; normalised per row to [0, 1] by the row's maximum.
+   ``dot`` (this stage's only signal before 2026-12-07) is the first-order change of the loss when the
+   token is scaled, and its terms cancel: on pass-key (a trained 4-layer base, 64-128-token passages)
+   the first digit of the key, the token the answer starts with, gets a ``dot`` target of about 0 in
+   most passages, so only 6 % of keys were whole among the target's top quarter, against 82 % with
+   ``l1`` or ``grad_norm`` (``eval/needle_recall.py``). It is
    the target that teaches the saliency head: ``feedback_weight * (mean BCE(s, t) +
    alpha_var * var(sigmoid(s) - t))`` per row over the kept tokens. Binary cross-entropy on the
    logits keeps its gradient ``sigmoid(s) - t`` when the saliency saturates (a squared error on
@@ -80,9 +86,22 @@ from ..registry import register
 from ..types import NonNegFloat, NonNegInt, PosInt, Ratio
 
 
-def feedback_importance(grad: Tensor, tokens: Tensor) -> Tensor:
-    """Gradient × input importance ``|sum_d grad[..., d] * tokens[..., d]|``: (B, N, D) x2 -> (B, N) fp32."""
-    return (grad.float() * tokens.float()).sum(-1).abs()
+FEEDBACK_SIGNALS = ("l1", "dot", "grad_norm")
+"""The importance a token's gradient ``g`` and value ``x`` give (module docstring, item 3)."""
+
+
+def feedback_importance(grad: Tensor, tokens: Tensor, signal: str = "l1") -> Tensor:
+    """Gradient × input importance, (B, N, D) x2 -> (B, N) fp32: ``l1`` ``sum_d |g_d x_d|``, ``dot``
+    ``|sum_d g_d x_d|``, ``grad_norm`` ``||g||_2`` (``tokens`` unused)."""
+    g = grad.float()
+    if signal == "grad_norm":
+        return torch.linalg.vector_norm(g, dim=-1)
+    gx = g * tokens.float()
+    if signal == "dot":
+        return gx.sum(-1).abs()
+    if signal == "l1":
+        return gx.abs().sum(-1)
+    raise ValueError(f"unknown feedback_signal {signal!r}; choose one of {list(FEEDBACK_SIGNALS)}")
 
 
 def normalise_importance(importance: Tensor, valid: Tensor) -> Tensor:
@@ -152,13 +171,15 @@ class _FeedbackTap(torch.autograd.Function):
     def backward(ctx, grad):
         tokens, logits, valid = ctx.saved_tensors
         stage = ctx.stage
-        importance = feedback_importance(grad, tokens)
+        importance = feedback_importance(grad, tokens, stage.feedback_signal)
         target = normalise_importance(importance, valid)
         with torch.enable_grad():
             s = logits.detach().requires_grad_(True)
             loss = feedback_loss(s, target, valid, stage.alpha_var)
             (g_s,) = torch.autograd.grad(loss * stage.feedback_weight, s)
         stage.last_feedback = {"importance": importance.detach(), "target": target, "loss": loss.detach()}
+        if stage.keep_feedback_grad:  # diagnostics (eval/needle_recall.py): every signal from the same gradient
+            stage.last_feedback.update(grad=grad.detach(), tokens=tokens.detach())
         return grad, g_s.to(logits.dtype), None, None
 
 
@@ -170,7 +191,8 @@ class FGCS(nn.Module):
     (the builder passes ``feature_dim=S``), otherwise ``batch.tokens (B, N, D)``.
     Output: the kept tokens in original order, ``scores (B, K)`` (the combined score), the rest in
     ``pruned``. ``stats["fgcs"]["feedback_loss"]`` is the feedback loss of the previous backward.
-    ``feedback_weight=0`` switches the feedback signal off (the ablation); ``group_weight=0`` the
+    ``feedback_weight=0`` switches the feedback signal off (the ablation); ``feedback_signal`` picks the
+    gradient × input importance (``l1``, ``dot``, ``grad_norm``); ``group_weight=0`` the
     group term; ``merge_pruned=True`` merges the pruned tokens into the kept ones. ``query_weight`` > 0
     adds the question-aware relevance ``query_weight * r`` to the saliency logit (``query_dim``: width of
     its projections; reads ``batch.query``, see the module docstring).
@@ -186,6 +208,7 @@ class FGCS(nn.Module):
         semantic_weight: NonNegFloat = 1.0,
         group_weight: NonNegFloat = 0.5,
         feedback_weight: NonNegFloat = 1.0,
+        feedback_signal: Literal["l1", "dot", "grad_norm"] = "l1",
         alpha_var: NonNegFloat = 0.1,
         text_k: NonNegInt = 5,
         video_radius: NonNegInt = 2,
@@ -204,6 +227,8 @@ class FGCS(nn.Module):
         self.semantic_weight = semantic_weight
         self.group_weight = group_weight
         self.feedback_weight = feedback_weight
+        self.feedback_signal = feedback_signal
+        self.keep_feedback_grad = False  # True: last_feedback also holds the tokens' gradient and values
         self.alpha_var = alpha_var
         self.text_k = text_k
         self.video_radius = video_radius
@@ -309,7 +334,7 @@ class FGCS(nn.Module):
         (grad,) = torch.autograd.grad(task_loss, tokens, retain_graph=True, allow_unused=True)
         if grad is None:
             raise ValueError("task_loss does not depend on the tokens given to DeFT; pass the tokens its graph used")
-        target = normalise_importance(feedback_importance(grad, tokens.detach()), mask)
+        target = normalise_importance(feedback_importance(grad, tokens.detach(), self.feedback_signal), mask)
         return self.feedback_weight * feedback_loss(logits, target, mask, self.alpha_var)
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
