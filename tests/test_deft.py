@@ -399,3 +399,27 @@ def test_feedback_signals_differ_where_gradient_times_input_cancels():
     torch.testing.assert_close(feedback_importance(g, x, "grad_norm"), torch.tensor([[math.sqrt(2.0), 0.5]]))
     with pytest.raises(ValueError, match=r"unknown feedback_signal 'sum'; choose one of \['l1', 'dot', 'grad_norm'\]"):
         feedback_importance(g, x, "sum")
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
+def test_top_feedback_target_labels_each_rows_most_important_share(share):
+    """feedback_target='top': 1 at the ceil(share * n) most important kept tokens of each row (slow loop
+    reference, ties to the earlier token), 0 elsewhere; the head is fitted to it in the same backward."""
+    torch.manual_seed(0)
+    stage = FGCS(dim=8, retention_ratio=0.75, hidden_dim=16, feedback_target="top", feedback_top=share)
+    stage.train()
+    x = torch.randn(2, 12, 8, generator=gen(1))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    out = stage(TokenBatch.from_tokens(x.clone().requires_grad_(True), mask, layout=torch.tensor([[1, 3, 4], [1, 3, 3]])))
+    w = torch.randn(out.tokens.shape, generator=gen(2))
+    (out.tokens * w * out.mask.unsqueeze(-1)).sum().backward()
+    fb = stage.last_feedback
+    for b in range(2):
+        kept = [int(p) for p in out.index[b][out.mask[b]]]
+        imp = {p: float(fb["importance"][b, p]) for p in kept}
+        k = math.ceil(share * len(kept))
+        top = sorted(kept, key=lambda p: (-imp[p], p))[:k]
+        expected = torch.tensor([1.0 if p in top else 0.0 for p in range(12)])
+        torch.testing.assert_close(fb["target"][b], expected)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.saliency.parameters())

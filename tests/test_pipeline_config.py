@@ -53,7 +53,7 @@ def test_unknown_key_names_stage_key_and_allowed_keys():
         PipelineConfigError,
         match=re.escape(
             "stages.1.fgcs.retention_ratoi: Extra inputs are not permitted "
-            "(allowed keys of 'fgcs': ['alpha_var', 'explore_temperature', 'feedback_signal', 'feedback_weight', 'group_weight', 'hidden_dim', "
+            "(allowed keys of 'fgcs': ['alpha_var', 'explore_temperature', 'feedback_signal', 'feedback_target', 'feedback_top', 'feedback_weight', 'group_weight', 'hidden_dim', "
             "'merge_pruned', 'query_dim', 'query_init', 'query_keys', 'query_weight', 'retention_ratio', 'semantic_weight', 'text_k', 'video_radius'])"
         ),
     ):

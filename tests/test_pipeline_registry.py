@@ -41,6 +41,8 @@ SEED_DEFAULTS = {
         "group_weight": 0.5,
         "feedback_weight": 1.0,
         "feedback_signal": "l1",  # sum_d |g_d x_d|; "dot" (|sum_d g_d x_d|) cancels (eval/needle_recall.py)
+        "feedback_target": "scaled",  # importance / the row's max (the seed's); "top": the top feedback_top share = 1
+        "feedback_top": 0.25,
         "alpha_var": 0.1,
         "text_k": 5,
         "video_radius": 2,

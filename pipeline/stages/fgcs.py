@@ -18,7 +18,12 @@ Three signals decide which tokens stay:
    token is scaled, and its terms cancel: on pass-key (a trained 4-layer base, 64-128-token passages)
    the first digit of the key, the token the answer starts with, gets a ``dot`` target of about 0 in
    most passages, so only 6 % of keys were whole among the target's top quarter, against 82 % with
-   ``l1`` or ``grad_norm`` (``eval/needle_recall.py``). It is
+   ``l1`` or ``grad_norm`` (``eval/needle_recall.py``). ``feedback_target``: ``scaled`` (the default) is the
+   importance over the row's maximum; ``top`` labels the row's ``ceil(feedback_top * n)`` most important
+   tokens 1 and the rest 0, so the saliency head learns how likely a token is to be among the few that
+   matter, which is what a top-k selection needs, instead of how large its gradient is next to the
+   largest one (a gradient is as large as the loss left on the answer token that reads the token, so a
+   needed token whose answer token is already fit well gets a small scaled target). It is
    the target that teaches the saliency head: ``feedback_weight * (mean BCE(s, t) +
    alpha_var * var(sigmoid(s) - t))`` per row over the kept tokens. Binary cross-entropy on the
    logits keeps its gradient ``sigmoid(s) - t`` when the saliency saturates (a squared error on
@@ -111,6 +116,12 @@ def normalise_importance(importance: Tensor, valid: Tensor) -> Tensor:
     return torch.where(top > 0, imp / top.clamp(min=torch.finfo(imp.dtype).tiny), torch.zeros_like(imp))
 
 
+def top_share_target(importance: Tensor, valid: Tensor, share: float) -> Tensor:
+    """1.0 at each row's ``ceil(share * n_valid)`` most important ``valid`` tokens (ties: earlier first), else 0."""
+    keep = keep_mask_topk(importance, valid, budget(valid.sum(1), share))
+    return keep.to(importance.dtype)
+
+
 def feedback_loss(logits: Tensor, target: Tensor, valid: Tensor, alpha_var: float) -> Tensor:
     """Mean over rows with a valid token of ``mean BCE(logits, t) + alpha_var * var(sigmoid(logits) - t)``."""
     w = valid.float()
@@ -172,7 +183,7 @@ class _FeedbackTap(torch.autograd.Function):
         tokens, logits, valid = ctx.saved_tensors
         stage = ctx.stage
         importance = feedback_importance(grad, tokens, stage.feedback_signal)
-        target = normalise_importance(importance, valid)
+        target = stage.feedback_target_of(importance, valid)
         with torch.enable_grad():
             s = logits.detach().requires_grad_(True)
             loss = feedback_loss(s, target, valid, stage.alpha_var)
@@ -192,7 +203,8 @@ class FGCS(nn.Module):
     Output: the kept tokens in original order, ``scores (B, K)`` (the combined score), the rest in
     ``pruned``. ``stats["fgcs"]["feedback_loss"]`` is the feedback loss of the previous backward.
     ``feedback_weight=0`` switches the feedback signal off (the ablation); ``feedback_signal`` picks the
-    gradient × input importance (``l1``, ``dot``, ``grad_norm``); ``group_weight=0`` the
+    gradient × input importance (``l1``, ``dot``, ``grad_norm``) and ``feedback_target`` what the head fits
+    (``scaled``, or ``top``: the ``feedback_top`` share of each row); ``group_weight=0`` the
     group term; ``merge_pruned=True`` merges the pruned tokens into the kept ones. ``query_weight`` > 0
     adds the question-aware relevance ``query_weight * r`` to the saliency logit (``query_dim``: width of
     its projections; reads ``batch.query``, see the module docstring).
@@ -209,6 +221,8 @@ class FGCS(nn.Module):
         group_weight: NonNegFloat = 0.5,
         feedback_weight: NonNegFloat = 1.0,
         feedback_signal: Literal["l1", "dot", "grad_norm"] = "l1",
+        feedback_target: Literal["scaled", "top"] = "scaled",
+        feedback_top: Ratio = 0.25,
         alpha_var: NonNegFloat = 0.1,
         text_k: NonNegInt = 5,
         video_radius: NonNegInt = 2,
@@ -228,6 +242,8 @@ class FGCS(nn.Module):
         self.group_weight = group_weight
         self.feedback_weight = feedback_weight
         self.feedback_signal = feedback_signal
+        self.feedback_target = feedback_target
+        self.feedback_top = feedback_top
         self.keep_feedback_grad = False  # True: last_feedback also holds the tokens' gradient and values
         self.alpha_var = alpha_var
         self.text_k = text_k
@@ -322,6 +338,13 @@ class FGCS(nn.Module):
         """The selection score (B, N)."""
         return self.combine(batch, self.saliency_logits(batch))
 
+    def feedback_target_of(self, importance: Tensor, valid: Tensor) -> Tensor:
+        """The saliency head's target (B, N) in [0, 1] from ``importance`` (B, N) over ``valid`` tokens:
+        ``scaled`` by the row's maximum, or ``top``: 1 for the row's ``feedback_top`` share, else 0."""
+        if self.feedback_target == "top":
+            return top_share_target(importance, valid, self.feedback_top)
+        return normalise_importance(importance, valid)
+
     def feedback_loss_from(self, task_loss: Tensor, tokens: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
         """Explicit feedback (the seed API's ``task_loss``): target from ``d task_loss / d tokens``.
 
@@ -334,7 +357,7 @@ class FGCS(nn.Module):
         (grad,) = torch.autograd.grad(task_loss, tokens, retain_graph=True, allow_unused=True)
         if grad is None:
             raise ValueError("task_loss does not depend on the tokens given to DeFT; pass the tokens its graph used")
-        target = normalise_importance(feedback_importance(grad, tokens.detach(), self.feedback_signal), mask)
+        target = self.feedback_target_of(feedback_importance(grad, tokens.detach(), self.feedback_signal), mask)
         return self.feedback_weight * feedback_loss(logits, target, mask, self.alpha_var)
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
