@@ -13,6 +13,7 @@ from .batch import Modality, PrunedTokens, TokenBatch
 from .builder import Pipeline, build, build_pipeline
 from .deft import DeFTModule, deft_pipeline_config
 from .config import PipelineConfigError, StageConfig, validate_config
+from .ops import read_stats, static_budget
 from .registry import UnknownStageError, get_stage, list_stages, register, stage_defaults
 from .schedule import RetentionSchedule
 
@@ -31,7 +32,9 @@ __all__ = [
     "deft_pipeline_config",
     "get_stage",
     "list_stages",
+    "read_stats",
     "register",
     "stage_defaults",
+    "static_budget",
     "validate_config",
 ]

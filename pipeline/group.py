@@ -52,15 +52,16 @@ def grid_neighbours(index: Tensor, mask: Tensor, layout: Tensor, video_radius: i
     )
     orig = nt * hw[..., None] + nh * w_len[:, None, None] + nw  # (B, N, K) original index of the neighbour
 
-    # original index -> current position (-1 when absent: pruned earlier, or padding); padding is
-    # scattered into an extra dump column L that is never read
-    # (rows whose real tokens are not a prefix may carry indices past T*H*W: make room for them too)
-    length = max(int(layout.prod(1).max()), int(torch.where(mask, index + 1, 0).max())) if b and n else 0
-    where = torch.full((b, length + 1), -1, dtype=torch.long, device=dev)
-    slot = torch.where(mask, index, torch.full_like(index, length))
-    where.scatter_(1, slot, torch.arange(n, device=dev).expand(b, n).contiguous())
-    where = where[:, :length]
-    pos = where.gather(1, torch.where(inside, orig, 0).flatten(1)).view(b, n, -1) if length else orig.new_full(orig.shape, -1)
+    # original index -> current position (-1 when absent: pruned earlier, or padding), by binary search in
+    # each row's real indices sorted ascending (padding sorts last): static shapes, no host read
+    if n == 0:
+        return orig.clamp(min=0), inside & False
+    big = torch.iinfo(torch.long).max
+    sorted_key, order = torch.where(mask, index, big).sort(dim=1, stable=True)  # (B, N)
+    query = torch.where(inside, orig, -1).flatten(1)  # (B, N*K); -1 is never a real index
+    at = torch.searchsorted(sorted_key, query).clamp(max=n - 1)  # (B, N*K)
+    found = sorted_key.gather(1, at) == query
+    pos = torch.where(found, order.gather(1, at), -1).view(b, n, -1)  # (B, N, K)
     valid = inside & (pos >= 0) & mask[..., None]
     return pos.clamp(min=0), valid
 
@@ -93,13 +94,15 @@ def group_neighbours(
     """Each token's group by its row's modality (see the module doc). ``(pos, valid)``, (B, N, K).
 
     Image, video and audio rows use :func:`grid_neighbours`; text rows :func:`text_neighbours` on
-    ``features`` (the token values when a row has no semantic features). Rows of different
+    ``features`` (the token values when a row has no semantic features). The text neighbours are computed
+    for every row whenever ``features`` is given and ``text_k`` > 0, and kept only for text rows, so the
+    shapes never depend on which modalities a batch holds. Rows of different
     modalities share one batch: both neighbour sets are computed and each row keeps its own.
     """
     pos, valid = grid_neighbours(index, mask, layout, video_radius)
     is_text = modality == int(Modality.TEXT)  # (B,)
     valid = valid & ~is_text[:, None, None]
-    if bool(is_text.any()) and features is not None:
+    if features is not None and text_k > 0:  # for every row (no host read of whether one is text), kept for text rows
         tpos, tvalid = text_neighbours(features, mask, text_k)
         tvalid = tvalid & is_text[:, None, None]
         pos, valid = torch.cat([pos, tpos], -1), torch.cat([valid, tvalid], -1)

@@ -1,9 +1,14 @@
 """Pure tensor functions shared by the stages: budgets, batched gather, top-k selection.
 
-No Python loop over rows or tokens; every function works on ragged batches through ``mask``.
+No Python loop over rows or tokens; every function works on ragged batches through ``mask``. No host
+synchronisation either: shapes come from the input's shape and the ratio (:func:`static_budget`), never
+from values on the device, and statistics stay 0-dim tensors (:func:`read_stats` turns them into floats
+where someone reads them), so a stage can run under CUDA graphs and never stalls the launch queue.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -15,6 +20,18 @@ def budget(lengths: Tensor, ratio: float) -> Tensor:
     """Tokens to keep per row: ``ceil(ratio * length)``, at least 1 for a non-empty row. (B,) long."""
     keep = torch.ceil(lengths.to(torch.float64) * ratio).long()
     return torch.minimum(torch.clamp(keep, min=1), lengths)
+
+
+def static_budget(n: int, ratio: float) -> int:
+    """The largest :func:`budget` of any row of a batch ``n`` tokens wide, from the shape alone (no device
+    read): ``min(n, max(1, ceil(ratio * n)))``, 0 when ``n`` is 0. The width of a reducer's output."""
+    return min(n, max(1, math.ceil(n * ratio))) if n else 0
+
+
+def read_stats(stats: dict) -> dict:
+    """``{stage: {name: value}}`` with every tensor value read as a float (one host read per value; call it
+    where statistics are shown or logged, never inside a forward)."""
+    return {stage: {k: float(v) for k, v in values.items()} for stage, values in stats.items()}
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -38,17 +55,30 @@ def keep_mask_topk(scores: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
     return (rank < keep.unsqueeze(1)) & mask
 
 
-def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
+def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str, width: int | None = None,
+                  drop_width: int | None = None) -> TokenBatch:
     """Keep the tokens where ``keep (B, N)`` is True, in original order; move the rest to ``pruned``.
 
-    The output length is the largest number kept in any row; shorter rows are padded and masked.
+    ``width``: the output length, an upper bound of the tokens any row keeps that the caller knows from
+    shapes (e.g. :func:`static_budget`); then no value is read on the host. ``drop_width``: likewise for
+    the tokens any row drops, the width of what this call adds to ``pruned`` (default ``N``; a stage that
+    keeps exactly ``budget(lengths, ratio)`` of each row drops at most ``N - static_budget(N, ratio)``,
+    since ``m - budget(m)`` grows with ``m``). A row keeping (dropping) more than its bound would lose
+    tokens, so a caller must only pass true bounds.
+    ``None``: the largest number kept in any row (and dropped, for ``pruned``), read from the device (a
+    host synchronisation; for callers without a bound). Shorter rows are padded and masked.
     Row-aligned tensors (``scores``, ``features``, ``encoder_attention``) follow the kept tokens; the dropped tokens'
-    ``scores`` go to ``pruned.scores`` (None when the batch has no scores).
+    ``scores`` go to ``pruned.scores`` (None when the batch has no scores). ``stats[stage]``: ``tokens_in``,
+    ``tokens_out`` (means per row) and ``kept_fraction``, 0-dim tensors.
     """
     keep = keep & batch.mask
     drop = batch.mask & ~keep
-    n_keep = int(keep.sum(1).max().item()) if keep.numel() else 0
-    n_drop = int(drop.sum(1).max().item()) if drop.numel() else 0
+    if width is not None:
+        n = keep.shape[1]
+        n_keep, n_drop = min(width, n), n if drop_width is None else min(drop_width, n)
+    else:
+        n_keep = int(keep.sum(1).max().item()) if keep.numel() else 0
+        n_drop = int(drop.sum(1).max().item()) if drop.numel() else 0
 
     def take(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
         order = sort_key(batch.index, sel).argsort(dim=1, stable=True)[:, :k]  # (B, k)
@@ -76,9 +106,9 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
     before = batch.mask.sum(1).float()
     after = k_mask.sum(1).float()
     out.stats[stage] = {
-        "tokens_in": float(before.mean()),
-        "tokens_out": float(after.mean()),
-        "kept_fraction": float((after / before.clamp(min=1)).mean()),
+        "tokens_in": before.mean().detach(),
+        "tokens_out": after.mean().detach(),
+        "kept_fraction": (after / before.clamp(min=1)).mean().detach(),
     }
     return out
 
@@ -86,7 +116,14 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str) -> TokenBatch:
 def select_topk(batch: TokenBatch, scores: Tensor, ratio: float, stage: str) -> TokenBatch:
     """Keep ``budget(lengths, ratio)`` tokens per row by ``scores (B, N)``; original order kept."""
     keep = keep_mask_topk(scores.detach(), batch.mask, budget(batch.lengths, ratio))
-    return split_by_mask(batch.replace(scores=scores), keep, stage)
+    return split_by_mask(batch.replace(scores=scores), keep, stage, *budget_widths(keep.shape[1], ratio))
+
+
+def budget_widths(n: int, ratio: float) -> tuple[int, int]:
+    """``(width, drop_width)`` of :func:`split_by_mask` for a stage keeping exactly ``budget(lengths, ratio)``
+    of each row of a batch ``n`` wide: ``static_budget(n, ratio)`` and ``n`` minus it."""
+    w = static_budget(n, ratio)
+    return w, n - w
 
 
 def merge_into_kept(tokens: Tensor, keys: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
@@ -118,7 +155,7 @@ def ceil_div(a: Tensor, b: Tensor | int) -> Tensor:
     return (a + b - 1) // b
 
 
-def pool_kernel(layout: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+def pool_kernel(layout: Tensor, keep: Tensor, max_side: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-row window ``(kt, k)`` for grid pooling, each (B,) long.
 
     ``k`` is the smallest square spatial kernel with ``T * ceil(H/k) * ceil(W/k) <= keep``.
@@ -126,12 +163,18 @@ def pool_kernel(layout: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     and ``kt = ceil(T / keep)`` frames are pooled together. Either way the number of windows of
     the original ``(T, H, W)`` grid never exceeds ``keep``.
 
-    layout (B, 3) long ``(T, H, W)``; keep (B,) long.
+    layout (B, 3) long ``(T, H, W)``; keep (B,) long; ``max_side``: a bound of every row's ``max(H, W)``
+    known from shapes (a row of ``N`` tokens: ``N``); None reads it from ``layout`` (a host synchronisation).
     """
+    if max_side is None:
+        max_side = int(layout[:, 1:].max()) if layout.numel() else 1
     t, h, w = layout.clamp(min=1).unbind(1)  # (B,) each; clamp keeps empty rows harmless
     keep = keep.clamp(min=1)
     full = torch.maximum(h, w)
-    ks = torch.arange(1, int(full.max()) + 1, device=layout.device)  # (K,) candidate kernels
+    # candidate kernels 1..max_side; the largest side is not read on the host: every kernel up to
+    # ``max_side`` (the layouts' widest extent, a static bound) is tried, and a kernel wider than a row's
+    # grid gives the same single window per frame as ``full``, so the first that fits is unchanged
+    ks = torch.arange(1, max_side + 1, device=layout.device)  # (K,)
     cells = t[:, None] * ceil_div(h[:, None], ks) * ceil_div(w[:, None], ks)  # (B, K)
     fits = cells <= keep[:, None]
     spatial_ok = fits.any(1)
@@ -189,15 +232,17 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
     up with fewer tokens than the budget (never more).
     """
     keep = budget(batch.lengths, ratio)
-    kt, k = pool_kernel(batch.layout, keep)
     n = batch.mask.shape[1]  # windows <= keep <= N, so N cells always suffice
+    # kernels up to N are tried (static); a row whose grid side exceeds N (an earlier reducer left fewer
+    # tokens than its grid has) and fits no kernel up to N pools its whole frame, never more than the budget
+    kt, k = pool_kernel(batch.layout, keep, max_side=max(n, 1))
     cell = torch.where(batch.mask, pool_cells(batch.index, batch.layout, kt, k), 0)  # (B, N)
     key = sort_key(batch.index, batch.mask)
     first = torch.full_like(key, torch.iinfo(torch.long).max).scatter_reduce(
         1, cell, key, reduce="amin"
     )  # (B, N) smallest original index per window
     representative = batch.mask & (batch.index == first.gather(1, cell))
-    out = split_by_mask(batch, representative, stage)
+    out = split_by_mask(batch, representative, stage, static_budget(n, ratio))  # windows <= keep <= that
 
     out_cell = torch.where(out.mask, pool_cells(out.index, batch.layout, kt, k), 0)  # (B, K)
 
@@ -208,6 +253,6 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
 
     out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores),
                       encoder_attention=pooled(batch.encoder_attention))
-    out.stats[stage]["kernel"] = float(k.float().mean())
-    out.stats[stage]["time_kernel"] = float(kt.float().mean())
+    out.stats[stage]["kernel"] = k.float().mean()
+    out.stats[stage]["time_kernel"] = kt.float().mean()
     return out

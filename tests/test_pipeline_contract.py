@@ -171,3 +171,54 @@ def test_composed_pipeline_partitions_tokens(train):
         assert torch.equal(out.tokens[b][out.mask[b]], batch.tokens[b, kept_i])
         assert torch.equal(out.pruned.tokens[b][out.pruned.mask[b]], batch.tokens[b, pruned_i])
     assert list(out.stats) == ["fgcs", "random"]
+
+
+# ------------------------------------------------------------------------------ no host synchronisation
+# rtd's recovering modes add tokens back (outside the reducer contract above) and must not sync either
+SYNC_CASES = CASES + [("rtd", {"mode": "hybrid"}), ("rtd", {"mode": "adaptive"})]
+CASE_IDS = [f"{n}{''.join(f'-{k}={v}' for k, v in o.items())}" for n, o in SYNC_CASES]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(("name", "options"), SYNC_CASES, ids=CASE_IDS)
+def test_stage_forward_reads_nothing_on_the_host(name, options, train):
+    """Issue 16: no ``.item()``, ``.tolist()``, ``bool()``/``float()``/``int()`` of a tensor, data-dependent
+    sizes or boolean indexing in a stage's forward (each one is a host synchronisation on a GPU, and CUDA
+    graphs cannot capture it); output widths come from shapes, statistics stay tensors."""
+    from tests.host_sync import HostSyncRecorder
+
+    pipe = build_one(name, options).train(train)
+    batch = ragged_batch()
+    batch = batch.replace(tokens=batch.tokens.clone().requires_grad_(train))
+    for stage in pipe.stages[:-1]:
+        batch = stage(batch)
+    with HostSyncRecorder() as rec:
+        out = pipe.stages[-1](batch)
+    assert not rec.calls, rec.report()
+    for values in out.stats.values():  # statistics are 0-dim tensors until someone reads them
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values.values()), values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch.cuda.set_sync_debug_mode")
+@pytest.mark.parametrize(("name", "options"), SYNC_CASES, ids=CASE_IDS)
+def test_stage_forward_does_not_synchronise_the_gpu(name, options):
+    pipe = build_one(name, options).cuda().eval()
+    batch = ragged_batch()
+    batch = batch.replace(**{k: getattr(batch, k).cuda() for k in ("tokens", "mask", "index", "layout", "modality",
+                                                                   "encoder_attention", "query", "query_mask")})
+    for stage in pipe.stages[:-1]:
+        batch = stage(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pipe.stages[-1](batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_read_stats_reads_each_statistic_once_as_a_float():
+    from pipeline.ops import read_stats
+
+    out = build_pipeline([{"name": "random", "retention_ratio": 0.25}], dim=D).eval()(ragged_batch())
+    stats = read_stats(out.stats)
+    assert stats == {"random": {"tokens_in": 56.0, "tokens_out": 14.0, "kept_fraction": 0.25}}

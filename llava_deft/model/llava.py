@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline import Modality, TokenBatch, build_pipeline
+from pipeline import read_stats
 
 from ..config.model import DEFT_KEYS, ModelConfig, load_model_config
 from ..encoders.audio import AudioEncoder
@@ -67,7 +68,8 @@ class LlavaDeftOutput:
     logits: Tensor | None
     lm_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """The pipeline's per-stage statistics as 0-dim tensors (``pipeline.ops.read_stats`` reads them)."""
 
 
 @dataclass
@@ -574,7 +576,7 @@ class LlavaDeftForCausalLM(nn.Module):
         result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)
         if return_info:
             spans = (sp.position_ids.max(1).values + 1).tolist()  # (B,) positions each prompt spans
-            info = GenerationInfo(stats, self._media_reductions(input_ids, attention_mask, trace), spans,
+            info = GenerationInfo(read_stats(stats), self._media_reductions(input_ids, attention_mask, trace), spans,
                                   sp.attention_mask.sum(1).tolist())
             if llm_stages is not None:
                 info.cache = cache.stats()

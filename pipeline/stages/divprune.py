@@ -25,16 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TokenBatch
-from ..ops import budget, split_by_mask
+from ..ops import budget, split_by_mask, static_budget, budget_widths
 from ..registry import register
 from ..types import Ratio
 
 
-def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor, picks: int | None = None) -> Tensor:
     """Bool (B, N): ``keep[b]`` real tokens of row ``b`` picked by greedy max-min cosine distance.
 
     ``keys (B, N, S)`` (padding ignored, whatever its value), ``mask (B, N)`` bool, ``keep (B,)`` long
-    (at most the row's real tokens).
+    (at most the row's real tokens). ``picks``: how many greedy steps to run, a bound of ``keep`` known
+    from shapes (rows with fewer stop picking); None reads ``keep.max()`` (a host synchronisation).
     """
     b, n = mask.shape
     if n == 0:
@@ -51,7 +52,9 @@ def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
     rows = torch.arange(b, device=dev)
     selected = torch.zeros_like(mask)
     to_selected = torch.full((b, n), float("inf"), dtype=dtype, device=dev)  # distance to the nearest pick
-    for i in range(int(keep.max()) if keep.numel() else 0):  # the greedy picks; rows and tokens batched
+    if picks is None:
+        picks = int(keep.max()) if keep.numel() else 0
+    for i in range(picks):  # the greedy picks; rows and tokens batched
         score = nearest if i == 0 else to_selected
         pick = score.masked_fill(~mask | selected, float("-inf")).argmax(1)  # (B,) first maximum on ties
         active = i < keep  # (B,) rows still picking
@@ -83,5 +86,6 @@ class DivPrune(nn.Module):
                 raise ValueError("divprune was built with use_features=True but the batch has no `features`; "
                                  "put a feature stage such as 'sam' before it")
             keys = batch.features
-        keep = max_min_select(keys, batch.mask, budget(batch.lengths, self.retention_ratio))
-        return split_by_mask(batch, keep, self.stage_name)
+        width = static_budget(batch.mask.shape[1], self.retention_ratio)
+        keep = max_min_select(keys, batch.mask, budget(batch.lengths, self.retention_ratio), picks=width)
+        return split_by_mask(batch, keep, self.stage_name, *budget_widths(batch.mask.shape[1], self.retention_ratio))

@@ -86,7 +86,7 @@ from torch import Tensor, nn
 
 from ..batch import TokenBatch
 from ..group import group_mean, group_neighbours
-from ..ops import budget, keep_mask_topk, merge_into_kept, split_by_mask
+from ..ops import budget, keep_mask_topk, merge_into_kept, split_by_mask, static_budget, budget_widths
 from ..registry import register
 from ..types import NonNegFloat, NonNegInt, PosInt, Ratio
 
@@ -375,9 +375,10 @@ class FGCS(nn.Module):
             tokens = _FeedbackTap.apply(tokens, logits, has_feedback, self)
         if self.merge_pruned:
             tokens = merge_into_kept(tokens, self._inputs(batch), batch.mask, keep)
-        out = split_by_mask(batch.replace(tokens=tokens, scores=score), keep, self.stage_name)
+        out = split_by_mask(batch.replace(tokens=tokens, scores=score), keep, self.stage_name,
+                            *budget_widths(keep.shape[1], self.retention_ratio))
         if "loss" in self.last_feedback:
-            out.stats[self.stage_name]["feedback_loss"] = float(self.last_feedback["loss"])
+            out.stats[self.stage_name]["feedback_loss"] = self.last_feedback["loss"]
         if not self.training:
             return out
         s = torch.sigmoid(out.scores) * out.mask  # (B, K); padding slots get no gate

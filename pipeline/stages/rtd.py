@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..batch import PrunedTokens, TokenBatch, sort_key
-from ..ops import budget, gather_rows, keep_mask_topk
+from ..ops import budget, gather_rows, keep_mask_topk, static_budget
 from ..registry import register
 from ..types import NonNegFloat, Ratio
 
@@ -73,8 +73,7 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
     pruned = batch.pruned
     index = torch.cat([batch.index, pruned.index.gather(1, rec_idx)], dim=1)  # (B, N + R)
     mask = torch.cat([batch.mask, rec_mask], dim=1)  # (B, N + R)
-    k = int(mask.sum(1).max().item()) if mask.numel() else 0
-    order = sort_key(index, mask).argsort(dim=1, stable=True)[:, :k]  # (B, K)
+    order = sort_key(index, mask).argsort(dim=1, stable=True)  # (B, N + R): static width, padding last
     tokens = torch.cat([batch.tokens, values.to(batch.tokens.dtype)], dim=1)  # (B, N + R, D)
     scores = None
     if batch.scores is not None and pruned.scores is not None:
@@ -83,8 +82,7 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
     # what stays pruned, compacted in original order (padding last)
     recovered = torch.zeros_like(pruned.mask).scatter(1, rec_idx, rec_mask)  # (B, P)
     left = pruned.mask & ~recovered
-    n_left = int(left.sum(1).max().item()) if left.numel() else 0
-    keep = sort_key(pruned.index, left).argsort(dim=1, stable=True)[:, :n_left]  # (B, P')
+    keep = sort_key(pruned.index, left).argsort(dim=1, stable=True)  # (B, P), padding last
     remaining = PrunedTokens(
         tokens=gather_rows(pruned.tokens, keep),
         mask=left.gather(1, keep),
@@ -217,7 +215,7 @@ class RTD(nn.Module):
         else:
             sel = recovery_mask(pruned.scores, pruned.mask, self.recover_ratio, rows)  # (B, P)
             recovered = sel.sum(1)
-            r = int(recovered.max().item()) if recovered.numel() else 0
+            r = static_budget(sel.shape[1], self.recover_ratio)  # >= every row's count, from the shape alone
             rec_idx = sort_key(pruned.index, sel).argsort(dim=1, stable=True)[:, :r]  # (B, R)
             rec_mask = sel.gather(1, rec_idx)  # (B, R)
             if rebuilt is not None:
@@ -226,14 +224,14 @@ class RTD(nn.Module):
                 values = self.reconstruct(self.compress(gather_rows(x, rec_idx)))
             out = merge_recovered(batch.replace(losses=losses), values, rec_idx, rec_mask)
 
-        stats = {
-            "tokens_in": float(batch.lengths.float().mean()),
-            "tokens_out": float(out.lengths.float().mean()),
-            "recovered": float(recovered.float().mean()),
-            "recovered_rows": float((recovered > 0).float().mean()),
+        stats = {  # 0-dim tensors (pipeline.ops.read_stats reads them)
+            "tokens_in": batch.lengths.float().mean(),
+            "tokens_out": out.lengths.float().mean(),
+            "recovered": recovered.float().mean(),
+            "recovered_rows": (recovered > 0).float().mean(),
         }
         if u is not None:
-            stats["uncertainty"] = float(u.mean())
+            stats["uncertainty"] = u.detach().float().mean()
         out.stats[self.stage_name] = stats
         return out
 

@@ -27,23 +27,52 @@ rounds; the loop over rounds is the only Python loop. Memory per round: ``(B, N/
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TokenBatch, sort_key
-from ..ops import budget, gather_rows, split_by_mask
+from ..ops import budget, gather_rows, split_by_mask, static_budget, budget_widths
 from ..registry import register
 from ..types import Ratio
 
 
-def tome_groups(keys: Tensor, mask: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, int]:
+@lru_cache(maxsize=256)
+def round_plan(n: int, ratio: float) -> tuple[int, ...]:
+    """From shapes alone: a bound of every row's token count before each matching round, one entry per round.
+
+    A row of ``m <= n`` real tokens keeping ``k_m = static_budget(m, ratio)`` goes from ``c`` to
+    ``max(k_m, ceil(c / 2))`` tokens a round; that map is monotone in ``m`` and ``c``, so the row of ``n``
+    tokens bounds every row before every round (and with it the A and B set sizes). The plan runs the
+    most rounds any ``m`` needs (budgets round up, so a shorter row may need one more); a finished row
+    merges nothing in a further round.
+    """
+    def rounds(m: int) -> int:
+        k, c, r = static_budget(m, ratio), m, 0
+        while c > k:
+            c, r = max(k, c - c // 2), r + 1
+        return r
+
+    keep, c, plan = static_budget(n, ratio), n, []
+    for _ in range(max((rounds(m) for m in range(1, n + 1)), default=0)):
+        plan.append(c)
+        c = max(keep, c - c // 2)
+    return tuple(plan)
+
+
+def tome_groups(keys: Tensor, mask: Tensor, keep: Tensor, ratio: float | None = None) -> tuple[Tensor, Tensor, int]:
     """Bipartite soft matching rounds until row ``b`` holds ``keep[b]`` tokens.
 
     ``keys (B, N, S)`` (padding ignored, whatever its value), ``mask (B, N)`` bool with real tokens in
     ascending original order along N, ``keep (B,)`` long. Returns ``dest (B, N)`` long, the slot each
     real token finally belongs to (padding: its own slot); ``alive (B, N)`` bool, the slots that
     survive (exactly ``min(keep[b], n_b)`` per row); and the number of rounds run.
+
+    ``ratio`` (``keep`` is ``budget(lengths, ratio)``): the rounds and the A/B set sizes come from the
+    shape (:func:`round_plan`), nothing is read on the host and every round has static shapes. None:
+    rounds run until no row merges and the set sizes are read from the device (host synchronisations).
     """
     b, n = mask.shape
     dev = mask.device
@@ -55,15 +84,21 @@ def tome_groups(keys: Tensor, mask: Tensor, keep: Tensor) -> tuple[Tensor, Tenso
     alive = mask.clone()
     dest = slot.clone()
     rounds = 0
+    plan = None if ratio is None else round_plan(n, float(ratio))
     while True:
         cur = alive.sum(1)  # (B,)
         r = torch.minimum(cur - keep, cur // 2).clamp(min=0)  # (B,) merges this round
-        if not bool((r > 0).any()):
-            break
+        if plan is None:
+            if not bool((r > 0).any()):
+                break
+            n_a, n_b = int((cur - cur // 2).max()), int((cur // 2).max())
+        else:
+            if rounds == len(plan):
+                break
+            n_a, n_b = plan[rounds] - plan[rounds] // 2, plan[rounds] // 2
         rounds += 1
         rank = alive.long().cumsum(1) - 1  # (B, N) position among the row's current tokens
         is_a, is_b = alive & (rank % 2 == 0), alive & (rank % 2 == 1)
-        n_a, n_b = int((cur - cur // 2).max()), int((cur // 2).max())
         a_slots = torch.where(is_a, rank // 2, big).argsort(dim=1, stable=True)[:, :n_a]  # (B, Na) A in order
         b_slots = torch.where(is_b, rank // 2, big).argsort(dim=1, stable=True)[:, :n_b]  # (B, Nb) B in order
         a_ok, b_ok = is_a.gather(1, a_slots), is_b.gather(1, b_slots)
@@ -75,7 +110,7 @@ def tome_groups(keys: Tensor, mask: Tensor, keep: Tensor) -> tuple[Tensor, Tenso
         order = best.argsort(dim=1, descending=True, stable=True)  # earlier A wins ties
         a_rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=dev).expand_as(order))
         merge = a_ok & (a_rank < r[:, None])  # (B, Na)
-        if not bool(merge.any()):  # cannot happen (r <= |A|); a guard against looping forever
+        if plan is None and not bool(merge.any()):  # cannot happen (r <= |A|); a guard against looping forever
             raise RuntimeError("tome: a matching round merged nothing; the keys may hold NaN")
         target = torch.where(merge, b_slots.gather(1, partner), a_slots)  # (B, Na) slot each A goes to
         step = slot.clone().scatter_(1, a_slots, target)  # (B, N): a_slots is a permutation prefix, no clash
@@ -127,7 +162,8 @@ class TokenMerging(nn.Module):
 
     def merge(self, batch: TokenBatch) -> tuple[TokenBatch, Tensor]:
         """The merged batch and the size of each output token, ``(B, K)`` (0 on padding)."""
-        dest, alive, rounds = tome_groups(self._keys(batch), batch.mask, budget(batch.lengths, self.retention_ratio))
+        dest, alive, rounds = tome_groups(self._keys(batch), batch.mask, budget(batch.lengths, self.retention_ratio),
+                                          self.retention_ratio)
 
         def merged(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
             if x is None:
@@ -141,12 +177,12 @@ class TokenMerging(nn.Module):
         scores, _ = merged(batch.scores)
         attention, _ = merged(batch.encoder_attention)
         out = split_by_mask(batch.replace(tokens=tokens, features=features, scores=scores, encoder_attention=attention),
-                            alive, self.stage_name)
+                            alive, self.stage_name, *budget_widths(batch.mask.shape[1], self.retention_ratio))
         # split_by_mask keeps the alive slots in ascending index: the same order gives their sizes
         k = out.mask.shape[1]
         kept_slots = sort_key(batch.index, alive).argsort(dim=1, stable=True)[:, :k]
         out_sizes = sizes.gather(1, kept_slots) * out.mask
-        out.stats[self.stage_name]["rounds"] = float(rounds)
+        out.stats[self.stage_name]["rounds"] = torch.tensor(float(rounds))  # a host int: no device read
         return out, out_sizes
 
     def forward(self, batch: TokenBatch) -> TokenBatch:

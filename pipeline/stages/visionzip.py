@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TokenBatch
-from ..ops import budget, keep_mask_topk, split_by_mask
+from ..ops import budget, keep_mask_topk, split_by_mask, static_budget
 from ..registry import register
 from ..types import Ratio
 from .tome import group_mean
@@ -137,7 +137,8 @@ class VisionZip(nn.Module):
             ),
             dominant | centre,
             self.stage_name,
+            static_budget(batch.mask.shape[1], self.retention_ratio),  # dominant + contextual = the budget
         )
-        out.stats[self.stage_name]["dominant"] = float(dominant.sum(1).float().mean())
-        out.stats[self.stage_name]["contextual"] = float(centre.sum(1).float().mean())
+        out.stats[self.stage_name]["dominant"] = dominant.sum(1).float().mean()
+        out.stats[self.stage_name]["contextual"] = centre.sum(1).float().mean()
         return out
