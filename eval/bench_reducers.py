@@ -203,8 +203,15 @@ def run(args) -> list[dict]:
             batch = make_batch(model, b, device)
             for name, ratio in tqdm(plan, desc=f"{shape} batch {b}", dynamic_ncols=True):
                 model.pipeline = pipeline_for(name, ratio, dim).to(device=device, dtype=dtype).eval()
-                rows.append({"shape": shape, "batch": b, "reducer": name, "ratio": ratio,
-                             **measure(model, batch, device, args.steps, args.repeats, args.warmup)})
+                row = {"shape": shape, "batch": b, "reducer": name, "ratio": ratio}
+                try:
+                    row.update(measure(model, batch, device, args.steps, args.repeats, args.warmup))
+                except (RuntimeError, ValueError) as e:  # one reducer failing must not lose the others' rows
+                    if name in (NONE, IDEAL):
+                        raise
+                    tqdm.write(f"[bench] {shape} batch {b} {name}@{ratio}: {type(e).__name__}: {e}")
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -214,6 +221,8 @@ def run(args) -> list[dict]:
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Speed-up over no reduction, the ideal's speed-up and % of the ideal (ideal TTFT / TTFT), per row."""
     for r in rows:
+        if "error" in r:
+            continue
         none = next(x for x in rows if (x["shape"], x["batch"], x["reducer"]) == (r["shape"], r["batch"], NONE))
         ideal = next((x for x in rows if (x["shape"], x["batch"], x["reducer"], x["ratio"]) ==
                       (r["shape"], r["batch"], IDEAL, r["ratio"])), None)
@@ -238,6 +247,9 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
             for r in rows:
                 if (r["shape"], r["batch"]) != (shape, b):
                     continue
+                if "error" in r:
+                    lines.append(f"| {r['reducer']} | {r['ratio']:g} | failed: {r['error'][:120]} |||||||")
+                    continue
                 f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
                 ratio = "—" if r["ratio"] is None else f"{r['ratio']:g}"
                 lines.append(f"| {r['reducer']} | {ratio} | "
@@ -257,7 +269,7 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = list(dict.fromkeys((r["shape"], r["batch"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (shape, b) in zip(axes[0], panels):
-        mine = [r for r in rows if (r["shape"], r["batch"]) == (shape, b)]
+        mine = [r for r in rows if (r["shape"], r["batch"]) == (shape, b) and "error" not in r]
         for i, name in enumerate(dict.fromkeys(r["reducer"] for r in mine if r["reducer"] != NONE)):
             line = sorted((r for r in mine if r["reducer"] == name), key=lambda r: r["tokens_per_image"])
             ax.plot([r["tokens_per_image"] for r in line], [r["ttft_ms"] for r in line], "--" if name == IDEAL else "-o",
