@@ -184,7 +184,10 @@ def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int) -
         raise RuntimeError(f"generation stopped after {out.shape[1]} of {1 + steps} tokens; the decode time would be wrong")
     full = median_ms(lambda: model.generate(**batch, max_new_tokens=1 + steps), device, max(1, repeats // 2), min(warmup, 1))
     with torch.no_grad():
-        tokens = model.encode_images(batch["pixel_values"])
+        tokens = model.encode_images(batch["pixel_values"])  # one image per row: pipeline rows = samples
+        if model.needs_query():  # question-aware stages read each row's prompt, as in generate
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            tokens = tokens.with_query(*model.prompt_query(ids, mask, model.llm.embed(ids)))
         overhead = median_ms(lambda: model.pipeline(tokens), device, repeats, warmup)
     return {"ttft_ms": ttft, "decode_ms_per_token": (full - ttft) / steps, "peak_mem_mb": peak, "overhead_ms": overhead,
             "tokens_per_image": float(media.float().mean())}

@@ -39,3 +39,11 @@ def test_bad_arguments_name_the_problem(capsys):
     with pytest.raises(SystemExit):
         br.parse_args(["--ratios", "1.5"])
     assert "ratios must be in (0, 1), got [1.5]" in capsys.readouterr().err
+
+
+def test_every_reducer_runs_in_the_smoke_mode(tmp_path):
+    """Each default reducer (question-aware and encoder-attention ones included) yields a row without an error."""
+    rows = br.main(["--smoke", "--ratios", "0.25", "--out", str(tmp_path), "--name", "all"])
+    failed = {r["reducer"]: r["error"] for r in rows if "error" in r}
+    assert not failed, failed
+    assert [r["reducer"] for r in rows] == ["none", "ideal", *br.reducer_names()]
