@@ -25,6 +25,19 @@ SPATIAL_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw
 """The 8-connected neighbourhood on a patch grid, as (dh, dw)."""
 
 
+def neighbour_offsets(video_radius: int, device) -> Tensor:
+    """(8 + 2 * video_radius, 3) long ``(dt, dh, dw)``: :data:`SPATIAL_OFFSETS` in order, then ``dt`` in
+    ``-r..-1, 1..r``. Built by kernels on ``device`` (a ``torch.tensor`` of a Python list would be a
+    synchronous host-to-device copy)."""
+    step = torch.arange(-1, 2, device=device)  # (3,)
+    grid = torch.stack([torch.zeros(9, dtype=torch.long, device=device), step.repeat_interleave(3), step.repeat(3)], 1)
+    spatial = torch.cat([grid[:4], grid[5:]])  # (8, 3): the centre (0, 0, 0) left out
+    dt = torch.arange(-video_radius, video_radius + 1, device=device)
+    dt = torch.cat([dt[:video_radius], dt[video_radius + 1:]])  # (2r,)
+    temporal = torch.stack([dt, torch.zeros_like(dt), torch.zeros_like(dt)], 1)
+    return torch.cat([spatial, temporal])
+
+
 def grid_neighbours(index: Tensor, mask: Tensor, layout: Tensor, video_radius: int = 2) -> tuple[Tensor, Tensor]:
     """Spatial (8-connected) and temporal (±``video_radius`` frames, same h, w) neighbours.
 
@@ -40,9 +53,7 @@ def grid_neighbours(index: Tensor, mask: Tensor, layout: Tensor, video_radius: i
     t, rem = index // hw, index % hw  # (B, N)
     h, w = rem // w_len[:, None], rem % w_len[:, None]
 
-    offsets = [(0, dh, dw) for dh, dw in SPATIAL_OFFSETS]
-    offsets += [(dt, 0, 0) for dt in range(-video_radius, video_radius + 1) if dt != 0]
-    off = torch.tensor(offsets, dtype=torch.long, device=dev)  # (K, 3)
+    off = neighbour_offsets(video_radius, dev)  # (K, 3)
     nt = t[..., None] + off[:, 0]  # (B, N, K)
     nh = h[..., None] + off[:, 1]
     nw = w[..., None] + off[:, 2]

@@ -4,7 +4,9 @@ On a GPU each of them waits for every queued kernel, and CUDA-graph capture refu
 nothing waits, so a test records the calls instead (``torch.cuda.set_sync_debug_mode("error")`` is the
 GPU-side check). Recorded: ``.item()``, ``.tolist()``, ``bool()`` / ``float()`` / ``int()`` / index use
 of a tensor (every data-dependent Python branch goes through one), ``nonzero`` / ``argwhere`` /
-``masked_select`` / ``unique`` (their output size is data-dependent) and indexing with a boolean tensor.
+``masked_select`` / ``unique`` (their output size is data-dependent), indexing with a boolean tensor, and
+``torch.tensor`` / ``torch.as_tensor`` (Python data copied to the device). A ``.to(device)`` of a CPU
+tensor is a copy too, but on the CPU it is a no-op the recorder cannot tell apart: the GPU test catches it.
 
     with HostSyncRecorder() as rec:
         stage(batch)
@@ -19,7 +21,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere",
-           "masked_select", "unique", "unique_consecutive", "numpy"}
+           "masked_select", "unique", "unique_consecutive", "numpy",
+           "tensor", "as_tensor"}  # a tensor from Python data: a synchronous host-to-device copy on a GPU
 
 
 def _bool_index(args) -> bool:

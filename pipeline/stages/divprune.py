@@ -44,7 +44,7 @@ def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor, picks: int | None =
     dtype = torch.promote_types(keys.dtype, torch.float32)
     k = torch.where(mask[..., None], keys.detach().to(dtype), torch.zeros((), dtype=dtype, device=dev))
     k = F.normalize(k, dim=-1)
-    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
+    inf = torch.full((), float("inf"), dtype=dtype, device=dev)  # a fill kernel, not a host-to-device copy
     dist = 1 - k @ k.transpose(1, 2)  # (B, N, N) cosine distance
     dist = torch.where(mask[:, None, :] & mask[:, :, None], dist, inf)  # padding is never anyone's nearest
     eye = torch.eye(n, dtype=torch.bool, device=dev)

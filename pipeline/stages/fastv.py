@@ -40,7 +40,8 @@ class FastV(LayerStage):
         if self.drop_ratio == 0 or not bool(media.any()):
             return state
         if self.scoring == "random":
-            score = torch.rand(media.shape, generator=torch.Generator().manual_seed(self.seed)).to(media.device)
+            gen = torch.Generator(device=media.device).manual_seed(self.seed)  # on the device: no host copy
+            score = torch.rand(media.shape, generator=gen, device=media.device)
         else:
             score = attention(self.queries).mean(dim=(1, 2))  # (B, L): heads and asking positions averaged
         n_media = media.sum(1)  # (B,)

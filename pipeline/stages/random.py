@@ -15,8 +15,9 @@ from ..types import Ratio
 class RandomReducer(nn.Module):
     """Keep ``ceil(retention_ratio * n)`` random tokens per row, original order kept.
 
-    In eval the choice is a fixed function of ``seed`` (deterministic); in train it is fresh
-    each call. ``dim`` is accepted for a uniform builder call and unused.
+    In eval the choice is a fixed function of ``seed`` and the device type (the draws come from a
+    generator on the tokens' device, so a GPU picks other tokens than the CPU for the same seed); in
+    train it is fresh each call. ``dim`` is accepted for a uniform builder call and unused.
     """
 
     selects_tokens = True  # kept tokens are input rows
@@ -28,8 +29,9 @@ class RandomReducer(nn.Module):
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
         b, n = batch.mask.shape
+        dev = batch.tokens.device
         gen = None
-        if not self.training:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        scores = torch.rand(b, n, generator=gen).to(batch.tokens.device)
+        if not self.training:  # a generator on the tokens' device: no host-to-device copy of the draws
+            gen = torch.Generator(device=dev).manual_seed(self.seed)
+        scores = torch.rand(b, n, generator=gen, device=dev)
         return select_topk(batch, scores, self.retention_ratio, self.stage_name)

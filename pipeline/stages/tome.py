@@ -182,7 +182,7 @@ class TokenMerging(nn.Module):
         k = out.mask.shape[1]
         kept_slots = sort_key(batch.index, alive).argsort(dim=1, stable=True)[:, :k]
         out_sizes = sizes.gather(1, kept_slots) * out.mask
-        out.stats[self.stage_name]["rounds"] = torch.tensor(float(rounds))  # a host int: no device read
+        out.stats[self.stage_name]["rounds"] = torch.full((), float(rounds))  # a host int, kept on the CPU: no copy
         return out, out_sizes
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
