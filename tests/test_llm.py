@@ -310,3 +310,30 @@ def test_layer_hooks_observe_and_replace(lms):
         _ours(lm, ids, mask, pos, layer_hooks={5: observe})
     with pytest.raises(ValueError, match="layer hook at layer 0 returned shape"):
         _ours(lm, ids, mask, pos, layer_hooks={0: lambda i, h, m, p: h[:, :1]})
+
+
+@pytest.mark.parametrize("every", [2, 3, 8])
+def test_reading_eos_flags_every_few_steps_gives_the_same_tokens(lms, every):
+    """Issue 16: the host reads "every row finished" only every ``eos_check_every`` steps; the rows that
+    finished write pad meanwhile and the result is cut back to the last row's EOS, so it equals the
+    check at every step (the HF-equal path above), stopping early included."""
+    lm = lms["llama"]
+    ids, mask, pos = _left_padded([9, 5, 7], seed=6)
+    kw = dict(max_new_tokens=12, pad_token_id=0)
+    free = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=[], **kw)
+    # EOS ids every row emits before the end: each row stops, at different steps, and generation stops early
+    eos = sorted({int(free[b, min(2 + 2 * b, 10)]) for b in range(3)})
+    each = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=eos, eos_check_every=1, **kw)
+    assert each.shape[1] < 12  # every row met an EOS: stopped early (rows at different steps)
+    fewer = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=eos, eos_check_every=every, **kw)
+    assert fewer.tolist() == each.tolist()
+    never = generate_from_embeds(lm, lm.embed(ids), mask, pos, eos_token_id=[], eos_check_every=every, **kw)
+    assert never.tolist() == free.tolist()  # no EOS: all 12 steps either way
+
+
+def test_eos_check_every_must_be_a_positive_integer(lms):
+    lm = lms["llama"]
+    ids, mask, pos = _left_padded([4], seed=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"eos_check_every must be an integer >= 1, got"):
+            generate_from_embeds(lm, lm.embed(ids), mask, pos, 3, eos_token_id=1, pad_token_id=0, eos_check_every=bad)

@@ -375,6 +375,7 @@ def generate_from_embeds(
     token_kinds: torch.Tensor | None = None,
     return_cache: bool = False,
     cuda_graph: bool | None = None,
+    eos_check_every: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -406,6 +407,12 @@ def generate_from_embeds(
             kernels, eval/results/bench_decode_h200.md). None (default): on whenever it applies;
             False: always eager. Ignored where it cannot apply (CPU, no policy, a policy that is not
             ``graph_safe``, a cache not yet full).
+        eos_check_every: read on the host whether every row has finished only every this many steps
+            (each read waits for the GPU to drain its queue); rows that finished emit ``pad_token_id``
+            meanwhile and the tokens are cut back, with one read at the end, to where the last row
+            finished, so the result equals a check at every step (the returned cache may hold up to
+            ``eos_check_every - 1`` more steps). None (default): 8 on CUDA, 1 elsewhere (a CPU waits
+            for nothing). A streamer reads every token anyway.
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -433,6 +440,10 @@ def generate_from_embeds(
     if streamer is not None and bsz != 1:
         raise ValueError(f"a streamer takes one prompt at a time (batch size 1), got a batch of {bsz}")
     device = inputs_embeds.device
+    if eos_check_every is None:
+        eos_check_every = 8 if device.type == "cuda" else 1
+    if isinstance(eos_check_every, bool) or not isinstance(eos_check_every, int) or eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be an integer >= 1, got {eos_check_every!r}")
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
     warpers = _warpers(do_sample, temperature, top_k, top_p)
@@ -448,6 +459,7 @@ def generate_from_embeds(
     graphed = None  # a GraphedStep once the cache is steady (cuda_graph=True)
     warmed = False
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    done_at = torch.full((bsz,), max(max_new_tokens - 1, 0), dtype=torch.long, device=device)  # (B,) first EOS step
     ones = torch.ones(bsz, 1, dtype=attention_mask.dtype, device=device)
     for step in range(max_new_tokens):
         scores = logits[:, -1, :].float()  # (B, V)
@@ -460,8 +472,11 @@ def generate_from_embeds(
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if streamer is not None:
             streamer.put(nxt.cpu())
-        finished |= torch.isin(nxt, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        now = torch.isin(nxt, eos) & ~finished
+        done_at = torch.where(now, step, done_at)
+        finished |= now
+        if step == max_new_tokens - 1 or (step % eos_check_every == eos_check_every - 1 or streamer is not None) \
+                and bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, ones], dim=1)
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
@@ -485,4 +500,6 @@ def generate_from_embeds(
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
+    if eos_check_every > 1 and tokens.shape[1] > 1 and bool(finished.all()):  # one read: cut the steps after the last EOS
+        tokens = tokens[:, : int(done_at.max()) + 1]
     return (tokens, cache) if return_cache else tokens
