@@ -17,8 +17,10 @@ Rows, per shape and batch size:
   reduction can save at best. ``% of ideal`` = ideal TTFT / the reducer's TTFT (100 % when the reducer
   costs nothing), and ``speed-up`` = TTFT without reduction / TTFT with it.
 
-Timings: time to first token = median wall time of ``generate(max_new_tokens=1)`` on a collated batch on
-the device (vision tower, projector, pipeline, prefill, first token), after warm-up calls, synchronised;
+Timings: time to first token = median wall time (and interquartile range) of ``generate(max_new_tokens=1)``
+on a collated batch on the device (vision tower, projector, pipeline, prefill, first token), synchronised,
+timed round-robin: each round calls every row once, after warm-up rounds, so a drift of the device or the
+host touches every row alike (the first H100 run timed row after row and its batch-1 medians scattered);
 decoding per token = (median time of ``generate(1 + steps)`` - TTFT) / steps, with EOS made unreachable
 so every row decodes ``steps`` tokens; peak memory = ``torch.cuda.max_memory_allocated`` during the
 ``1 + steps`` call minus what was allocated before it (the weights); reducer overhead = median time of
@@ -158,21 +160,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_ms(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0)
+
+
 def median_ms(fn, device, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - t0))
+    times = [timed_ms(fn, device) for _ in range(warmup + repeats)][warmup:]
     return statistics.median(times)
 
 
+def quartiles(times: list[float]) -> tuple[float, float]:
+    """(median, interquartile range) of ``times``."""
+    if len(times) < 2:
+        return times[0], 0.0
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    return q[1], q[2] - q[0]
+
+
 def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int) -> dict:
-    """TTFT, decoding ms per token, peak memory (MB, CUDA only), reducer overhead and tokens per image."""
-    ttft = median_ms(lambda: model.generate(**batch, max_new_tokens=1), device, repeats, warmup)
+    """One row's decoding ms per token, peak memory (MB, CUDA only), reducer overhead and tokens per image
+    (the time to first token is timed afterwards, round-robin over the rows: :func:`time_to_first_token`)."""
+    ttft = median_ms(lambda: model.generate(**batch, max_new_tokens=1), device, max(1, repeats // 2), min(warmup, 1))
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -189,8 +201,21 @@ def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int) -
             ids, mask = batch["input_ids"], batch["attention_mask"]
             tokens = tokens.with_query(*model.prompt_query(ids, mask, model.llm.embed(ids)))
         overhead = median_ms(lambda: model.pipeline(tokens), device, repeats, warmup)
-    return {"ttft_ms": ttft, "decode_ms_per_token": (full - ttft) / steps, "peak_mem_mb": peak, "overhead_ms": overhead,
+    return {"decode_ms_per_token": (full - ttft) / steps, "peak_mem_mb": peak, "overhead_ms": overhead,
             "tokens_per_image": float(media.float().mean())}
+
+
+def time_to_first_token(model, batch: dict, pipes: list, device, repeats: int, warmup: int) -> list[tuple[float, float]]:
+    """(median, IQR) ms of ``generate(max_new_tokens=1)`` with each pipeline, timed round-robin (one call of
+    each per round, ``warmup`` rounds untimed), so slow drifts of the device or host touch every row alike."""
+    times: list[list[float]] = [[] for _ in pipes]
+    for rnd in range(warmup + repeats):
+        for i, pipe in enumerate(pipes):
+            model.pipeline = pipe
+            t = timed_ms(lambda: model.generate(**batch, max_new_tokens=1), device)
+            if rnd >= warmup:
+                times[i].append(t)
+    return [quartiles(t) for t in times]
 
 
 def run(args) -> list[dict]:
@@ -204,17 +229,23 @@ def run(args) -> list[dict]:
         plan = [(NONE, None)] + [(n, r) for r in args.ratios for n in (IDEAL, *args.reducers)]
         for b in args.batch_sizes:
             batch = make_batch(model, b, device)
+            done = []  # (row, pipeline) of the rows that ran
             for name, ratio in tqdm(plan, desc=f"{shape} batch {b}", dynamic_ncols=True):
-                model.pipeline = pipeline_for(name, ratio, dim).to(device=device, dtype=dtype).eval()
+                pipe = pipeline_for(name, ratio, dim).to(device=device, dtype=dtype).eval()
+                model.pipeline = pipe
                 row = {"shape": shape, "batch": b, "reducer": name, "ratio": ratio}
                 try:
                     row.update(measure(model, batch, device, args.steps, args.repeats, args.warmup))
+                    done.append((row, pipe))
                 except (RuntimeError, ValueError) as e:  # one reducer failing must not lose the others' rows
                     if name in (NONE, IDEAL):
                         raise
                     tqdm.write(f"[bench] {shape} batch {b} {name}@{ratio}: {type(e).__name__}: {e}")
                     row["error"] = f"{type(e).__name__}: {e}"
                 rows.append(row)
+            ttfts = time_to_first_token(model, batch, [p for _, p in done], device, args.repeats, args.warmup)
+            for (row, _), (median, iqr) in zip(done, ttfts):
+                row["ttft_ms"], row["ttft_iqr_ms"] = median, iqr
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -245,7 +276,7 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for b in dict.fromkeys(r["batch"] for r in rows if r["shape"] == shape):
             lines += [f"## {shape}, batch {b}", "",
-                      "| reducer | ratio | tokens/image | TTFT ms | speed-up | ideal speed-up | % of ideal | decode ms/token | peak MB | overhead ms |",
+                      "| reducer | ratio | tokens/image | TTFT ms (IQR) | speed-up | ideal speed-up | % of ideal | decode ms/token | peak MB | overhead ms |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 if (r["shape"], r["batch"]) != (shape, b):
@@ -256,7 +287,7 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
                 f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
                 ratio = "—" if r["ratio"] is None else f"{r['ratio']:g}"
                 lines.append(f"| {r['reducer']} | {ratio} | "
-                             f"{r['tokens_per_image']:.1f} | {f(r['ttft_ms'])} | {f(r['speedup'])}x | "
+                             f"{r['tokens_per_image']:.1f} | {f(r['ttft_ms'])} ({f(r['ttft_iqr_ms'])}) | {f(r['speedup'])}x | "
                              f"{f(r['ideal_speedup'])}{'' if r['ideal_speedup'] is None else 'x'} | {f(r['pct_of_ideal'], 1)} | "
                              f"{f(r['decode_ms_per_token'])} | {f(r['peak_mem_mb'], 0)} | {f(r['overhead_ms'])} |")
             lines.append("")
