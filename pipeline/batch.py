@@ -129,6 +129,10 @@ class TokenBatch:
     query_mask: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    kinds: frozenset[int] | None = None
+    """The :class:`Modality` codes the rows may hold, known on the host without reading ``modality``
+    (set by :meth:`from_tokens` from a plain modality, :meth:`empty` and :meth:`cat_rows`); None: unknown.
+    Lets a stage skip work for a modality no row has (fgcs's text neighbours) without a device read."""
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -177,7 +181,8 @@ class TokenBatch:
                 f"number of real tokens per row {mask.sum(1).tolist()}"
             )
         return cls(tokens=tokens, mask=mask, index=index, modality=mod, layout=lay, encoder_attention=encoder_attention,
-                   query=query, query_mask=query_mask)
+                   query=query, query_mask=query_mask,
+                   kinds=None if isinstance(modality, Tensor) else frozenset({int(modality)}))
 
     @classmethod
     def empty(cls, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "TokenBatch":
@@ -189,6 +194,7 @@ class TokenBatch:
             index=torch.zeros(0, 1, dtype=torch.long, device=device),
             modality=torch.zeros(0, dtype=torch.long, device=device),
             layout=torch.zeros(0, 3, dtype=torch.long, device=device),
+            kinds=frozenset(),
         )
 
     @classmethod
@@ -251,6 +257,7 @@ class TokenBatch:
             encoder_attention=attention,
             query=query,
             query_mask=query_mask,
+            kinds=None if any(p.kinds is None for p in parts) else frozenset().union(*(p.kinds for p in parts)),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -275,6 +282,7 @@ class TokenBatch:
             encoder_attention=None if self.encoder_attention is None else self.encoder_attention[order],
             query=None if self.query is None else self.query[order],
             query_mask=None if self.query_mask is None else self.query_mask[order],
+            kinds=self.kinds,  # the rows taken hold a subset
         )
 
     def with_query(self, query: Tensor | None, query_mask: Tensor | None = None) -> "TokenBatch":

@@ -101,19 +101,22 @@ def group_neighbours(
     features: Tensor | None,
     text_k: int = 5,
     video_radius: int = 2,
+    kinds: frozenset[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each token's group by its row's modality (see the module doc). ``(pos, valid)``, (B, N, K).
 
     Image, video and audio rows use :func:`grid_neighbours`; text rows :func:`text_neighbours` on
     ``features`` (the token values when a row has no semantic features). The text neighbours are computed
-    for every row whenever ``features`` is given and ``text_k`` > 0, and kept only for text rows, so the
-    shapes never depend on which modalities a batch holds. Rows of different
+    for every row whenever ``features`` is given, ``text_k`` > 0 and ``kinds`` (the modality codes the
+    batch may hold, known on the host: ``TokenBatch.kinds``; None: unknown) allows a text row, and kept
+    only for text rows: nothing is read from the device to decide. Rows of different
     modalities share one batch: both neighbour sets are computed and each row keeps its own.
     """
     pos, valid = grid_neighbours(index, mask, layout, video_radius)
     is_text = modality == int(Modality.TEXT)  # (B,)
     valid = valid & ~is_text[:, None, None]
-    if features is not None and text_k > 0:  # for every row (no host read of whether one is text), kept for text rows
+    may_be_text = kinds is None or int(Modality.TEXT) in kinds  # known on the host (TokenBatch.kinds): no device read
+    if features is not None and text_k > 0 and may_be_text:  # for every row, kept for text rows
         tpos, tvalid = text_neighbours(features, mask, text_k)
         tvalid = tvalid & is_text[:, None, None]
         pos, valid = torch.cat([pos, tpos], -1), torch.cat([valid, tvalid], -1)

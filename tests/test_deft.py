@@ -423,3 +423,18 @@ def test_top_feedback_target_labels_each_rows_most_important_share(share):
         expected = torch.tensor([1.0 if p in top else 0.0 for p in range(12)])
         torch.testing.assert_close(fb["target"][b], expected)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.saliency.parameters())
+
+
+def test_group_mean_is_the_same_whether_or_not_the_host_knows_there_is_no_text_row():
+    """group_neighbours skips the text neighbours when ``kinds`` rules text out; the group means equal
+    those of the unknown case (where they are computed for every row and masked off non-text rows)."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.arange(16).expand(2, 16)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    layout = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    modality = torch.full((2,), int(Modality.IMAGE))
+    feats, logits = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, generator=g)
+    known = group_neighbours(index, mask, modality, layout, feats, kinds=frozenset({int(Modality.IMAGE)}))
+    unknown = group_neighbours(index, mask, modality, layout, feats)
+    assert known[0].shape[-1] < unknown[0].shape[-1]  # the text neighbours were not computed
+    torch.testing.assert_close(group_mean(logits, *known), group_mean(logits, *unknown))

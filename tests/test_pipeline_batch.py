@@ -94,3 +94,19 @@ def test_row_operations_refuse_batches_a_stage_has_touched(changes, named):
         TokenBatch.cat_rows([part(1, 3), touched])
     with pytest.raises(ValueError, match=re.escape(f"TokenBatch.take_rows takes fresh batches (before any stage ran), but this one has {named} set")):
         touched.take_rows(torch.tensor([0]))
+
+
+def test_kinds_say_on_the_host_which_modalities_the_rows_may_hold():
+    """TokenBatch.kinds: set from a plain modality, unioned by cat_rows, kept by take_rows and stages,
+    None when the modality came as a tensor (unknown without a device read)."""
+    from pipeline import Modality, TokenBatch, build_pipeline
+
+    img = TokenBatch.from_tokens(torch.randn(1, 4, 8), modality=Modality.IMAGE, layout=(1, 2, 2))
+    txt = TokenBatch.from_tokens(torch.randn(2, 3, 8), modality=Modality.TEXT, layout=(3, 1, 1))
+    assert img.kinds == {int(Modality.IMAGE)} and TokenBatch.empty(8).kinds == frozenset()
+    both = TokenBatch.cat_rows([img, txt])
+    assert both.kinds == {int(Modality.IMAGE), int(Modality.TEXT)} and both.take_rows(torch.tensor([0])).kinds == both.kinds
+    unknown = TokenBatch.from_tokens(torch.randn(1, 4, 8), modality=torch.tensor([int(Modality.IMAGE)]), layout=(1, 2, 2))
+    assert unknown.kinds is None and TokenBatch.cat_rows([img, unknown]).kinds is None
+    out = build_pipeline([{"name": "random", "retention_ratio": 0.5}], dim=8).eval()(both)
+    assert out.kinds == both.kinds

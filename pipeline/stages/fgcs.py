@@ -329,7 +329,7 @@ class FGCS(nn.Module):
         if self.group_weight > 0:
             pos, valid = group_neighbours(
                 batch.index, batch.mask, batch.modality, batch.layout, self._inputs(batch).detach(),
-                self.text_k, self.video_radius,
+                self.text_k, self.video_radius, kinds=batch.kinds,
             )
             score = score + self.group_weight * group_mean(logits, pos, valid)
         return score
