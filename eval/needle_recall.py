@@ -37,7 +37,6 @@ from eval.common import run_metadata, write_json  # noqa: E402
 from llava_deft.data import build_collator  # noqa: E402
 from llava_deft.data.passkey import PasskeyDataset  # noqa: E402
 from llava_deft.evaluation.sweep import resolve_pipeline  # noqa: E402
-from llava_deft.modality import MEDIA_INPUTS  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
 from pipeline.stages.fgcs import FEEDBACK_SIGNALS, feedback_importance  # noqa: E402
 
@@ -72,14 +71,13 @@ def passage_key_mask(text_ids: torch.Tensor, text_lengths: torch.Tensor, digit: 
     return digit.to(text_ids.device)[text_ids] & valid
 
 
-def kept_positions(model, batch: dict) -> list[torch.Tensor]:
-    """Per pipeline row (one passage per sample here), the original positions the pipeline keeps (eval mode)."""
-    with torch.no_grad(), model._trace_pipeline() as trace:
-        model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch.get("labels"),
-                             **{k: v for k, v in batch.items() if k in MEDIA_INPUTS})
-    start = max(i for i, (name, _) in enumerate(trace) if name == "input")
-    out = trace[-1][1] if len(trace) > start + 1 else trace[start][1]
-    return [out.index[r][out.mask[r]] for r in range(out.index.shape[0])]
+def kept_positions(model, items: list[dict], device) -> list[torch.Tensor]:
+    """Per passage (one per item), the original positions the pipeline keeps, as ``generate``'s own report
+    gives them (``return_info``: one prefill, eval mode, as at inference)."""
+    batch = build_collator(model.processors, generation=True)(items)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    _, info = model.generate(**batch, max_new_tokens=1, return_info=True)
+    return [torch.tensor(media[0].kept, dtype=torch.long) for media in info.media]
 
 
 def feedback_gradient(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -110,11 +108,11 @@ def measure(model, dataset, ratios: list[float], batch_size: int, device) -> lis
     """One row per ratio: kept recall, keys kept whole and, per feedback signal, the target's recall."""
     collate = build_collator(model.processors)
     digit = digit_token_table(model.tokenizer)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda items: (collate(items), items))
     zero = {"key_tokens": 0, "kept": 0, "whole": 0, "passages": 0}
     acc = {r: {**zero, **{f"{s}_{w}": 0 for s in FEEDBACK_SIGNALS for w in ("hits", "whole")}} for r in ratios}
     has_target = True
-    for batch in tqdm(loader, desc="needle recall", dynamic_ncols=True):
+    for batch, items in tqdm(loader, desc="needle recall", dynamic_ncols=True):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         key = passage_key_mask(batch["text_ids"], batch["text_lengths"], digit)  # (P, L)
         lengths = batch["text_lengths"].to(device)
@@ -123,7 +121,7 @@ def measure(model, dataset, ratios: list[float], batch_size: int, device) -> lis
         targets = {} if grad is None else {s: feedback_importance(*grad, s) for s in FEEDBACK_SIGNALS}  # (P, N) each
         for r in ratios:
             model.pipeline.set_retention(r)
-            kept = kept_positions(model, batch)
+            kept = kept_positions(model, items, device)
             a = acc[r]
             for p, pos in enumerate(kept):
                 k_idx = key[p].nonzero().flatten()

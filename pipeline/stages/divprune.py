@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TokenBatch
-from ..ops import budget, split_by_mask, static_budget, budget_widths
+from ..ops import budget, budget_widths, split_by_mask
 from ..registry import register
 from ..types import Ratio
 
@@ -86,6 +86,6 @@ class DivPrune(nn.Module):
                 raise ValueError("divprune was built with use_features=True but the batch has no `features`; "
                                  "put a feature stage such as 'sam' before it")
             keys = batch.features
-        width = static_budget(batch.mask.shape[1], self.retention_ratio)
+        width, drop_width = budget_widths(batch.mask.shape[1], self.retention_ratio)
         keep = max_min_select(keys, batch.mask, budget(batch.lengths, self.retention_ratio), picks=width)
-        return split_by_mask(batch, keep, self.stage_name, *budget_widths(batch.mask.shape[1], self.retention_ratio))
+        return split_by_mask(batch, keep, self.stage_name, width, drop_width)

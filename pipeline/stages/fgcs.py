@@ -86,7 +86,7 @@ from torch import Tensor, nn
 
 from ..batch import TokenBatch
 from ..group import group_mean, group_neighbours
-from ..ops import budget, keep_mask_topk, merge_into_kept, split_by_mask, static_budget, budget_widths
+from ..ops import budget, budget_widths, keep_mask_topk, merge_into_kept, split_by_mask
 from ..registry import register
 from ..types import NonNegFloat, NonNegInt, PosInt, Ratio
 
