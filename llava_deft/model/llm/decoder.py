@@ -40,9 +40,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
 from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
+from .static import BUCKET, StaticDecoder, static_unsupported
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "StaticDecoder",
     "TINY_LLM",
     "DecoderLM",
     "LayerHook",
@@ -180,6 +182,7 @@ class DecoderLM(nn.Module):
         self.hf = hf_model
         self._cache_kw = cache_kwarg(hf_model.model.layers[0])  # "cache" (transformers >= 5.23) or "past_key_values"
         self._stages: LLMStages | None = None  # installed by use_stages()
+        self._static: tuple[tuple, StaticDecoder] | None = None  # (key, decoder) kept between generate calls
 
     @property
     def config(self):
@@ -217,6 +220,24 @@ class DecoderLM(nn.Module):
             yield self._stages
         finally:
             self._stages = previous
+
+    def static_decoder(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                       capture: bool) -> StaticDecoder:
+        """The :class:`StaticDecoder` for this batch size, cache length, device and dtype, kept between calls
+        (its buffers and CUDA graph are reused) while the weights stay where they are; one is kept at a time."""
+        weights = tuple(p.data_ptr() for p in (self.hf.model.embed_tokens.weight, self.hf.lm_head.weight,
+                                               next(self.hf.model.layers[0].parameters())))
+        key = (batch_size, max_len, torch.device(device), dtype, bool(capture), weights, self.training)
+        if self._static is not None and self._static[0] == key:
+            return self._static[1]
+        self.release_static()  # free the old buffers before allocating new ones
+        decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture)
+        self._static = (key, decoder)
+        return decoder
+
+    def release_static(self) -> None:
+        """Free the static decoding cache and its CUDA graph (``generate_from_embeds(static_cache=...)``)."""
+        self._static = None
 
     def layer_types(self) -> list[str]:
         """Per-layer attention type, "full_attention" or "sliding_attention"."""
@@ -376,6 +397,7 @@ def generate_from_embeds(
     return_cache: bool = False,
     cuda_graph: bool | None = None,
     eos_check_every: int | None = None,
+    static_cache: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -400,7 +422,11 @@ def generate_from_embeds(
             ``pipeline.Modality`` code), for stages that act on media tokens.
         return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
             gives per-layer slots, tokens, evictions and bytes).
-        cuda_graph: on CUDA, with cache policies on every layer that evict while decoding (TOVA without
+        cuda_graph: without LLM stages, on CUDA: decode through a :class:`StaticDecoder` (keys and values in
+            preallocated slots, see ``static_cache``) whose step is captured in a CUDA graph at the second
+            step and replayed (the host launches one graph per token instead of ~15 kernels per layer; the
+            buffers and graph are kept for the next call of the same batch size and cache bucket). With
+            cache policies on every layer that evict while decoding (TOVA without
             debug or weighted heads, StreamingLLM, H2O), capture one steady decoding step in a CUDA
             graph once the caches are full and replay it for the remaining steps (same tokens, far
             fewer kernel launches: eager decoding with a policy spends most of a step launching
@@ -413,6 +439,14 @@ def generate_from_embeds(
             finished, so the result equals a check at every step (the returned cache may hold up to
             ``eos_check_every - 1`` more steps). None (default): 8 on CUDA, 1 elsewhere (a CPU waits
             for nothing). A streamer reads every token anyway.
+        static_cache: without LLM stages: decode with the prompt's keys and values copied into
+            preallocated slots (prompt + ``max_new_tokens`` rounded up to a multiple of 256), attending over
+            them through a validity mask, so every step has the same shapes (what ``cuda_graph`` captures).
+            The prefill is the plain path's (same first token); later logits equal the plain path's up to
+            kernel rounding. None (default): on where the capture applies (CUDA, no stages, ``cuda_graph``
+            not False, ``max_new_tokens`` > 1, full-attention layers under 'sdpa' or 'eager'); True: also on
+            CPU or uncaptured (``cuda_graph=False``), ``ValueError`` where it cannot apply; False: never.
+            With ``return_cache`` the cache returned is then the static one (a :class:`SlotCache`).
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -451,9 +485,21 @@ def generate_from_embeds(
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     next_pos = position_ids[:, -1:].to(device=device, dtype=torch.long) + 1  # (B, 1)
     runner = lm.bind_stages(stages) if stages is not None else lm._stages
+    why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
+    if static_cache is None:
+        static_cache = (cuda_graph is not False and device.type == "cuda" and why_not is None
+                        and max_new_tokens > 1)
+    elif static_cache and why_not is not None:
+        raise ValueError(f"static_cache=True cannot apply: {why_not}; pass static_cache=None or False")
     cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
     logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,
                        stages=runner, token_kinds=token_kinds)
+    static = None
+    if static_cache and max_new_tokens > 1:
+        slots = -(-(prompt_len + max_new_tokens) // BUCKET) * BUCKET
+        static = lm.static_decoder(bsz, slots, device, cache.layers[0].keys.dtype, capture=cuda_graph is not False)
+        static.load(cache, attention_mask)
+        cache = static.cache
 
     tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
     graphed = None  # a GraphedStep once the cache is steady (cuda_graph=True)
@@ -478,6 +524,10 @@ def generate_from_embeds(
         if step == max_new_tokens - 1 or (step % eos_check_every == eos_check_every - 1 or streamer is not None) \
                 and bool(finished.all()):
             break
+        if static is not None:  # preallocated slots, the step replayed from a CUDA graph where captured
+            logits = static.step(nxt[:, None], next_pos)
+            next_pos = next_pos + 1
+            continue
         attention_mask = torch.cat([attention_mask, ones], dim=1)
         step_embeds = lm.embed(nxt[:, None])  # (B, 1, D)
         if graphed is not None:

@@ -1,0 +1,196 @@
+"""Decoding with a preallocated KV cache, one step captured in a CUDA graph and replayed (issue 16).
+
+Eager decoding of a 7B decoder at batch 1 is launch-bound: a step launches ~15 kernels per layer and the
+host needs longer to launch them than the GPU to run them (eval/results/bench_reducers_h100.md: 21-38 ms
+per token where reading the weights takes ~4 ms). :class:`StaticDecoder` removes that:
+
+- the prefill runs as before (``DecoderLM.forward`` with a ``DynamicCache``: the same kernels, so the
+  first token is the plain path's), and its keys and values are copied into buffers of ``max_len`` slots
+  per row (:class:`SlotLayer`);
+- a decoding step embeds the token ids in a static input buffer, writes the new key and value at slot
+  ``write_at`` (a device tensor), marks the slot valid in a ``(B, max_len)`` mask and attends over every
+  slot through that mask -- nothing changes shape or address from step to step;
+- on CUDA the step runs eagerly once (on a side stream: the warm-up capture needs), is captured by
+  ``torch.cuda.graph`` at the next step and replayed from then on; the host only copies the new token
+  ids and positions into the input buffers and launches one graph.
+
+A decoder keeps its buffers and graph between ``generate`` calls of the same batch size, cache bucket
+(prompt + new tokens rounded up to :data:`BUCKET` slots), dtype and weights (``DecoderLM.static_decoder``):
+a later call replays from its first step. ``DecoderLM.release_static()`` frees them.
+
+Where it cannot apply (LLM stages, sliding-window layers, an attention implementation that ignores a
+4D mask) the caller uses the plain path; a capture that fails (a layer that reads a device value on
+the host) is logged and the decoder carries on eagerly with the same buffers -- never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+__all__ = ["BUCKET", "SlotLayer", "SlotCache", "StaticDecoder", "static_unsupported"]
+
+logger = logging.getLogger("llava_deft.generate")
+
+BUCKET = 256  # cache slots are allocated in multiples of this, so nearby lengths share buffers and graph
+
+
+def static_unsupported(lm: Any) -> str | None:
+    """Why ``lm`` cannot decode through a :class:`StaticDecoder`, or None when it can."""
+    impl = getattr(lm.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        return f"attn_implementation {impl!r} ignores a 4D mask (use 'sdpa' or 'eager')"
+    types = set(lm.layer_types())
+    if types != {"full_attention"}:
+        return f"layer types {sorted(types)}: sliding-window layers need their own ring cache"
+    return None
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values ``(B, H_kv, max_len, d)`` preallocated; ``update`` writes the new ones at
+    ``write_at + (0..L-1)`` (a shared device tensor) with ``index_copy_`` and returns the whole buffer."""
+
+    def __init__(self, keys: Tensor, values: Tensor, write_at: Tensor, offsets: Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.write_at, self.offsets = write_at, offsets
+        self.length = 0  # host count of written slots (``get_seq_length``)
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        idx = self.write_at + self.offsets[: key_states.shape[-2]]  # (L,) slots, on the device
+        self.keys.index_copy_(2, idx, key_states)
+        self.values.index_copy_(2, idx, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+class SlotCache(Cache):
+    """A transformers ``Cache`` of :class:`SlotLayer` s sharing one ``write_at`` slot index."""
+
+    def __init__(self, layers: list[SlotLayer]):
+        super().__init__(layers=layers)
+
+
+class StaticDecoder:
+    """Preallocated cache + one decoding step, replayed from a CUDA graph where ``capture`` (see the module
+    docstring). Built by ``DecoderLM.static_decoder``; driven by ``generate_from_embeds``."""
+
+    def __init__(self, lm: Any, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 capture: bool):
+        cfg = lm.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.lm, self.batch_size, self.max_len = lm, batch_size, max_len
+        self.device, self.dtype = torch.device(device), dtype
+        self.capture = bool(capture) and self.device.type == "cuda"
+        self.eager_attn = getattr(cfg, "_attn_implementation", "sdpa") == "eager"
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        offsets = torch.arange(max_len, device=device)
+        self.cache = SlotCache([
+            SlotLayer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                      self.write_at, offsets)
+            for _ in range(lm.num_layers)
+        ])
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # slots a query may read
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the step's inputs
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.length = 0  # slots written (prompt + steps), on the host
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # the graph's output buffer
+        self._warmed = False
+        self.graph_failed: str | None = None  # why capture was given up (logged once)
+
+    def key(self) -> tuple:
+        return (self.batch_size, self.max_len, self.device, self.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache buffers."""
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+    # ------------------------------------------------------------------ prefill
+    def load(self, prompt_cache: DynamicCache, attention_mask: Tensor) -> None:
+        """Copy a prefill's keys and values (``P`` slots per layer) and its padding mask into the buffers."""
+        prompt_len = attention_mask.shape[1]
+        if prompt_len >= self.max_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens does not fit a static cache of {self.max_len} slots")
+        for slot_layer, layer in zip(self.cache.layers, prompt_cache.layers):
+            slot_layer.keys[:, :, :prompt_len].copy_(layer.keys)
+            slot_layer.values[:, :, :prompt_len].copy_(layer.values)
+            slot_layer.length = prompt_len
+        self.valid.zero_()
+        self.valid[:, :prompt_len].copy_(attention_mask.bool())
+        self.length = prompt_len
+
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> Tensor:
+        """The captured body: ids and positions from the input buffers -> logits (B, 1, V)."""
+        lm = self.lm
+        hf_model = lm.hf.model
+        h = lm.embed(self.ids)  # (B, 1, D)
+        self.valid.index_fill_(1, self.write_at, True)
+        allowed = self.valid[:, None, None, :]  # (B, 1, 1, max_len)
+        if self.eager_attn:
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~allowed, torch.finfo(h.dtype).min)
+        else:
+            mask = allowed
+        pe = hf_model.rotary_emb(h, self.positions)
+        for layer in hf_model.layers[: lm.num_layers]:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=self.positions, use_cache=True,
+                      **{lm._cache_kw: self.cache})
+        return lm.hf.lm_head(hf_model.norm(h))
+
+    def step(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """Decode one token per row: ids (B, 1) at RoPE positions (B, 1) -> logits (B, 1, V)."""
+        if self.length >= self.max_len:
+            raise ValueError(f"the static cache of {self.max_len} slots is full")
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.write_at.fill_(self.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        elif self.capture and self._warmed and self.graph_failed is None:
+            logits = self._capture_and_replay()
+        elif self.capture and self.graph_failed is None:  # warm-up (cuBLAS handles, autotuning) on a side stream
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                logits = self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warmed = True
+        else:
+            logits = self._step()
+        self.length += 1
+        for layer in self.cache.layers:
+            layer.length = self.length
+        return logits
+
+    def _capture_and_replay(self) -> Tensor:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._step()
+        except RuntimeError as e:  # a kernel read a device value on the host: decode eagerly from here on
+            self.graph_failed = str(e).splitlines()[0]
+            logger.warning("static decoding: capturing the step in a CUDA graph failed (%s); decoding eagerly "
+                           "with the static cache instead", self.graph_failed)
+            torch.cuda.synchronize(self.device)
+            return self._step()
+        self.graph, self.logits = graph, out
+        graph.replay()
+        return out

@@ -1,0 +1,150 @@
+"""Static-cache decoding (``generate_from_embeds(static_cache=...)``, issue 16): the preallocated slots give
+the plain path's tokens and logits, buffers are reused safely between calls, and it refuses where it cannot
+apply. The CUDA-graph capture of the same step is tested in tests/test_static_decode_cuda.py (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from llava_deft.model.llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
+from llava_deft.model.llm.static import BUCKET, SlotCache, StaticDecoder, static_unsupported
+from pipeline import build_pipeline
+
+VOCAB = 97
+SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _build(model_type: str, seed: int = 0, **overrides) -> DecoderLM:
+    torch.manual_seed(seed)
+    spec = {**TINY_LLM, **SMALL, "model_type": model_type, **overrides}
+    return DecoderLM(build_llm(spec, vocab_size=VOCAB)).eval()
+
+
+@pytest.fixture(scope="module")
+def lms() -> dict[str, DecoderLM]:
+    return {mt: _build(mt) for mt in ("llama", "qwen2", "qwen3")}
+
+
+def _prompts(lengths: list[int], seed: int = 1, gaps: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]).long()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    if gaps:  # pruned media keep their original positions: jumps inside the prompt
+        pos = pos + (pos >= 3).long() * 7
+    return ids.masked_fill(mask == 0, 0), mask, pos
+
+
+def _gen(lm, ids, mask, pos, **kw):
+    kw = {"max_new_tokens": 10, "eos_token_id": [], "pad_token_id": 0, **kw}
+    return generate_from_embeds(lm, lm.embed(ids), mask, pos, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("gaps", [False, True], ids=["dense", "gaps"])
+def test_static_slots_give_the_plain_tokens(lms, model_type, gaps):
+    lm = lms[model_type]
+    ids, mask, pos = _prompts([11, 4, 8], seed=2, gaps=gaps)
+    with torch.no_grad():
+        plain = _gen(lm, ids, mask, pos, static_cache=False)
+        static = _gen(lm, ids, mask, pos, static_cache=True)
+    assert static.tolist() == plain.tolist()
+    assert plain.shape == (3, 10)
+
+
+def test_static_step_logits_equal_the_plain_forward(lms):
+    """Step by step, the static decoder's logits equal a DynamicCache decoding step's (float32, same tokens)."""
+    lm = lms["qwen2"]
+    ids, mask, pos = _prompts([9, 5], seed=3)
+    with torch.no_grad():
+        logits, cache = lm(lm.embed(ids), mask, pos, None, use_cache=True, logits_to_keep=1)
+        dec = StaticDecoder(lm, 2, 32, torch.device("cpu"), torch.float32, capture=False)
+        dec.load(cache, mask)
+        nxt_pos = pos[:, -1:] + 1
+        for _ in range(6):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            logits, cache = lm(lm.embed(tok), mask, nxt_pos, cache, use_cache=True, logits_to_keep=1)
+            assert_close(dec.step(tok, nxt_pos), logits, rtol=1e-5, atol=1e-5)
+            nxt_pos = nxt_pos + 1
+    assert dec.length == 9 + 6 and dec.cache.get_seq_length() == 15
+    assert dec.valid[1].sum() == 5 + 6 and not dec.valid[:, 15:].any()  # left pads and unwritten slots unread
+
+
+def test_eos_stops_rows_and_early_exit_with_static_slots(lms):
+    lm = lms["llama"]
+    ids, mask, pos = _prompts([9, 5, 7], seed=6)
+    free = _gen(lm, ids, mask, pos, max_new_tokens=12, static_cache=False)
+    eos = sorted({int(free[b, min(2 + 2 * b, 10)]) for b in range(3)})
+    for every in (1, 3):
+        plain = _gen(lm, ids, mask, pos, max_new_tokens=12, eos_token_id=eos, static_cache=False, eos_check_every=every)
+        static = _gen(lm, ids, mask, pos, max_new_tokens=12, eos_token_id=eos, static_cache=True, eos_check_every=every)
+        assert static.tolist() == plain.tolist() and static.shape[1] < 12
+
+
+def test_buffers_are_reused_and_stale_slots_are_never_read(lms):
+    """A second call of the same batch size and bucket reuses the decoder; a shorter prompt after a longer
+    one must not see the first call's keys (its validity mask is reset by the load)."""
+    lm = _build("llama", seed=4)
+    long = _prompts([30, 30], seed=7)
+    short = _prompts([6, 3], seed=8)
+    with torch.no_grad():
+        _gen(lm, *long, static_cache=True)
+        first = lm._static[1]
+        assert isinstance(first, StaticDecoder) and first.max_len == BUCKET
+        again = _gen(lm, *short, static_cache=True)
+        assert lm._static[1] is first  # same buffers
+        assert again.tolist() == _gen(lm, *short, static_cache=False).tolist()
+        _gen(lm, *_prompts([4], seed=9), static_cache=True)  # batch size 1: a new decoder replaces it
+        assert lm._static[1] is not first and lm._static[1].batch_size == 1
+        lm.hf.to(torch.float64)  # the weights moved: the next call must not read the old buffers' addresses
+        _gen(lm, *_prompts([4], seed=9), static_cache=True)
+        assert lm._static[1].dtype == torch.float64
+    lm.release_static()
+    assert lm._static is None
+
+
+def test_bucket_grows_with_prompt_plus_new_tokens(lms):
+    lm = lms["qwen3"]
+    ids, mask, pos = _prompts([BUCKET - 5], seed=10)
+    out, cache = _gen(lm, ids, mask, pos, max_new_tokens=8, static_cache=True, return_cache=True)
+    assert isinstance(cache, SlotCache) and cache.layers[0].keys.shape[-2] == 2 * BUCKET
+    assert out.tolist() == _gen(lm, ids, mask, pos, max_new_tokens=8, static_cache=False).tolist()
+
+
+def test_eager_attention_masks_additively():
+    torch.manual_seed(5)
+    lm = DecoderLM(build_llm({**TINY_LLM, **SMALL}, vocab_size=VOCAB, attn_implementation="eager")).eval()
+    ids, mask, pos = _prompts([7, 3], seed=11)
+    assert _gen(lm, ids, mask, pos, static_cache=True).tolist() == _gen(lm, ids, mask, pos, static_cache=False).tolist()
+
+
+def test_default_is_off_on_cpu_and_refusals_name_the_reason(lms):
+    lm = lms["llama"]
+    ids, mask, pos = _prompts([5], seed=12)
+    lm.release_static()
+    _gen(lm, ids, mask, pos)  # CPU default: the plain path, nothing allocated
+    assert lm._static is None
+    tova = build_pipeline({"llm": [{"name": "tova", "cache_max_size": 4}]}, dim=lm.hidden_size).llm
+    with pytest.raises(ValueError, match=r"static_cache=True cannot apply: LLM stages keep their own cache"):
+        _gen(lm, ids, mask, pos, stages=tova, static_cache=True)
+    sliding = _build("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding" in static_unsupported(sliding)
+    with pytest.raises(ValueError, match=r"static_cache=True cannot apply: layer types .*sliding"):
+        _gen(sliding, ids, mask, pos, static_cache=True)
+    assert _gen(sliding, ids, mask, pos).shape == (1, 10)  # the default falls back to the plain path
+
+
+def test_a_full_static_cache_refuses_another_step(lms):
+    lm = lms["llama"]
+    ids, mask, pos = _prompts([3], seed=13)
+    with torch.no_grad():
+        _, cache = lm(lm.embed(ids), mask, pos, None, use_cache=True, logits_to_keep=1)
+        dec = StaticDecoder(lm, 1, 4, torch.device("cpu"), torch.float32, capture=False)
+        dec.load(cache, mask)
+        dec.step(ids[:, :1], pos[:, -1:] + 1)
+        with pytest.raises(ValueError, match="static cache of 4 slots is full"):
+            dec.step(ids[:, :1], pos[:, -1:] + 2)

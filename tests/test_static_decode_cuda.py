@@ -1,0 +1,105 @@
+"""The static decoding step captured in a CUDA graph (``generate_from_embeds(cuda_graph=...)`` without LLM
+stages, issue 16): the replay gives the uncaptured step's tokens exactly, is reused between calls, launches
+no host sync, and a capture that fails is logged and decoded eagerly.
+
+Skipped without a GPU. On a GPU box: ``PYTHONPATH=. python -m pytest -q tests/test_static_decode_cuda.py``.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from llava_deft.model.llm import DecoderLM, build_llm, generate_from_embeds
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def tiny_lm(model_type: str = "llama", dtype=torch.float32) -> DecoderLM:
+    torch.manual_seed(0)
+    spec = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 97, "max_position_embeddings": 1024}
+    with torch.device("cuda"):
+        return DecoderLM(build_llm(spec, torch_dtype=dtype).eval())
+
+
+def prompts(lm: DecoderLM, b: int = 3, length: int = 40):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (b, length), generator=g).cuda()
+    mask = torch.ones(b, length, dtype=torch.long, device="cuda")
+    if b > 1:
+        mask[1, :9] = 0
+    if b > 2:
+        mask[2, :20] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return lm.embed(ids).detach(), mask, pos
+
+
+def gen(lm, embeds, mask, pos, **kw):
+    kw = {"max_new_tokens": 24, "eos_token_id": [], "pad_token_id": 0, **kw}
+    with torch.no_grad():
+        return generate_from_embeds(lm, embeds, mask, pos, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_replay_equals_the_uncaptured_step_and_the_plain_path(model_type, b):
+    lm = tiny_lm(model_type)
+    embeds, mask, pos = prompts(lm, b)
+    captured = gen(lm, embeds, mask, pos)  # the default on CUDA: static slots, captured
+    dec = lm._static[1]
+    assert dec.graph is not None and dec.graph_failed is None
+    uncaptured = gen(lm, embeds, mask, pos, static_cache=True, cuda_graph=False)
+    plain = gen(lm, embeds, mask, pos, cuda_graph=False)
+    assert captured.tolist() == uncaptured.tolist() == plain.tolist()
+
+
+def test_bf16_replay_equals_the_uncaptured_static_step_exactly():
+    lm = tiny_lm("llama", torch.bfloat16)
+    embeds, mask, pos = prompts(lm, 3)
+    captured = gen(lm, embeds, mask, pos, max_new_tokens=40)
+    uncaptured = gen(lm, embeds, mask, pos, max_new_tokens=40, static_cache=True, cuda_graph=False)
+    assert torch.equal(captured, uncaptured)
+
+
+def test_graph_is_reused_and_replays_without_host_syncs():
+    lm = tiny_lm()
+    embeds, mask, pos = prompts(lm, 2)
+    first = gen(lm, embeds, mask, pos)
+    dec = lm._static[1]
+    graph = dec.graph
+    second = gen(lm, embeds, mask, pos)  # replays from the first step: no warm-up, no new capture
+    assert lm._static[1] is dec and dec.graph is graph
+    assert torch.equal(first, second)
+    tok = first[:, :1]
+    nxt = pos[:, -1:] + 1
+    dec.length = 40
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            dec.step(tok, nxt)
+            nxt = nxt + 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_failed_capture_is_logged_and_decoding_goes_on_eagerly(caplog, monkeypatch):
+    lm = tiny_lm()
+    embeds, mask, pos = prompts(lm, 2)
+    expected = gen(lm, embeds, mask, pos, cuda_graph=False)
+    lm.release_static()
+    norm = lm.hf.model.norm
+    real = norm.forward
+
+    def reads_the_device(x):  # a module that branches on a device value cannot be captured
+        if bool(x.abs().sum() > 0):
+            return real(x)
+        return real(x)
+
+    monkeypatch.setattr(norm, "forward", reads_the_device)
+    with caplog.at_level(logging.WARNING, logger="llava_deft.generate"):
+        out = gen(lm, embeds, mask, pos)
+    assert lm._static[1].graph is None and lm._static[1].graph_failed
+    assert "capturing the step in a CUDA graph failed" in caplog.text
+    assert out.tolist() == expected.tolist()
