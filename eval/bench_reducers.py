@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--eager", action="store_true",
+                   help="generate with cuda_graph=False (every kernel launched from Python) instead of the default, "
+                        "where the vision tower, the pipeline, the prefill and each decoding step replay from CUDA graphs")
     p.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, 1 repeat: checks the script runs")
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None, help="default bench_reducers_<device>")
@@ -181,20 +184,21 @@ def quartiles(times: list[float]) -> tuple[float, float]:
     return q[1], q[2] - q[0]
 
 
-def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int) -> dict:
+def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int, **gen) -> dict:
     """One row's decoding ms per token, peak memory (MB, CUDA only), reducer overhead and tokens per image
     (the time to first token is timed afterwards, round-robin over the rows: :func:`time_to_first_token`)."""
-    ttft = median_ms(lambda: model.generate(**batch, max_new_tokens=1), device, max(1, repeats // 2), min(warmup, 1))
+    # two untimed calls: the first warms up, the second captures (graphs are replayed from the third)
+    ttft = median_ms(lambda: model.generate(**batch, max_new_tokens=1, **gen), device, max(1, repeats // 2), 2)
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        out, media = model.generate(**batch, max_new_tokens=1 + steps, return_media_tokens=True)
+        out, media = model.generate(**batch, max_new_tokens=1 + steps, return_media_tokens=True, **gen)
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
     if out.shape[1] != 1 + steps:
         raise RuntimeError(f"generation stopped after {out.shape[1]} of {1 + steps} tokens; the decode time would be wrong")
-    full = median_ms(lambda: model.generate(**batch, max_new_tokens=1 + steps), device, max(1, repeats // 2), min(warmup, 1))
+    full = median_ms(lambda: model.generate(**batch, max_new_tokens=1 + steps, **gen), device, max(1, repeats // 2), 1)
     with torch.no_grad():
         tokens = model.encode_images(batch["pixel_values"])  # one image per row: pipeline rows = samples
         if model.needs_query():  # question-aware stages read each row's prompt, as in generate
@@ -205,14 +209,15 @@ def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int) -
             "tokens_per_image": float(media.float().mean())}
 
 
-def time_to_first_token(model, batch: dict, pipes: list, device, repeats: int, warmup: int) -> list[tuple[float, float]]:
+def time_to_first_token(model, batch: dict, pipes: list, device, repeats: int, warmup: int,
+                        **gen) -> list[tuple[float, float]]:
     """(median, IQR) ms of ``generate(max_new_tokens=1)`` with each pipeline, timed round-robin (one call of
     each per round, ``warmup`` rounds untimed), so slow drifts of the device or host touch every row alike."""
     times: list[list[float]] = [[] for _ in pipes]
     for rnd in range(warmup + repeats):
         for i, pipe in enumerate(pipes):
             model.pipeline = pipe
-            t = timed_ms(lambda: model.generate(**batch, max_new_tokens=1), device)
+            t = timed_ms(lambda: model.generate(**batch, max_new_tokens=1, **gen), device)
             if rnd >= warmup:
                 times[i].append(t)
     return [quartiles(t) for t in times]
@@ -223,6 +228,7 @@ def run(args) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     rows = []
+    gen = {"cuda_graph": False} if args.eager else {}
     for shape in args.shapes:
         model = build_model(shape, device, dtype)
         dim = model.llm.hidden_size
@@ -235,7 +241,7 @@ def run(args) -> list[dict]:
                 model.pipeline = pipe
                 row = {"shape": shape, "batch": b, "reducer": name, "ratio": ratio}
                 try:
-                    row.update(measure(model, batch, device, args.steps, args.repeats, args.warmup))
+                    row.update(measure(model, batch, device, args.steps, args.repeats, args.warmup, **gen))
                     done.append((row, pipe))
                 except (RuntimeError, ValueError) as e:  # one reducer failing must not lose the others' rows
                     if name in (NONE, IDEAL):
@@ -243,7 +249,7 @@ def run(args) -> list[dict]:
                     tqdm.write(f"[bench] {shape} batch {b} {name}@{ratio}: {type(e).__name__}: {e}")
                     row["error"] = f"{type(e).__name__}: {e}"
                 rows.append(row)
-            ttfts = time_to_first_token(model, batch, [p for _, p in done], device, args.repeats, args.warmup)
+            ttfts = time_to_first_token(model, batch, [p for _, p in done], device, args.repeats, args.warmup, **gen)
             for (row, _), (median, iqr) in zip(done, ttfts):
                 row["ttft_ms"], row["ttft_iqr_ms"] = median, iqr
         del model
@@ -269,6 +275,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], meta: dict, args) -> str:
     lines = [f"# Reducer speed against the ideal ({meta['device']})", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}; "
+             f"{'eager (cuda_graph=False)' if args.eager else 'CUDA graphs (the default)'}; "
              f"`python eval/bench_reducers.py {' '.join(sys.argv[1:])}`", "",
              "TTFT: median ms of generate(max_new_tokens=1) (vision, projector, pipeline, prefill); decode: ms per "
              f"token over {args.steps} tokens; ideal: the LLM fed the reduced count, nothing scored; % of ideal = "
@@ -324,6 +331,7 @@ def main(argv=None) -> list[dict]:
     name = args.name or f"bench_reducers_{'cpu' if device.type == 'cpu' else 'gpu'}"
     out = Path(args.out)
     write_json(out / f"{name}.json", {"meta": meta, "command": " ".join(sys.argv), "steps": args.steps,
+                                      "cuda_graph": not args.eager,
                                       "repeats": args.repeats, "rows": rows})
     md = markdown(rows, meta, args)
     (out / f"{name}.md").write_text(md)

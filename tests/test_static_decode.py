@@ -55,14 +55,16 @@ def test_static_slots_give_the_plain_tokens(lms, model_type, gaps):
     assert plain.shape == (3, 10)
 
 
-def test_static_step_logits_equal_the_plain_forward(lms):
-    """Step by step, the static decoder's logits equal a DynamicCache decoding step's (float32, same tokens)."""
+def test_static_prefill_and_steps_equal_the_plain_forward(lms):
+    """Prefill and step by step, the static decoder's logits equal the plain path's (float32, same tokens)."""
     lm = lms["qwen2"]
-    ids, mask, pos = _prompts([9, 5], seed=3)
+    ids, mask, pos = _prompts([9, 5], seed=3, gaps=True)
     with torch.no_grad():
-        logits, cache = lm(lm.embed(ids), mask, pos, None, use_cache=True, logits_to_keep=1)
         dec = StaticDecoder(lm, 2, 32, torch.device("cpu"), torch.float32, capture=False)
-        dec.load(cache, mask)
+        dec.valid.fill_(True)  # stale slots from an earlier call must not be read
+        ours = dec.prefill(lm.embed(ids), mask, pos)
+        logits, cache = lm(lm.embed(ids), mask, pos, None, use_cache=True, logits_to_keep=1)
+        assert_close(ours, logits, rtol=1e-5, atol=1e-5)
         nxt_pos = pos[:, -1:] + 1
         for _ in range(6):
             tok = logits[:, -1].argmax(-1, keepdim=True)
@@ -72,6 +74,11 @@ def test_static_step_logits_equal_the_plain_forward(lms):
             nxt_pos = nxt_pos + 1
     assert dec.length == 9 + 6 and dec.cache.get_seq_length() == 15
     assert dec.valid[1].sum() == 5 + 6 and not dec.valid[:, 15:].any()  # left pads and unwritten slots unread
+    real = mask.bool()  # (B, 15): the real slots hold the plain cache's keys and values (pads are never read)
+    for layer, plain in zip(dec.cache.layers, cache.layers):
+        assert_close(layer.keys[:, :, :15].transpose(1, 2)[real], plain.keys.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+        assert_close(layer.values[:, :, :15].transpose(1, 2)[real], plain.values.transpose(1, 2)[real], rtol=1e-5,
+                     atol=1e-5)
 
 
 def test_eos_stops_rows_and_early_exit_with_static_slots(lms):
@@ -96,7 +103,7 @@ def test_buffers_are_reused_and_stale_slots_are_never_read(lms):
         first = lm._static[1]
         assert isinstance(first, StaticDecoder) and first.max_len == BUCKET
         again = _gen(lm, *short, static_cache=True)
-        assert lm._static[1] is first  # same buffers
+        assert lm._static[1] is first  # same buffers (a bucket of 256 serves both)
         assert again.tolist() == _gen(lm, *short, static_cache=False).tolist()
         _gen(lm, *_prompts([4], seed=9), static_cache=True)  # batch size 1: a new decoder replaces it
         assert lm._static[1] is not first and lm._static[1].batch_size == 1
@@ -142,9 +149,10 @@ def test_a_full_static_cache_refuses_another_step(lms):
     lm = lms["llama"]
     ids, mask, pos = _prompts([3], seed=13)
     with torch.no_grad():
-        _, cache = lm(lm.embed(ids), mask, pos, None, use_cache=True, logits_to_keep=1)
         dec = StaticDecoder(lm, 1, 4, torch.device("cpu"), torch.float32, capture=False)
-        dec.load(cache, mask)
+        with pytest.raises(ValueError, match="a prompt of 4 tokens does not fit a static cache of 4 slots"):
+            dec.prefill(lm.embed(_prompts([4])[0]), *_prompts([4])[1:])
+        dec.prefill(lm.embed(ids), mask, pos)
         dec.step(ids[:, :1], pos[:, -1:] + 1)
         with pytest.raises(ValueError, match="static cache of 4 slots is full"):
             dec.step(ids[:, :1], pos[:, -1:] + 2)

@@ -68,9 +68,11 @@ def test_graph_is_reused_and_replays_without_host_syncs():
     first = gen(lm, embeds, mask, pos)
     dec = lm._static[1]
     graph = dec.graph
-    second = gen(lm, embeds, mask, pos)  # replays from the first step: no warm-up, no new capture
+    second = gen(lm, embeds, mask, pos)  # the step replays from the first step; the prefill is captured now
     assert lm._static[1] is dec and dec.graph is graph
-    assert torch.equal(first, second)
+    assert isinstance(dec._prefills[40], tuple)  # (graph, input buffers, logits)
+    third = gen(lm, embeds, mask, pos)  # both replayed
+    assert torch.equal(first, second) and torch.equal(first, third)
     tok = first[:, :1]
     nxt = pos[:, -1:] + 1
     dec.length = 40
@@ -103,3 +105,29 @@ def test_a_failed_capture_is_logged_and_decoding_goes_on_eagerly(caplog, monkeyp
     assert lm._static[1].graph is None and lm._static[1].graph_failed
     assert "capturing the step in a CUDA graph failed" in caplog.text
     assert out.tolist() == expected.tolist()
+
+
+def _reducers():
+    from eval.bench_reducers import reducer_names
+    return reducer_names()
+
+
+@pytest.mark.parametrize("reducer", _reducers())
+def test_whole_model_replay_gives_the_eager_tokens(reducer):
+    """The tiny LLaVA on CUDA: vision tower + projector, the reducer's pipeline, prefill and steps replayed
+    from graphs (third call) give the eager path's tokens; every part was captured, none fell back."""
+    from eval.bench_reducers import build_model, make_batch, pipeline_for
+
+    device = torch.device("cuda")
+    model = build_model("tiny", device, torch.float32)
+    model.pipeline = pipeline_for(reducer, 0.25, model.llm.hidden_size).to(device).eval()
+    batch = make_batch(model, 2, device)
+    eager = model.generate(**batch, max_new_tokens=6, cuda_graph=False)
+    outs = [model.generate(**batch, max_new_tokens=6) for _ in range(3)]
+    for out in outs:
+        assert out.tolist() == eager.tolist()
+    calls = model._graphs.value
+    for part in ("vision", "pipeline"):
+        states = list(calls[part].entries.values())
+        assert states and all(isinstance(s, tuple) for s in states), (part, states)
+    assert model.llm._static[1].graph is not None and all(isinstance(s, tuple) for s in model.llm._static[1]._prefills.values())

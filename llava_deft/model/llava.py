@@ -47,6 +47,7 @@ from ..encoders.weights import read_safetensors
 from ..errors import CheckpointError, InvalidArgumentError, MediaCountMismatchError
 from ..modality import MEDIA_INPUTS, MODALITIES
 from .checkpoint import CONFIG_NAME, load_state, read_config_json
+from .graphs import CapturedCall, GraphSlot
 from .hf_llava import is_hf_llava_config, load_hf_llava
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from .processors import Processors, media_options
@@ -144,6 +145,8 @@ class LlavaDeftForCausalLM(nn.Module):
             self.audio_projector = build_projector(cfg.projector.type, self.audio.width, self.llm.hidden_size)
         self.audio_processor = self.audio.processor if self.audio is not None else None
         """The collator's ``audio_processor`` (log-mel features, tokens per clip); None without audio."""
+        self._graphs = GraphSlot()  # CapturedCalls of the vision tower and the pipeline (generate on CUDA)
+        self._capturing: tuple[str, ...] = ()  # what replays from graphs, set by generate for one call
         self.encoder_memory: EncoderMemory | None = None
         """Bounded stream memories of the video / audio encoders (:meth:`compress_all_encoders`); None:
         media are encoded whole, as always. A run-time switch, not part of the config or checkpoint."""
@@ -177,10 +180,57 @@ class LlavaDeftForCausalLM(nn.Module):
     # ------------------------------------------------------------------ media path
     def encode_images(self, pixel_values: Tensor) -> TokenBatch:
         """pixels (M, 3, H, W) -> TokenBatch of projected patch tokens (M, gh*gw, D) on grid (1, gh, gw)."""
-        feats, attention = self._vision(pixel_values.to(self.projector_dtype()))  # (M, N, Dv), (M, N) or None
-        tokens = self.projector(feats)  # (M, N, D)
+        pixels = pixel_values.to(self.projector_dtype())
+        if "vision" in self._capturing:  # generate on CUDA: replayed from a CUDA graph per batch shape
+            tokens, attention = self._graphs.value["vision"](pixels, version=self._graph_version(self.vision,
+                                                                                                  self.projector))
+        else:
+            tokens, attention = self._image_tokens(pixels)
         gh, gw = self.vision.grid
         return TokenBatch.from_tokens(tokens, modality=Modality.IMAGE, layout=(1, gh, gw), encoder_attention=attention)
+
+    def _image_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+        feats, attention = self._vision(pixels)  # (M, N, Dv), (M, N) or None
+        return self.projector(feats), attention  # (M, N, D)
+
+    @staticmethod
+    def _graph_version(*modules: nn.Module, settings: bool = False) -> tuple:
+        """What a captured graph of ``modules`` depends on beyond its inputs' shapes: which modules, their
+        mode, where their weights live and, with ``settings``, every submodule's plain attributes (a
+        pipeline's ratios: ``set_retention`` changes them)."""
+        parts = []
+        for m in modules:
+            params = list(m.parameters())
+            part = [id(m), m.training, tuple(p.data_ptr() for p in params[:1] + params[-1:])]
+            if settings:
+                part.append(tuple(tuple((k, v) for k, v in vars(sub).items()
+                                        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+                                  for sub in m.modules()))
+            parts.append(tuple(part))
+        return tuple(parts)
+
+    @contextmanager
+    def _captured(self, on: bool, pipeline: bool) -> Iterator[None]:
+        """Inside the block (one ``generate`` call), on CUDA: the vision tower + projector and, with
+        ``pipeline``, the reduction pipeline replay from CUDA graphs (:class:`~llava_deft.model.graphs.CapturedCall`,
+        kept between calls)."""
+        if not on:
+            yield
+            return
+        if self._graphs.value is None:
+            self._graphs.value = {"vision": CapturedCall(self._image_tokens, "the vision tower and projector"),
+                                  "pipeline": CapturedCall(lambda batch: self.pipeline(batch), "the reduction pipeline",
+                                                           max_graphs=32)}
+        previous, self._capturing = self._capturing, ("vision", "pipeline") if pipeline else ("vision",)
+        try:
+            yield
+        finally:
+            self._capturing = previous
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs ``generate`` captured (vision tower, pipeline, the LLM's static cache)."""
+        self._graphs = GraphSlot()
+        self.llm.release_static()
 
     def needs_encoder_attention(self) -> bool:
         """Whether a stage of the pipeline (``visionzip``) reads ``TokenBatch.encoder_attention``."""
@@ -436,7 +486,10 @@ class LlavaDeftForCausalLM(nn.Module):
             sample = ph.nonzero()[:, 0]  # (P,) the sample of each placeholder, i.e. of each pipeline row
             text, keep = query
             batch = batch.with_query(text[sample].to(batch.tokens.device), keep[sample].to(batch.tokens.device))
-        out = self.pipeline(batch)
+        if "pipeline" in self._capturing:
+            out = self._graphs.value["pipeline"](batch, version=self._graph_version(self.pipeline, settings=True))
+        else:
+            out = self.pipeline(batch)
         return out, zero, out.losses, out.stats
 
     @staticmethod
@@ -555,14 +608,20 @@ class LlavaDeftForCausalLM(nn.Module):
         per-stage statistics and, per prompt and media item, the kept token indices), last.
         ``streamer`` (transformers' ``put`` / ``end`` protocol, batch size 1) gets each new token as it
         comes. Stages of the pipeline's ``llm:`` list (FastV, TOVA, H2O, SnapKV, StreamingLLM) run in the
-        prefill and at every decoding step; ``cuda_graph`` (None: wherever it applies; False: never) replays
-        steady decoding steps from a CUDA graph where the cache policies allow it. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
+        prefill and at every decoding step. ``cuda_graph`` (None: wherever it applies; False: never, the
+        eager path): on CUDA the vision tower + projector and the reduction pipeline (per input shape; not
+        with ``return_info``, whose trace needs eager calls), and, without LLM stages, the LLM's prefill
+        (per prompt length) and decoding step replay from CUDA graphs captured at their second call and
+        kept for later calls (``release_graphs()`` frees them); with cache policies, their steady decoding
+        steps. A part that cannot be captured is logged and runs eagerly. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
         (``ContextLengthError`` names both numbers); ``config.max_length`` bounds the prompt alone (the
         collator refuses longer samples).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r}: give an integer >= 1")
-        with self._trace_pipeline() if return_info else nullcontext([]) as trace:
+        capture = cuda_graph is not False and input_ids.device.type == "cuda" and self.encoder_memory is None
+        with self._trace_pipeline() if return_info else nullcontext([]) as trace, \
+                self._captured(capture, pipeline=not return_info):  # the trace's hooks run only in eager calls
             sp, _, stats = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
         llm_stages = self.pipeline.llm if len(self.pipeline.llm) else None
         out, cache = generate_from_embeds(

@@ -26,12 +26,19 @@ class RandomReducer(nn.Module):
         super().__init__()
         self.retention_ratio = retention_ratio
         self.seed = seed
+        self._eval_key: tuple | None = None
+        self._eval_scores: torch.Tensor | None = None
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
         b, n = batch.mask.shape
         dev = batch.tokens.device
-        gen = None
-        if not self.training:  # a generator on the tokens' device: no host-to-device copy of the draws
-            gen = torch.Generator(device=dev).manual_seed(self.seed)
-        scores = torch.rand(b, n, generator=gen, device=dev)
+        if self.training:
+            scores = torch.rand(b, n, device=dev)
+        else:  # drawn once per shape from a generator on the tokens' device (no host-to-device copy), then
+            # reused: the same picks as a fresh seeded draw, and no generator to seed inside a CUDA graph
+            key = (b, n, str(dev), self.seed)
+            if self._eval_key != key:
+                gen = torch.Generator(device=dev).manual_seed(self.seed)
+                self._eval_scores, self._eval_key = torch.rand(b, n, generator=gen, device=dev), key
+            scores = self._eval_scores
         return select_topk(batch, scores, self.retention_ratio, self.stage_name)

@@ -223,13 +223,14 @@ class DecoderLM(nn.Module):
 
     def static_decoder(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
                        capture: bool) -> StaticDecoder:
-        """The :class:`StaticDecoder` for this batch size, cache length, device and dtype, kept between calls
-        (its buffers and CUDA graph are reused) while the weights stay where they are; one is kept at a time."""
+        """A :class:`StaticDecoder` for this batch size, device and dtype with ``max_len`` to ``2 * max_len`` slots,
+        kept between calls (its buffers and CUDA graphs are reused) while the weights stay where they are;
+        one is kept at a time."""
         weights = tuple(p.data_ptr() for p in (self.hf.model.embed_tokens.weight, self.hf.lm_head.weight,
                                                next(self.hf.model.layers[0].parameters())))
-        key = (batch_size, max_len, torch.device(device), dtype, bool(capture), weights, self.training)
-        if self._static is not None and self._static[0] == key:
-            return self._static[1]
+        key = (batch_size, torch.device(device), dtype, bool(capture), weights, self.training)
+        if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len <= 2 * max_len:
+            return self._static[1]  # a larger bucket serves a shorter call (a few more masked slots read)
         self.release_static()  # free the old buffers before allocating new ones
         decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture)
         self._static = (key, decoder)
@@ -422,10 +423,11 @@ def generate_from_embeds(
             ``pipeline.Modality`` code), for stages that act on media tokens.
         return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
             gives per-layer slots, tokens, evictions and bytes).
-        cuda_graph: without LLM stages, on CUDA: decode through a :class:`StaticDecoder` (keys and values in
-            preallocated slots, see ``static_cache``) whose step is captured in a CUDA graph at the second
-            step and replayed (the host launches one graph per token instead of ~15 kernels per layer; the
-            buffers and graph are kept for the next call of the same batch size and cache bucket). With
+        cuda_graph: without LLM stages, on CUDA: prefill and decode through a :class:`StaticDecoder` (keys
+            and values in preallocated slots, see ``static_cache``) whose prefill (per prompt length, from
+            the second prompt of that length) and step (from the second step) are captured in CUDA graphs
+            and replayed: the host launches one graph instead of ~15 kernels per layer; buffers and graphs
+            are kept for the next call of the same batch size and cache bucket. With
             cache policies on every layer that evict while decoding (TOVA without
             debug or weighted heads, StreamingLLM, H2O), capture one steady decoding step in a CUDA
             graph once the caches are full and replay it for the remaining steps (same tokens, far
@@ -439,13 +441,13 @@ def generate_from_embeds(
             finished, so the result equals a check at every step (the returned cache may hold up to
             ``eos_check_every - 1`` more steps). None (default): 8 on CUDA, 1 elsewhere (a CPU waits
             for nothing). A streamer reads every token anyway.
-        static_cache: without LLM stages: decode with the prompt's keys and values copied into
-            preallocated slots (prompt + ``max_new_tokens`` rounded up to a multiple of 256), attending over
-            them through a validity mask, so every step has the same shapes (what ``cuda_graph`` captures).
-            The prefill is the plain path's (same first token); later logits equal the plain path's up to
+        static_cache: without LLM stages: prefill and decode into preallocated key/value slots (prompt +
+            ``max_new_tokens`` + 1 rounded up to a multiple of 256), attending over them through a validity
+            mask, so the prefill of a prompt length and every step have fixed shapes (what ``cuda_graph``
+            captures: the prefill per prompt length, the step once). Logits equal the plain path's up to
             kernel rounding. None (default): on where the capture applies (CUDA, no stages, ``cuda_graph``
-            not False, ``max_new_tokens`` > 1, full-attention layers under 'sdpa' or 'eager'); True: also on
-            CPU or uncaptured (``cuda_graph=False``), ``ValueError`` where it cannot apply; False: never.
+            not False, full-attention layers under 'sdpa' or 'eager'); True: also on CPU or uncaptured
+            (``cuda_graph=False``), ``ValueError`` where it cannot apply; False: never.
             With ``return_cache`` the cache returned is then the static one (a :class:`SlotCache`).
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
@@ -487,19 +489,19 @@ def generate_from_embeds(
     runner = lm.bind_stages(stages) if stages is not None else lm._stages
     why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
     if static_cache is None:
-        static_cache = (cuda_graph is not False and device.type == "cuda" and why_not is None
-                        and max_new_tokens > 1)
+        static_cache = cuda_graph is not False and device.type == "cuda" and why_not is None
     elif static_cache and why_not is not None:
         raise ValueError(f"static_cache=True cannot apply: {why_not}; pass static_cache=None or False")
-    cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
-    logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,
-                       stages=runner, token_kinds=token_kinds)
     static = None
-    if static_cache and max_new_tokens > 1:
-        slots = -(-(prompt_len + max_new_tokens) // BUCKET) * BUCKET
-        static = lm.static_decoder(bsz, slots, device, cache.layers[0].keys.dtype, capture=cuda_graph is not False)
-        static.load(cache, attention_mask)
-        cache = static.cache
+    if static_cache:
+        slots = -(-(prompt_len + max_new_tokens + 1) // BUCKET) * BUCKET
+        dtype = next(lm.hf.model.layers[0].parameters()).dtype
+        static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False)
+        logits, cache = static.prefill(inputs_embeds, attention_mask, position_ids), static.cache
+    else:
+        cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
+        logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,
+                           stages=runner, token_kinds=token_kinds)
 
     tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
     graphed = None  # a GraphedStep once the cache is steady (cuda_graph=True)

@@ -4,19 +4,21 @@ Eager decoding of a 7B decoder at batch 1 is launch-bound: a step launches ~15 k
 host needs longer to launch them than the GPU to run them (eval/results/bench_reducers_h100.md: 21-38 ms
 per token where reading the weights takes ~4 ms). :class:`StaticDecoder` removes that:
 
-- the prefill runs as before (``DecoderLM.forward`` with a ``DynamicCache``: the same kernels, so the
-  first token is the plain path's), and its keys and values are copied into buffers of ``max_len`` slots
-  per row (:class:`SlotLayer`);
+- the prefill writes the prompt's keys and values into slots ``0..P-1`` of buffers of ``max_len`` slots
+  per row (:class:`SlotLayer`), attending through a causal, padding-aware ``(B, 1, P, max_len)`` mask;
 - a decoding step embeds the token ids in a static input buffer, writes the new key and value at slot
   ``write_at`` (a device tensor), marks the slot valid in a ``(B, max_len)`` mask and attends over every
   slot through that mask -- nothing changes shape or address from step to step;
 - on CUDA the step runs eagerly once (on a side stream: the warm-up capture needs), is captured by
   ``torch.cuda.graph`` at the next step and replayed from then on; the host only copies the new token
-  ids and positions into the input buffers and launches one graph.
+  ids and positions into the input buffers and launches one graph. The prefill is captured the same
+  way per prompt length (the second prompt of a length is captured; the last few lengths are kept).
+  All graphs of a decoder share one memory pool: they run one after another on one stream and each
+  output is read before the next graph runs.
 
-A decoder keeps its buffers and graph between ``generate`` calls of the same batch size, cache bucket
-(prompt + new tokens rounded up to :data:`BUCKET` slots), dtype and weights (``DecoderLM.static_decoder``):
-a later call replays from its first step. ``DecoderLM.release_static()`` frees them.
+A decoder keeps its buffers and graphs between ``generate`` calls of the same batch size, dtype and
+weights whose cache bucket (prompt + new tokens rounded up to :data:`BUCKET` slots) it holds, up to twice
+over (``DecoderLM.static_decoder``): a later call replays from its first step. ``DecoderLM.release_static()`` frees them.
 
 Where it cannot apply (LLM stages, sliding-window layers, an attention implementation that ignores a
 4D mask) the caller uses the plain path; a capture that fails (a layer that reads a device value on
@@ -26,11 +28,11 @@ the host) is logged and the decoder carries on eagerly with the same buffers -- 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["BUCKET", "SlotLayer", "SlotCache", "StaticDecoder", "static_unsupported"]
@@ -38,6 +40,7 @@ __all__ = ["BUCKET", "SlotLayer", "SlotCache", "StaticDecoder", "static_unsuppor
 logger = logging.getLogger("llava_deft.generate")
 
 BUCKET = 256  # cache slots are allocated in multiples of this, so nearby lengths share buffers and graph
+MAX_PREFILL_GRAPHS = 8  # captured prefills kept per decoder (one per prompt length)
 
 
 def static_unsupported(lm: Any) -> str | None:
@@ -112,7 +115,9 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the graph's output buffer
         self._warmed = False
-        self.graph_failed: str | None = None  # why capture was given up (logged once)
+        self.graph_failed: str | None = None  # set when the step's capture failed (logged)
+        self._prefills: OrderedDict[int, Any] = OrderedDict()  # prompt length -> "warm" | "eager" | graph
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for all graphs
 
     def key(self) -> tuple:
         return (self.batch_size, self.max_len, self.device, self.dtype)
@@ -122,18 +127,69 @@ class StaticDecoder:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
     # ------------------------------------------------------------------ prefill
-    def load(self, prompt_cache: DynamicCache, attention_mask: Tensor) -> None:
-        """Copy a prefill's keys and values (``P`` slots per layer) and its padding mask into the buffers."""
-        prompt_len = attention_mask.shape[1]
+    def prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """Run the prompt ``(B, P, D)`` (left-padded ``attention_mask`` (B, P), RoPE ``position_ids`` (B, P)) into
+        slots ``0..P-1`` -> logits of the last position (B, 1, V). Captured per prompt length ``P`` (the
+        last :data:`MAX_PREFILL_GRAPHS` lengths are kept) where ``capture``: one eager warm-up call of a
+        length, then capture and replay."""
+        prompt_len = embeds.shape[1]
         if prompt_len >= self.max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens does not fit a static cache of {self.max_len} slots")
-        for slot_layer, layer in zip(self.cache.layers, prompt_cache.layers):
-            slot_layer.keys[:, :, :prompt_len].copy_(layer.keys)
-            slot_layer.values[:, :, :prompt_len].copy_(layer.values)
-            slot_layer.length = prompt_len
-        self.valid.zero_()
-        self.valid[:, :prompt_len].copy_(attention_mask.bool())
         self.length = prompt_len
+        for layer in self.cache.layers:
+            layer.length = prompt_len
+        if not self.capture:
+            return self._prefill(embeds, attention_mask, position_ids)
+        state = self._prefills.pop(prompt_len, None)
+        if state is None:  # first prompt of this length: warm up eagerly on a side stream
+            out = self._on_side_stream(lambda: self._prefill(embeds, attention_mask, position_ids))
+            state = "warm"
+        elif state == "eager":
+            out = self._prefill(embeds, attention_mask, position_ids)
+        elif state == "warm":
+            buffers = (embeds.clone(), attention_mask.clone(), position_ids.clone())
+            graph = self._capture(lambda: self._prefill(*buffers), f"the prefill of {prompt_len} tokens")
+            if graph is None:
+                state, out = "eager", self._prefill(embeds, attention_mask, position_ids)
+            else:
+                state = (graph[0], buffers, graph[1])
+                graph[0].replay()
+                out = graph[1]
+        else:
+            graph, buffers, out = state
+            for buf, x in zip(buffers, (embeds, attention_mask, position_ids)):
+                buf.copy_(x)
+            graph.replay()
+        self._prefills[prompt_len] = state
+        while len(self._prefills) > MAX_PREFILL_GRAPHS:  # least recently used first
+            self._prefills.pop(next(iter(self._prefills)))
+        return out
+
+    def _prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """The prefill's kernels (what is captured): causal, padding-aware attention over the slots."""
+        lm = self.lm
+        hf_model = lm.hf.model
+        prompt_len = embeds.shape[1]
+        self.write_at.zero_()
+        self.valid.zero_()
+        self.valid[:, :prompt_len] = attention_mask.bool()
+        slots = torch.arange(self.max_len, device=embeds.device)
+        query = torch.arange(prompt_len, device=embeds.device)[:, None]
+        # (B, 1, P, S): earlier real tokens and itself (a padding query sees only itself: no empty row)
+        allowed = ((slots <= query) & self.valid[:, None, None, :]) | (slots == query)
+        pe = hf_model.rotary_emb(embeds, position_ids)
+        h = embeds
+        mask = self._mask(allowed, h.dtype)
+        for layer in hf_model.layers[: lm.num_layers]:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids, use_cache=True,
+                      **{lm._cache_kw: self.cache})
+        return lm.hf.lm_head(hf_model.norm(h[:, -1:]))
+
+    def _mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        if not self.eager_attn:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> Tensor:
@@ -142,12 +198,7 @@ class StaticDecoder:
         hf_model = lm.hf.model
         h = lm.embed(self.ids)  # (B, 1, D)
         self.valid.index_fill_(1, self.write_at, True)
-        allowed = self.valid[:, None, None, :]  # (B, 1, 1, max_len)
-        if self.eager_attn:
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
-                ~allowed, torch.finfo(h.dtype).min)
-        else:
-            mask = allowed
+        mask = self._mask(self.valid[:, None, None, :], h.dtype)  # (B, 1, 1, max_len)
         pe = hf_model.rotary_emb(h, self.positions)
         for layer in hf_model.layers[: lm.num_layers]:
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=self.positions, use_cache=True,
@@ -165,13 +216,16 @@ class StaticDecoder:
             self.graph.replay()
             logits = self.logits
         elif self.capture and self._warmed and self.graph_failed is None:
-            logits = self._capture_and_replay()
-        elif self.capture and self.graph_failed is None:  # warm-up (cuBLAS handles, autotuning) on a side stream
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            captured = self._capture(self._step, "the decoding step")
+            if captured is None:
+                self.graph_failed = "see the log"
                 logits = self._step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            else:
+                self.graph, self.logits = captured
+                self.graph.replay()
+                logits = self.logits
+        elif self.capture and self.graph_failed is None:  # warm-up (cuBLAS handles, autotuning) on a side stream
+            logits = self._on_side_stream(self._step)
             self._warmed = True
         else:
             logits = self._step()
@@ -180,17 +234,24 @@ class StaticDecoder:
             layer.length = self.length
         return logits
 
-    def _capture_and_replay(self) -> Tensor:
+    def _on_side_stream(self, fn):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
+
+    def _capture(self, fn, what: str) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+        """Capture ``fn``'s kernels (nothing runs): (graph, output buffer), or None after logging why not."""
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                out = self._step()
-        except RuntimeError as e:  # a kernel read a device value on the host: decode eagerly from here on
-            self.graph_failed = str(e).splitlines()[0]
-            logger.warning("static decoding: capturing the step in a CUDA graph failed (%s); decoding eagerly "
-                           "with the static cache instead", self.graph_failed)
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        except RuntimeError as e:  # a kernel read a device value on the host: run it eagerly from here on
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logger.warning("static decoding: capturing %s in a CUDA graph failed (%s); running it eagerly with "
+                           "the static cache instead", what, reason)
             torch.cuda.synchronize(self.device)
-            return self._step()
-        self.graph, self.logits = graph, out
-        graph.replay()
-        return out
+            return None
+        return graph, out
