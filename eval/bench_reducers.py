@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true",
                    help="generate with cuda_graph=False (every kernel launched from Python) instead of the default, "
                         "where the vision tower, the pipeline, the prefill and each decoding step replay from CUDA graphs")
+    p.add_argument("--profile", default=None, metavar="REDUCER@RATIO",
+                   help="also profile 3 time-to-first-token calls of this row (e.g. deft@0.11) at each shape's first "
+                        "batch size with torch.profiler: <name>_profile.txt, host and device time per range and op")
     p.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, 1 repeat: checks the script runs")
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None, help="default bench_reducers_<device>")
@@ -223,6 +226,23 @@ def time_to_first_token(model, batch: dict, pipes: list, device, repeats: int, w
     return [quartiles(t) for t in times]
 
 
+def profile_ttft(model, batch: dict, pipe, device, calls: int = 3, **gen) -> str:
+    """torch.profiler table (host and device time per ``record_function`` range and op, top 45 by host time)
+    of ``calls`` time-to-first-token calls with ``pipe``, after two warm-up calls (and captures)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.pipeline = pipe
+    for _ in range(2):
+        model.generate(**batch, max_new_tokens=1, **gen)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            model.generate(**batch, max_new_tokens=1, **gen)
+        _sync(device)
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60)
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
@@ -250,6 +270,12 @@ def run(args) -> list[dict]:
                     row["error"] = f"{type(e).__name__}: {e}"
                 rows.append(row)
             ttfts = time_to_first_token(model, batch, [p for _, p in done], device, args.repeats, args.warmup, **gen)
+            if args.profile and b == args.batch_sizes[0]:
+                want = args.profile.split("@")
+                pipe = next(p for r, p in done if r["reducer"] == want[0] and
+                            (len(want) == 1 or r["ratio"] == float(want[1])))
+                args.profiles.append(f"## {shape}, batch {b}, {args.profile}\n\n"
+                                     + profile_ttft(model, batch, pipe, device, **gen))
             for (row, _), (median, iqr) in zip(done, ttfts):
                 row["ttft_ms"], row["ttft_iqr_ms"] = median, iqr
         del model
@@ -325,6 +351,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    args.profiles = []
     rows = run(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = run_metadata(device)
@@ -336,6 +363,8 @@ def main(argv=None) -> list[dict]:
     md = markdown(rows, meta, args)
     (out / f"{name}.md").write_text(md)
     plot(rows, out / f"{name}.png")
+    if args.profiles:
+        (out / f"{name}_profile.txt").write_text("\n\n".join(args.profiles))
     print(md)
     return rows
 

@@ -94,7 +94,7 @@ def test_eos_stops_rows_and_early_exit_with_static_slots(lms):
 
 def test_buffers_are_reused_and_stale_slots_are_never_read(lms):
     """A second call of the same batch size and bucket reuses the decoder; a shorter prompt after a longer
-    one must not see the first call's keys (its validity mask is reset by the load)."""
+    one must not see the first call's keys (the prefill resets its validity mask)."""
     lm = _build("llama", seed=4)
     long = _prompts([30, 30], seed=7)
     short = _prompts([6, 3], seed=8)
@@ -120,6 +120,10 @@ def test_bucket_grows_with_prompt_plus_new_tokens(lms):
     out, cache = _gen(lm, ids, mask, pos, max_new_tokens=8, static_cache=True, return_cache=True)
     assert isinstance(cache, SlotCache) and cache.layers[0].keys.shape[-2] == 2 * BUCKET
     assert out.tolist() == _gen(lm, ids, mask, pos, max_new_tokens=8, static_cache=False).tolist()
+    grown = lm._static[1]
+    short = _prompts([7], seed=14)
+    assert _gen(lm, *short, static_cache=True).tolist() == _gen(lm, *short, static_cache=False).tolist()
+    assert lm._static[1] is grown  # the larger cache serves the shorter call: no rebuild, graphs kept
 
 
 def test_eager_attention_masks_additively():

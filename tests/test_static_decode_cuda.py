@@ -103,7 +103,7 @@ def test_a_failed_capture_is_logged_and_decoding_goes_on_eagerly(caplog, monkeyp
     with caplog.at_level(logging.WARNING, logger="llava_deft.generate"):
         out = gen(lm, embeds, mask, pos)
     assert lm._static[1].graph is None and lm._static[1].graph_failed
-    assert "capturing the step in a CUDA graph failed" in caplog.text
+    assert "capturing the decoding step in a CUDA graph failed" in caplog.text
     assert out.tolist() == expected.tolist()
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from pipeline import Modality, TokenBatch, build_pipeline
 from pipeline import read_stats
@@ -182,8 +183,8 @@ class LlavaDeftForCausalLM(nn.Module):
         """pixels (M, 3, H, W) -> TokenBatch of projected patch tokens (M, gh*gw, D) on grid (1, gh, gw)."""
         pixels = pixel_values.to(self.projector_dtype())
         if "vision" in self._capturing:  # generate on CUDA: replayed from a CUDA graph per batch shape
-            tokens, attention = self._graphs.value["vision"](pixels, version=self._graph_version(self.vision,
-                                                                                                  self.projector))
+            version = (self.needs_encoder_attention(), self._graph_version(self.vision, self.projector))
+            tokens, attention = self._graphs.value["vision"](pixels, version=version)
         else:
             tokens, attention = self._image_tokens(pixels)
         gh, gw = self.vision.grid
@@ -532,16 +533,19 @@ class LlavaDeftForCausalLM(nn.Module):
         for key, kind in MODALITIES.items():
             kind.validate(media)
             n_items[key] = kind.num_items(media)
-        self._check_counts(input_ids, attention_mask, media, n_items, ids)
-        rows = {key: kind.encode(self, media) for key, kind in MODALITIES.items() if n_items[key]}
-        idle = self._blanks(rows)
+        with record_function("llava_deft.check_counts"):
+            self._check_counts(input_ids, attention_mask, media, n_items, ids)
+        with record_function("llava_deft.encode"):
+            rows = {key: kind.encode(self, media) for key, kind in MODALITIES.items() if n_items[key]}
+            idle = self._blanks(rows)
         query = None
         if self.needs_query():
             # the pipeline reads the prompt's embeddings: every rank runs encoders (real or blank), the
             # embedding, then the pipeline (on rows or the blank image), so ZeRO-3 gathers in one order
             text = self.llm.embed(input_ids)
             query = self.prompt_query(input_ids, attention_mask, text, labels)
-        media, zero, losses, stats = self._media(input_ids, attention_mask, rows, query, idle)
+        with record_function("llava_deft.media"):  # placeholder order, then the reduction pipeline
+            media, zero, losses, stats = self._media(input_ids, attention_mask, rows, query, idle)
         if query is None:  # no query stage: encoders, pipeline, then the embedding, as always
             text = self.llm.embed(input_ids)
         if zero is not None:
@@ -550,11 +554,12 @@ class LlavaDeftForCausalLM(nn.Module):
             media = TokenBatch.empty(text.shape[-1], dtype=text.dtype, device=text.device)
         kind_ids = torch.tensor(list(self.media_token_ids.values()), device=input_ids.device)
         is_placeholder = (input_ids.unsqueeze(-1) == kind_ids).any(-1)  # (B, L)
-        spliced = splice_media(
-            input_ids, attention_mask, text, is_placeholder,
-            media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
-            media_modality=media.modality,
-        )
+        with record_function("llava_deft.splice"):
+            spliced = splice_media(
+                input_ids, attention_mask, text, is_placeholder,
+                media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
+                media_modality=media.modality,
+            )
         return spliced, losses, stats
 
     def load_video(self, path):
@@ -624,14 +629,15 @@ class LlavaDeftForCausalLM(nn.Module):
                 self._captured(capture, pipeline=not return_info):  # the trace's hooks run only in eager calls
             sp, _, stats = self.prepare_inputs(input_ids, attention_mask, padding_side="left", ids=ids, **_media_inputs(media))
         llm_stages = self.pipeline.llm if len(self.pipeline.llm) else None
-        out, cache = generate_from_embeds(
-            self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, return_cache=True, cuda_graph=cuda_graph,
-        )
+        with record_function("llava_deft.llm_generate"):
+            out, cache = generate_from_embeds(
+                self.llm, sp.embeds, sp.attention_mask, sp.position_ids,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, return_cache=True, cuda_graph=cuda_graph,
+            )
         result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)
         if return_info:
             spans = (sp.position_ids.max(1).values + 1).tolist()  # (B,) positions each prompt spans

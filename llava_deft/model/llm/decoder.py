@@ -223,14 +223,14 @@ class DecoderLM(nn.Module):
 
     def static_decoder(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
                        capture: bool) -> StaticDecoder:
-        """A :class:`StaticDecoder` for this batch size, device and dtype with ``max_len`` to ``2 * max_len`` slots,
-        kept between calls (its buffers and CUDA graphs are reused) while the weights stay where they are;
-        one is kept at a time."""
+        """A :class:`StaticDecoder` for this batch size, device and dtype with at least ``max_len`` slots, kept
+        between calls (its buffers and CUDA graphs are reused) while the weights stay where they are: a call
+        that needs more slots replaces it (it only grows; ``release_static()`` frees it); one is kept at a time."""
         weights = tuple(p.data_ptr() for p in (self.hf.model.embed_tokens.weight, self.hf.lm_head.weight,
                                                next(self.hf.model.layers[0].parameters())))
         key = (batch_size, torch.device(device), dtype, bool(capture), weights, self.training)
-        if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len <= 2 * max_len:
-            return self._static[1]  # a larger bucket serves a shorter call (a few more masked slots read)
+        if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len:
+            return self._static[1]  # a larger cache serves a shorter call (its graphs stay; more masked slots read)
         self.release_static()  # free the old buffers before allocating new ones
         decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture)
         self._static = (key, decoder)

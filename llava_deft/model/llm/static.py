@@ -17,8 +17,9 @@ per token where reading the weights takes ~4 ms). :class:`StaticDecoder` removes
   output is read before the next graph runs.
 
 A decoder keeps its buffers and graphs between ``generate`` calls of the same batch size, dtype and
-weights whose cache bucket (prompt + new tokens rounded up to :data:`BUCKET` slots) it holds, up to twice
-over (``DecoderLM.static_decoder``): a later call replays from its first step. ``DecoderLM.release_static()`` frees them.
+weights whose cache bucket (prompt + new tokens rounded up to :data:`BUCKET` slots) it holds
+(``DecoderLM.static_decoder``; a longer call replaces it with a larger one): a later call replays from
+its first step. Rebuilding it for every other length would capture again and again. ``DecoderLM.release_static()`` frees them.
 
 Where it cannot apply (LLM stages, sliding-window layers, an attention implementation that ignores a
 4D mask) the caller uses the plain path; a capture that fails (a layer that reads a device value on
