@@ -311,7 +311,7 @@ def run_stage(
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            run_loss += float(loss.detach())
+            run_loss = run_loss + loss.detach().float()  # summed on the device: read only when logged (no sync per step)
             run_n += 1
             seen += cfg.per_device_batch_size * world
             if (micro + 1) % accum:
@@ -320,7 +320,7 @@ def run_stage(
             bar.update(1)
             if step % cfg.log_steps == 0 or step == total:
                 rate = seen / (time.perf_counter() - t0)
-                avg = run_loss / max(1, run_n)
+                avg = float(run_loss) / max(1, run_n)
                 record = {"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate}
                 record.update({f"{g['name']}_lr": lr for g, lr in zip(groups[1:], sched.get_last_lr()[1:])})
                 if retention.enabled:
