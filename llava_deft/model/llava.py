@@ -72,6 +72,8 @@ class LlavaDeftOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The pipeline's per-stage statistics as 0-dim tensors (``pipeline.ops.read_stats`` reads them)."""
+    llm_tokens: Tensor | None = None
+    """(2,) long on the device: real (unpadded) and padded tokens the LLM ran on (throughput, MFU)."""
 
 
 @dataclass
@@ -584,7 +586,9 @@ class LlavaDeftForCausalLM(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), sp.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
             loss = lm_loss + sum(aux.values(), torch.zeros((), device=lm_loss.device))
-        return LlavaDeftOutput(loss, logits, lm_loss, aux, stats)
+        mask = sp.attention_mask
+        llm_tokens = torch.stack([mask.sum(), torch.full((), mask.numel(), device=mask.device)]).long()
+        return LlavaDeftOutput(loss, logits, lm_loss, aux, stats, llm_tokens)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -297,6 +297,7 @@ def run_stage(
     bar = tqdm(total=total, initial=step, desc=f"stage {i} {stage.name}", disable=rank != 0, dynamic_ncols=True)
     accum = cfg.gradient_accumulation_steps
     t0, seen, run_loss, run_n = time.perf_counter(), 0, 0.0, 0
+    llm_tokens = torch.zeros(2, dtype=torch.long, device=engine.device)  # real, padded; read when logged
     engine.train()
     while step < total:
         epoch, done_micro = divmod(step * accum, max(1, micro_per_epoch))
@@ -308,7 +309,10 @@ def run_stage(
         for micro, batch in enumerate(loader):
             batch = to_device(batch, engine.device)
             retention.apply(step)
-            loss = engine(**batch).loss
+            output = engine(**batch)
+            loss = output.loss
+            if output.llm_tokens is not None:
+                llm_tokens += output.llm_tokens
             engine.backward(loss)
             engine.step()
             run_loss = run_loss + loss.detach().float()  # summed on the device: read only when logged (no sync per step)
@@ -321,7 +325,13 @@ def run_stage(
             if step % cfg.log_steps == 0 or step == total:
                 rate = seen / (time.perf_counter() - t0)
                 avg = float(run_loss) / max(1, run_n)
-                record = {"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate}
+                elapsed = time.perf_counter() - t0
+                counted = llm_tokens.clone()
+                if world > 1:  # every rank logs at the same step: the sum over ranks
+                    dist.all_reduce(counted)
+                real, padded = counted.tolist()  # since this stage (re)started, as elapsed_s
+                record = {"stage": i, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": rate,
+                          "elapsed_s": round(elapsed, 3), "llm_tokens": real, "llm_tokens_padded": padded}
                 record.update({f"{g['name']}_lr": lr for g, lr in zip(groups[1:], sched.get_last_lr()[1:])})
                 if retention.enabled:
                     record["retention"] = retention.ratios(step - 1)  # the ratios this step ran with
