@@ -12,8 +12,12 @@ dataclasses such as ``pipeline.TokenBatch``) so that on CUDA, without autograd:
 - later calls copy their tensors into those buffers, replay, and return a fresh structure around the
   graph's output tensors (valid until the next replay of the same graph: read it before calling again).
 
-A capture that fails (a kernel that reads a device value on the host, an unregistered random generator)
-is logged once for that signature, which then runs eagerly; the last ``max_graphs`` signatures are kept.
+A function that reads a device value on the host is found in its warm-up (run with
+``torch.cuda.set_sync_debug_mode("error")``), logged once for that signature and run eagerly from then on,
+without a capture attempt: a capture that fails inside CUDA can leave the process unable to capture or
+replay other graphs correctly (seen on an H100: later graphs of the same process gave other tokens). A
+capture that still fails (an unregistered random generator) is logged the same way. The last
+``max_graphs`` signatures are kept.
 Everything else (CPU, grad mode, no tensor, an unhashable leaf) runs ``fn`` as is.
 
 :class:`GraphSlot` holds such state on a module: it is emptied, never copied, by ``copy.deepcopy`` and
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedCall", "GraphSlot", "flatten", "unflatten"]
+__all__ = ["CapturedCall", "GraphSlot", "HostSyncError", "flatten", "unflatten", "warm_up"]
 
 logger = logging.getLogger("llava_deft.generate")
 
@@ -77,6 +81,32 @@ def unflatten(spec: Any, tensors: list[Tensor]) -> Any:
     return build(spec)
 
 
+class HostSyncError(RuntimeError):
+    """A function read a device value on the host during its warm-up: capturing it would fail."""
+
+
+def warm_up(device: torch.device, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` once on a side stream (the warm-up a capture needs) with host synchronisations turned into
+    errors (``torch.cuda.set_sync_debug_mode("error")``): a function that reads a device value on the host
+    raises :class:`HostSyncError` here, eagerly, instead of failing inside a capture -- a failed capture
+    can leave the process's CUDA state unusable for later captures. ``fn`` must be safe to run again."""
+    previous = torch.cuda.get_sync_debug_mode()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            out = fn()
+    except RuntimeError as e:
+        if "synchroniz" not in str(e).lower():
+            raise
+        raise HostSyncError(str(e).splitlines()[0]) from e
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
 class CapturedCall:
     """``fn(*args)`` replayed from a CUDA graph per input signature (see the module docstring)."""
 
@@ -97,9 +127,14 @@ class CapturedCall:
             return self.fn(*args)
         device = leaves[0].device
         state = self.entries.pop(key, None)
-        if state is None:  # warm-up: cuBLAS handles, autotuning, lazily built buffers
-            out = self._side_stream(device, lambda: self.fn(*args))
-            state = "warm"
+        if state is None:  # warm-up: cuBLAS handles, autotuning, lazily built buffers; a host sync is found here
+            try:
+                out = warm_up(device, lambda: self.fn(*args))
+                state = "warm"
+            except HostSyncError as e:
+                logger.warning("%s cannot be captured in a CUDA graph (%s); it runs eagerly for these inputs",
+                               self.what, e)
+                state, out = "eager", self.fn(*args)
         elif state == "eager":
             out = self.fn(*args)
         elif state == "warm":
@@ -113,15 +148,6 @@ class CapturedCall:
         self.entries[key] = state
         while len(self.entries) > self.max_graphs:
             self.entries.pop(next(iter(self.entries)))
-        return out
-
-    @staticmethod
-    def _side_stream(device: torch.device, fn: Callable[[], Any]) -> Any:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            out = fn()
-        torch.cuda.current_stream(device).wait_stream(side)
         return out
 
     def _capture(self, device: torch.device, spec: Any, leaves: list[Tensor], args: tuple) -> tuple[Any, Any]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..graphs import HostSyncError, warm_up
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["BUCKET", "SlotLayer", "SlotCache", "StaticDecoder", "static_unsupported"]
@@ -142,9 +144,14 @@ class StaticDecoder:
         if not self.capture:
             return self._prefill(embeds, attention_mask, position_ids)
         state = self._prefills.pop(prompt_len, None)
-        if state is None:  # first prompt of this length: warm up eagerly on a side stream
-            out = self._on_side_stream(lambda: self._prefill(embeds, attention_mask, position_ids))
-            state = "warm"
+        if state is None:  # first prompt of this length: warm up eagerly on a side stream (finds host syncs)
+            try:
+                out = warm_up(self.device, lambda: self._prefill(embeds, attention_mask, position_ids))
+                state = "warm"
+            except HostSyncError as e:
+                logger.warning("static decoding: the prefill of %d tokens cannot be captured in a CUDA graph (%s); "
+                               "running it eagerly with the static cache instead", prompt_len, e)
+                state, out = "eager", self._prefill(embeds, attention_mask, position_ids)
         elif state == "eager":
             out = self._prefill(embeds, attention_mask, position_ids)
         elif state == "warm":
@@ -226,22 +233,20 @@ class StaticDecoder:
                 self.graph.replay()
                 logits = self.logits
         elif self.capture and self.graph_failed is None:  # warm-up (cuBLAS handles, autotuning) on a side stream
-            logits = self._on_side_stream(self._step)
-            self._warmed = True
+            try:
+                logits = warm_up(self.device, self._step)
+                self._warmed = True
+            except HostSyncError as e:
+                self.graph_failed = str(e)
+                logger.warning("static decoding: the decoding step cannot be captured in a CUDA graph (%s); "
+                               "decoding eagerly with the static cache instead", e)
+                logits = self._step()
         else:
             logits = self._step()
         self.length += 1
         for layer in self.cache.layers:
             layer.length = self.length
         return logits
-
-    def _on_side_stream(self, fn):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            out = fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return out
 
     def _capture(self, fn, what: str) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
         """Capture ``fn``'s kernels (nothing runs): (graph, output buffer), or None after logging why not."""
@@ -251,8 +256,8 @@ class StaticDecoder:
                 out = fn()
         except RuntimeError as e:  # a kernel read a device value on the host: run it eagerly from here on
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            logger.warning("static decoding: capturing %s in a CUDA graph failed (%s); running it eagerly with "
-                           "the static cache instead", what, reason)
+            logger.warning("static decoding: %s cannot be captured in a CUDA graph: capturing it failed (%s); "
+                           "running it eagerly with the static cache instead", what, reason)
             torch.cuda.synchronize(self.device)
             return None
         return graph, out
