@@ -642,6 +642,11 @@ CONTRACT = {
     "h2o": {"identity": {"cache_max_size": 512}, "small": {"cache_max_size": 7, "recent_ratio": 0.5}},
     "snapkv": {"identity": {"cache_max_size": 512, "window_size": 4}, "small": {"cache_max_size": 7, "window_size": 3}},
     "streaming_llm": {"identity": {"cache_max_size": 512}, "small": {"cache_max_size": 7, "num_sinks": 2}},
+    # merges text and media alike: its row says how many tokens of n go on (window 3, every row expands
+    # min(round(memory_floor / 2), whole pairs) = 1 of its (n - 3) // 2 merged pairs)
+    "pair_compress": {"identity": {"layer": 1, "ratio": 1.0, "window": 3}, "small": {
+        "layer": 2, "window": 3, "ratio": 0.0, "memory_floor": 2, "num_heads": 2, "hidden_dim": 16},
+        "tokens_kept": lambda n: n - (n - 3) // 2 + 1},
 }
 
 
@@ -685,6 +690,13 @@ def test_llm_stage_contract(lm, name):
                 else:  # prefill-only (SnapKV): the cache grows by one a step after the prefill
                     assert tl.num_slots == budget + step
                 assert tl.keys.shape[1] == lm.config.num_key_value_heads
+        elif isinstance(stage, LayerStage) and step == 0 and "tokens_kept" in row_cfg:
+            for i, s in enumerate(stats):
+                v = cache.layers[i].valid[:, 0]
+                for row, n in enumerate(lengths):
+                    assert int(v[row].sum()) == (n if i < stage.layer else row_cfg["tokens_kept"](n)), (i, row)
+                if i >= stage.layer:
+                    assert cache.layers[i].num_slots < max(lengths)
         elif isinstance(stage, LayerStage) and step == 0:
             if "media_kept" not in row_cfg:
                 pytest.fail(f"layer stage {name!r} needs 'media_kept' in its CONTRACT row")

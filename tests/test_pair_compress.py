@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from llava_deft.model.llm.pair_compress import (
+from pipeline.pair_compress import (
     TokenCompressor,
     WindowAttentionScore,
     interleave_selected_pure_tensor,
@@ -205,3 +205,106 @@ def test_interleave_refuses_mismatched_inputs():
         interleave_selected_pure_tensor(x, xc, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="is not a compression of x"):
         interleave_selected_pure_tensor(x, torch.randn(2, 9, D), torch.zeros(2, 0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- the layer stage
+from pipeline import build_pipeline  # noqa: E402
+from pipeline.llm import TEXT_KIND, LayerState  # noqa: E402
+
+
+def _stage(**opts):
+    cfg = {"name": "pair_compress", "layer": 1, "window": 3, "ratio": 0.5, "memory_floor": 2, "num_heads": 2,
+           "hidden_dim": 16, **opts}
+    stage = build_pipeline({"llm": [cfg]}, dim=D).llm[0]
+    torch.nn.init.normal_(stage.compressor.mlp[-1].weight, std=0.1)
+    return stage.eval()
+
+
+def _state(lengths, width):
+    b = len(lengths)
+    mask = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0) * 3  # gaps: pruned media keep their positions
+    kind = torch.where(torch.arange(width)[None, :] % 3 == 0, 0, TEXT_KIND).expand(b, width)
+    hidden = torch.randn(b, width, D) * mask.unsqueeze(-1)
+    index = torch.where(mask, torch.arange(width).expand(b, width), -1)
+    return LayerState(hidden=hidden, mask=mask, positions=torch.where(mask, pos, 0), index=index,
+                      kind=torch.where(mask, kind, TEXT_KIND))
+
+
+def test_stage_on_a_full_row_equals_the_functions_by_hand():
+    torch.manual_seed(0)
+    stage = _stage()
+    st = _state([12], 12)  # memory 9: column 0 alone, pairs (1,2) .. (7,8), window 9..11
+    with torch.no_grad():
+        out = stage.reduce(st, attention=None)
+        h = st.hidden[0]
+        merged = [h[0]] + [stage.compressor(h[None, j:j + 2], 0)[0, 0] for j in (1, 3, 5, 7)] + [h[9], h[10], h[11]]
+        merged = torch.stack(merged)
+        scores = stage.scorer.ImportanceScore(merged[None], 3)[0, 1:]  # the 4 merged pairs
+        k = min(selection_count(8, 3, 0.5, 2), 4)  # 0.5 * 5 + 2 * 0.5 / 2 = 3
+        top = sorted(sorted(range(4), key=lambda j: (-float(scores[j]), j))[:k])
+        rows, positions = [h[0]], [int(st.positions[0, 0])]
+        for j in range(4):
+            cols = [1 + 2 * j, 2 + 2 * j]
+            if j in top:
+                rows += [h[c] for c in cols]
+                positions += [int(st.positions[0, c]) for c in cols]
+            else:
+                rows.append(merged[1 + j])
+                positions.append(int(st.positions[0, cols[0]]))  # a merged pair sits at its first token
+        rows += [h[9], h[10], h[11]]
+        positions += [int(st.positions[0, c]) for c in (9, 10, 11)]
+    assert k == 3 and out.hidden.shape == (1, 12 - 4 + 3, D)
+    assert_close(out.hidden[0], torch.stack(rows))
+    assert out.positions[0].tolist() == positions and out.mask.all()
+    assert out.index[0, -3:].tolist() == [9, 10, 11]
+
+
+def test_stage_rows_alone_equal_rows_in_a_padded_batch():
+    torch.manual_seed(1)
+    stage = _stage(ratio=0.3)
+    batch = _state([14, 9, 4], 14)
+    with torch.no_grad():
+        out = stage.reduce(batch, attention=None)
+        for r, n in enumerate([14, 9, 4]):
+            alone = LayerState(*(getattr(batch, f)[r:r + 1, 14 - n:] for f in ("hidden", "mask", "positions", "index", "kind")))
+            one = stage.reduce(alone, attention=None)
+            width = one.hidden.shape[1]
+            assert not out.mask[r, : out.mask.shape[1] - width].any()  # the rest of the batch row is padding
+            assert_close(out.hidden[r, -width:], one.hidden[0], rtol=1e-5, atol=1e-6)
+            for f in ("mask", "positions", "index", "kind"):
+                assert torch.equal(getattr(out, f)[r, -width:], getattr(one, f)[0]), f
+
+
+def test_ratio_one_hands_the_state_on_and_a_short_context_is_untouched():
+    stage = _stage(ratio=1.0)
+    st = _state([12, 7], 12)
+    assert stage.reduce(st, attention=None) is st
+    assert _stage(window=11).reduce(st, attention=None) is st  # memory of 1: no pair to merge
+
+
+def test_frozen_base_gradients_reach_only_the_compressor():
+    from llava_deft.model.llm import TINY_LLM, DecoderLM, build_llm
+
+    torch.manual_seed(2)
+    lm = DecoderLM(build_llm({**TINY_LLM, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                              "num_key_value_heads": 2}, vocab_size=50))
+    lm.requires_grad_(False)
+    stages = build_pipeline({"llm": [{"name": "pair_compress", "layer": 1, "window": 4, "ratio": 0.25,
+                                      "memory_floor": 2, "num_heads": 2}]}, dim=32).llm
+    stage = stages[0]
+    torch.nn.init.normal_(stage.compressor.mlp[-1].weight, std=0.1)  # past its zero start: every part has a gradient
+    ids = torch.randint(3, 50, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits, _ = lm(lm.embed(ids), mask, pos, stages=stages)
+    logits[:, -1].logsumexp(-1).sum().backward()
+    trained = {n for n, p in stage.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"compressor.pos", "compressor.mlp.0.weight", "compressor.mlp.0.bias", "compressor.mlp.2.weight",
+                       "compressor.mlp.2.bias"}
+    assert not any(n.startswith("scorer") for n in trained)  # the hard top-k passes no gradient to the scorer
+    assert all(p.grad is None for p in lm.parameters())
+    share = sum(p.numel() for p in stage.parameters()) / (sum(p.numel() for p in stage.parameters())
+                                                          + sum(p.numel() for p in lm.parameters()))
+    assert 0 < share < 0.5

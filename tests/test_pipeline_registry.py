@@ -66,6 +66,8 @@ SEED_DEFAULTS = {
     "h2o": {"cache_max_size": 512, "layers": None, "recent_ratio": 0.5},
     "snapkv": {"cache_max_size": 512, "layers": None, "window_size": 32, "kernel_size": 5},
     "streaming_llm": {"cache_max_size": 512, "layers": None, "num_sinks": 4},
+    # seed 002's facade: ModelWrapperPretrained(model, layer_idx=[10], T_w=100, r=0.8, M=100)
+    "pair_compress": {"layer": 10, "window": 100, "ratio": 0.8, "memory_floor": 100, "hidden_dim": None, "num_heads": 8},
 }
 
 

@@ -141,7 +141,8 @@ def select_tokens(x: Tensor, scores: Tensor, T_w: int, r: float, M: float = 0.0)
     return x.gather(1, idx.unsqueeze(-1).expand(b, k, d)), idx
 
 
-def interleave_selected_pure_tensor(x: Tensor, x_compressed: Tensor, selected_indices: Tensor) -> Tensor:
+def interleave_selected_pure_tensor(x: Tensor, x_compressed: Tensor, selected_indices: Tensor,
+                                    selected_mask: Tensor | None = None) -> Tensor:
     """Expand the selected merged tokens back to their original pairs.
 
     ``x`` (B, T, D) the uncompressed tokens; ``x_compressed`` (B, T - n, D) their :class:`TokenCompressor`
@@ -151,6 +152,10 @@ def interleave_selected_pure_tensor(x: Tensor, x_compressed: Tensor, selected_in
     rest of ``x_compressed`` (an odd memory's last token and the window). Scatters only: no loop over rows
     or tokens. Applied to an index tensor (``x`` = positions as (B, T, 1)) it gives where each output token
     came from.
+
+    ``selected_mask`` (B, k) bool, optional: only the selections where it is True expand; a row that expands
+    ``k_b < k`` pairs is left-padded with ``k - k_b`` zero columns, so every row's last token stays in the
+    last column (left padding, as the decoder's prompts).
     """
     b, t, d = x.shape
     if x_compressed.shape[0] != b or x_compressed.shape[2] != d or x_compressed.shape[1] > t:
@@ -159,12 +164,17 @@ def interleave_selected_pure_tensor(x: Tensor, x_compressed: Tensor, selected_in
     k = selected_indices.shape[1]
     if selected_indices.shape[0] != b or k > n:
         raise ValueError(f"interleave: selected_indices {tuple(selected_indices.shape)} must be (B, k <= {n} merged pairs)")
+    if selected_mask is not None and selected_mask.shape != selected_indices.shape:
+        raise ValueError(f"interleave: selected_mask {tuple(selected_mask.shape)} must match selected_indices "
+                         f"{tuple(selected_indices.shape)}")
     if n == 0:
         return x_compressed
     dev = x.device
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, selected_indices.long(), True)  # (B, n)
+    marks = torch.ones_like(selected_indices, dtype=torch.bool) if selected_mask is None else selected_mask.bool()
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, selected_indices.long(), marks)  # (B, n)
     width = 1 + chosen.long()  # output slots per merged token
-    start = width.cumsum(1) - width  # (B, n) first output slot of merged token j
+    shift = k - chosen.sum(1, keepdim=True)  # (B, 1) left padding of rows that expand fewer than k
+    start = width.cumsum(1) - width + shift  # (B, n) first output slot of merged token j
     trash = n + k  # one extra slot takes what a branch does not write
     merged_at = torch.where(chosen, trash, start)
     first_at = torch.where(chosen, start, trash)
