@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch.nn.functional as F
 import torch
 from torch.testing import assert_close
 
@@ -308,3 +309,71 @@ def test_frozen_base_gradients_reach_only_the_compressor():
     share = sum(p.numel() for p in stage.parameters()) / (sum(p.numel() for p in stage.parameters())
                                                           + sum(p.numel() for p in lm.parameters()))
     assert 0 < share < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- seed 002's facade
+from llava_deft.model.llm import TINY_LLM, DecoderLM, build_llm  # noqa: E402
+from llava_deft.model.llm.pair_wrapper import ModelWrapperPretrained, windowed_lm_loss  # noqa: E402
+
+
+def _base(seed: int = 3):
+    torch.manual_seed(seed)
+    return build_llm({**TINY_LLM, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                      "num_attention_heads": 4, "num_key_value_heads": 2}, vocab_size=60).eval()
+
+
+def _ids(lengths, width, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def test_windowed_loss_equals_a_loop():
+    torch.manual_seed(5)
+    logits, labels = torch.randn(3, 9, 11), torch.randint(0, 11, (3, 9))
+    labels[1, 7] = -100
+    losses = [F.cross_entropy(logits[b, t - 1][None], labels[b, t][None]) for b in range(3) for t in range(5, 9)
+              if labels[b, t] != -100]
+    assert_close(windowed_lm_loss(logits, labels, 4), torch.stack(losses).mean())
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        windowed_lm_loss(logits, labels, 0)
+
+
+def test_ratio_one_facade_equals_the_frozen_base():
+    base = _base()
+    ids, mask = _ids([24, 17], 24)
+    model = ModelWrapperPretrained(base, layer_idx=[1, 2], T_w=4, r=1.0, M=2, num_heads=2)
+    plain = DecoderLM(base)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        _, logits = model(ids, mask)
+        ref, _ = plain(plain.embed(ids), mask, pos)
+    assert torch.equal(logits, ref)
+    out = model.generate(ids, mask, max_new_tokens=5, eos_token_id=[])
+    from llava_deft.model.llm import generate_from_embeds
+
+    assert torch.equal(out, generate_from_embeds(plain, plain.embed(ids), mask, pos, 5, [], 0))
+
+
+def test_compressed_facade_trains_only_its_compressors_and_shrinks_later_layers():
+    base = _base()
+    ids, mask = _ids([24, 17], 24)
+    model = ModelWrapperPretrained(base, layer_idx=[1], T_w=4, r=0.25, M=2, num_heads=2)
+    for stage in model.compression:
+        torch.nn.init.normal_(stage.compressor.mlp[-1].weight, std=0.1)
+    share = model.trainable_share()
+    n_train = sum(p.numel() for p in model.compression.parameters())
+    assert share == pytest.approx(n_train / sum(p.numel() for p in model.parameters()))
+    loss, logits = model(ids, mask, labels=ids)
+    loss.backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.compression.parameters())
+    stats = model.compression[0].last_stats
+    assert stats["tokens_out"] < stats["tokens_in"]  # layers 1.. see fewer tokens
+    assert logits.shape == (2, 24, 60) and torch.isfinite(loss)
+
+
+def test_facade_refuses_a_layer_outside_the_model():
+    with pytest.raises(ValueError, match="must be in 1..2"):
+        ModelWrapperPretrained(_base(), layer_idx=[3], T_w=4)
