@@ -11,15 +11,7 @@ from torch.testing import assert_close
 from llava_deft.model.llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from llava_deft.model.llm.static import BUCKET, SlotCache, StaticDecoder, static_unsupported
 from pipeline import build_pipeline
-
-VOCAB = 97
-SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-def _build(model_type: str, seed: int = 0, **overrides) -> DecoderLM:
-    torch.manual_seed(seed)
-    spec = {**TINY_LLM, **SMALL, "model_type": model_type, **overrides}
-    return DecoderLM(build_llm(spec, vocab_size=VOCAB)).eval()
+from tests.test_llm import SMALL, VOCAB, _build  # the same toy decoders as the parity tests
 
 
 @pytest.fixture(scope="module")
