@@ -377,3 +377,49 @@ def test_compressed_facade_trains_only_its_compressors_and_shrinks_later_layers(
 def test_facade_refuses_a_layer_outside_the_model():
     with pytest.raises(ValueError, match="must be in 1..2"):
         ModelWrapperPretrained(_base(), layer_idx=[3], T_w=4)
+
+
+# ---------------------------------------------------------------------------------------------- windowed loss
+from llava_deft.model.splice import IGNORE_INDEX, window_labels  # noqa: E402
+
+
+def test_window_labels_keep_each_rows_last_real_tokens_whatever_the_padding():
+    labels = torch.arange(1, 8).expand(3, 7).clone()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0],   # right padding: real 0..4 -> window 2..4
+                         [0, 0, 1, 1, 1, 1, 1],   # left padding: window 4..6
+                         [1, 1, 0, 0, 0, 0, 0]])  # shorter than the window: both
+    out = window_labels(labels, mask, 3)
+    keep = [[2, 3, 4], [4, 5, 6], [0, 1]]
+    for r in range(3):
+        assert [c for c in range(7) if out[r, c] != IGNORE_INDEX] == keep[r]
+        assert all(out[r, c] == labels[r, c] for c in keep[r])
+    with pytest.raises(ValueError, match="loss window must be >= 1"):
+        window_labels(labels, mask, 0)
+
+
+def test_training_config_loss_window_reaches_the_models_loss(tiny_model):
+    import copy
+
+    from llava_deft.config.train import load_train_config
+    from llava_deft.data import build_collator
+    from llava_deft.errors import ConfigError
+
+    assert load_train_config(None, ["loss_window=4"]).loss_window == 4
+    with pytest.raises(ConfigError, match="loss_window"):
+        load_train_config(None, ["loss_window=0"])
+    model = copy.deepcopy(tiny_model)
+    items = [{"id": f"s{i}", "messages": [{"role": "user", "content": "Say a colour"},
+                                           {"role": "assistant", "content": "blue green red" if i else "red"}]}
+             for i in range(2)]
+    batch = build_collator(model.processors)(items)
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        full = model(**batch)
+        model.loss_window = 2
+        windowed = model(**batch)
+        sp, _, _ = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        pixel_values=batch.get("pixel_values"), media_counts=batch.get("media_counts"))
+        target = window_labels(sp.labels, sp.attention_mask, 2)[:, 1:]
+        ref = F.cross_entropy(windowed.logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+    assert_close(windowed.lm_loss, ref)
+    assert not torch.allclose(windowed.lm_loss, full.lm_loss)

@@ -255,6 +255,9 @@ class TrainConfig(Strict):
     # a saved llava-deft model folder (a run's final/) to start from instead of building `model:` afresh,
     # e.g. the second step of a curriculum on other data; its own config.json replaces `model:`
     init_from: str | None = None
+    # supervise only the last `loss_window` tokens of every sequence (the window that pair-compressed layers
+    # never merge: seed 002's windowed loss); None: every labelled token
+    loss_window: int | None = Field(None, gt=0)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -53,7 +53,7 @@ from .hf_llava import is_hf_llava_config, load_hf_llava
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from .processors import Processors, media_options
 from .projector import build_projector
-from .splice import IGNORE_INDEX, splice_media
+from .splice import IGNORE_INDEX, splice_media, window_labels
 from .tokenizer import load_model_tokenizer, media_token_ids
 
 WEIGHTS_NAME = "model.safetensors"
@@ -150,6 +150,9 @@ class LlavaDeftForCausalLM(nn.Module):
         """The collator's ``audio_processor`` (log-mel features, tokens per clip); None without audio."""
         self._graphs = GraphSlot()  # CapturedCalls of the vision tower and the pipeline (generate on CUDA)
         self._capturing: tuple[str, ...] = ()  # what replays from graphs, set by generate for one call
+        self.loss_window: int | None = None
+        """Supervise only each sequence's last ``loss_window`` tokens (the trainer's ``loss_window``: the
+        windowed loss of pair-compressed layers); None: every labelled token. A run-time switch."""
         self.encoder_memory: EncoderMemory | None = None
         """Bounded stream memories of the video / audio encoders (:meth:`compress_all_encoders`); None:
         media are encoded whole, as always. A run-time switch, not part of the config or checkpoint."""
@@ -580,6 +583,8 @@ class LlavaDeftForCausalLM(nn.Module):
         sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=self.pipeline.llm, token_kinds=sp.kinds)
         loss = lm_loss = None
+        if sp.labels is not None and self.loss_window is not None:
+            sp.labels = window_labels(sp.labels, sp.attention_mask, self.loss_window)
         if sp.labels is not None:
             # predict token t+1 from t; loss in fp32
             lm_loss = F.cross_entropy(

@@ -101,3 +101,15 @@ def splice_media(
         if media_modality is not None:
             kinds[mr, mc] = media_modality.to(dev).unsqueeze(1).expand_as(rank)[sel]
     return Spliced(embeds, out_mask, pos, out_labels, is_media, kinds)
+
+
+def window_labels(labels: Tensor, attention_mask: Tensor, window: int) -> Tensor:
+    """``labels`` (B, L) with IGNORE_INDEX everywhere but each row's last ``window`` real tokens (by
+    ``attention_mask``, left or right padding alike): the windowed loss of pair-compressed layers, whose
+    window of recent tokens is never merged (seed 002's ``WindowedLossSFTTrainer``)."""
+    if window < 1:
+        raise ValueError(f"the loss window must be >= 1 token, got {window}")
+    real = attention_mask.bool()
+    from_end = real.flip(1).long().cumsum(1).flip(1)  # (B, L): real tokens at or after each position
+    return torch.where(real & (from_end <= window), labels, torch.full_like(labels, IGNORE_INDEX))
+

@@ -251,6 +251,7 @@ def run_stage(
         return export_dir
 
     model = stage_model(cfg, i, stage, init_from)
+    model.loss_window = cfg.loss_window  # supervise only each sequence's last tokens (pair-compressed layers)
     groups = param_groups(model, stage)
     n_train, n_total = parameter_counts(model)
 

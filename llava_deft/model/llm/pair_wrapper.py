@@ -27,24 +27,19 @@ from torch import Tensor, nn
 
 from pipeline import build_pipeline
 
+from ..splice import IGNORE_INDEX, window_labels
 from .decoder import DecoderLM, generate_from_embeds
 
 __all__ = ["ModelWrapperPretrained", "windowed_lm_loss"]
 
-IGNORE_INDEX = -100
 
-
-def windowed_lm_loss(logits: Tensor, labels: Tensor, window: int) -> Tensor:
-    """Mean next-token cross-entropy over the last ``window`` positions of each row: ``logits`` (B, L, V) at
-    positions ``L-window-1 .. L-2`` predict ``labels`` at ``L-window .. L-1``; labels of -100 are skipped.
-    The window is the tail of the (left-padded) sequence, where compressed layers never merge tokens."""
-    if window < 1:
-        raise ValueError(f"windowed_lm_loss: window must be >= 1, got {window}")
-    length = logits.shape[1]
-    w = min(window, length - 1)
-    pred = logits[:, length - w - 1: length - 1].float()  # (B, w, V)
-    target = labels[:, length - w:]  # (B, w)
-    return F.cross_entropy(pred.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+def windowed_lm_loss(logits: Tensor, labels: Tensor, window: int, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy on each row's last ``window`` real tokens (``attention_mask``: default all
+    real): ``logits`` at ``t - 1`` predict ``labels`` at ``t``; labels of -100 are skipped
+    (:func:`~llava_deft.model.splice.window_labels`)."""
+    mask = torch.ones_like(labels) if attention_mask is None else attention_mask
+    target = window_labels(labels, mask, window)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class ModelWrapperPretrained(nn.Module):
@@ -80,7 +75,7 @@ class ModelWrapperPretrained(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         logits, _ = self.lm(self.lm.embed(input_ids), attention_mask, self._positions(attention_mask),
                             stages=self.compression)
-        loss = None if labels is None else windowed_lm_loss(logits, labels, self.window)
+        loss = None if labels is None else windowed_lm_loss(logits, labels, self.window, attention_mask)
         return loss, logits
 
     @torch.no_grad()
