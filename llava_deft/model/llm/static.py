@@ -122,13 +122,6 @@ class StaticDecoder:
         self._prefills: OrderedDict[int, Any] = OrderedDict()  # prompt length -> "warm" | "eager" | graph
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for all graphs
 
-    def key(self) -> tuple:
-        return (self.batch_size, self.max_len, self.device, self.dtype)
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache buffers."""
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
-
     # ------------------------------------------------------------------ prefill
     def prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Run the prompt ``(B, P, D)`` (left-padded ``attention_mask`` (B, P), RoPE ``position_ids`` (B, P)) into
