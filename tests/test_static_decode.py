@@ -152,3 +152,17 @@ def test_a_full_static_cache_refuses_another_step(lms):
         dec.step(ids[:, :1], pos[:, -1:] + 1)
         with pytest.raises(ValueError, match="static cache of 4 slots is full"):
             dec.step(ids[:, :1], pos[:, -1:] + 2)
+
+
+def test_a_cache_over_the_keep_limit_is_freed_after_its_call(lms, monkeypatch):
+    from llava_deft.model.llm import static
+
+    lm = _build("llama", seed=6)
+    ids, mask, pos = _prompts([9, 4], seed=15)
+    _gen(lm, ids, mask, pos, static_cache=True)
+    kept = lm._static[1]
+    assert kept.nbytes() == 2 * lm.num_layers * 2 * 2 * BUCKET * 16 * 4  # K and V, (B, H_kv, slots, d) float32
+    monkeypatch.setattr(static, "KEEP_BYTES", kept.nbytes() - 1)
+    out = _gen(lm, ids, mask, pos, static_cache=True)
+    assert lm._static is None  # freed after the call, the tokens unchanged
+    assert out.tolist() == _gen(lm, ids, mask, pos, static_cache=False).tolist()

@@ -40,6 +40,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
 from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
+from . import static as static_module
 from .static import BUCKET, StaticDecoder, static_unsupported
 
 __all__ = [
@@ -552,6 +553,8 @@ def generate_from_embeds(
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
+    if static is not None and static.nbytes() > static_module.KEEP_BYTES and not return_cache:
+        lm.release_static()  # a long-context cache is not kept between calls (see KEEP_BYTES)
     if eos_check_every > 1 and tokens.shape[1] > 1 and bool(finished.all()):  # one read: cut the steps after the last EOS
         tokens = tokens[:, : int(done_at.max()) + 1]
     return (tokens, cache) if return_cache else tokens

@@ -19,7 +19,9 @@ per token where reading the weights takes ~4 ms). :class:`StaticDecoder` removes
 A decoder keeps its buffers and graphs between ``generate`` calls of the same batch size, dtype and
 weights whose cache bucket (prompt + new tokens rounded up to :data:`BUCKET` slots) it holds
 (``DecoderLM.static_decoder``; a longer call replaces it with a larger one): a later call replays from
-its first step. Rebuilding it for every other length would capture again and again. ``DecoderLM.release_static()`` frees them.
+its first step. Rebuilding it for every other length would capture again and again. A cache of more than
+:data:`KEEP_BYTES` (4 GiB: a 7B Llama at batch 8 keeps ~1,200 slots) is freed after its call instead, so
+a long-context generation does not hold its whole cache afterwards. ``DecoderLM.release_static()`` frees them.
 
 Where it cannot apply (LLM stages, sliding-window layers, an attention implementation that ignores a
 4D mask) the caller uses the plain path; a capture that fails (a layer that reads a device value on
@@ -44,6 +46,7 @@ logger = logging.getLogger("llava_deft.generate")
 
 BUCKET = 256  # cache slots are allocated in multiples of this, so nearby lengths share buffers and graph
 MAX_PREFILL_GRAPHS = 8  # captured prefills kept per decoder (one per prompt length)
+KEEP_BYTES = 4 * 2**30  # a decoder whose cache holds more is freed after its call instead of kept for the next
 
 
 def static_unsupported(lm: Any) -> str | None:
@@ -121,6 +124,10 @@ class StaticDecoder:
         self.graph_failed: str | None = None  # set when the step's capture failed (logged)
         self._prefills: OrderedDict[int, Any] = OrderedDict()  # prompt length -> "warm" | "eager" | graph
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for all graphs
+
+    def nbytes(self) -> int:
+        """Bytes held by the key/value slots."""
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
