@@ -77,7 +77,9 @@ class DataSpec(Strict):
     A ``llava_json`` source is checked whole when the run starts (every record, every media file's
     path and existence): bad records stop it with one error listing them, unless ``skip_invalid:
     true`` leaves them out (the count and reasons are printed); media paths must stay inside
-    ``image_folder`` unless ``trusted_paths: true``.
+    ``image_folder`` unless ``trusted_paths: true``. A ``path`` ending in ``.jsonl`` (one record per
+    line) is read lazily instead, for corpora larger than memory: each record is checked when it is read
+    (``llava_deft.data.llava_json.LlavaJsonlDataset``; ``skip_invalid`` is refused there).
 
     ``limit`` keeps the first N items of a source (before ``repeat``); ``repeat`` lists a source N
     times per epoch (to balance small sources against big ones); ``name`` labels a source in logs and

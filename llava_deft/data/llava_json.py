@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from ..config.model import LimitsConfig
@@ -165,7 +166,11 @@ class LlavaJsonDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record_index, sample_id, messages, media = self.records[index]
+        return self._sample(self.records[index])
+
+    def _sample(self, record: tuple[int, str, list[dict], dict[str, list[str]]]) -> dict[str, Any]:
+        """A parsed record -> the collator's sample (media decoded, each path checked again)."""
+        record_index, sample_id, messages, media = record
         where = f"(sample {sample_id!r} of {self.json_path})"
         sample: dict[str, Any] = {"id": sample_id, "messages": [dict(m) for m in messages]}
         for key, kind in MODALITIES.items():
@@ -197,3 +202,73 @@ def _invalid_records(json_path: Path, total: int, errors: list[DatasetFormatErro
         )
     err.problems = list(errors)
     return err
+
+
+class LlavaJsonlDataset(LlavaJsonDataset):
+    """LLaVA records one per line (JSON Lines), read lazily: for corpora larger than memory.
+
+    Building it scans the file once for where each non-blank line starts (8 bytes a record, no parsing);
+    ``__getitem__`` seeks to the line, parses and validates that one record exactly as
+    :class:`LlavaJsonDataset` validates every record up front (errors name the file, the line, the id and
+    the key; media paths stay inside the media folder unless ``trusted_paths``) and decodes its media. A
+    map-style dataset: the trainer's resumable sampler, shuffling and worker processes work unchanged
+    (each process opens its own handle). ``skip_invalid`` needs every record checked at start and is
+    refused here: validate the file first, or keep it a ``.json`` list.
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, *,
+                 limits: LimitsConfig | None = None, trusted_paths: bool = False,
+                 options: MediaOptions | None = None, **reading: Any):
+        self.options = options or MediaOptions(reading.get("num_frames", 8), reading.get("fps"),
+                                               reading.get("max_frames"), int(reading.get("sampling_rate", SAMPLING_RATE)),
+                                               limits or LimitsConfig())
+        self.json_path = Path(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
+        self.root = self.image_folder.resolve()
+        self.trusted_paths = bool(trusted_paths)
+        if not self.json_path.is_file():
+            raise FileNotFoundError(f"LLaVA JSON Lines file '{self.json_path}' does not exist")
+        offsets, lines, pos = [], [], 0
+        with self.json_path.open("rb") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    offsets.append(pos)
+                    lines.append(number)
+                pos += len(line)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self.total, self.skipped = len(offsets), []
+        self._handle = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _file(self):
+        if self._handle is None or self._pid != os.getpid():  # one handle per (worker) process
+            self._handle, self._pid = self.json_path.open("rb"), os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records of '{self.json_path}'")
+        index %= len(self)
+        f = self._file()
+        f.seek(int(self._offsets[index]))
+        raw = f.readline()
+        where = f"{self.json_path}: line {int(self._lines[index])}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            why = "nested too deeply to parse" if isinstance(err, RecursionError) else str(err)
+            raise DatasetFormatError(f"{where}: not a JSON record ({why})") from None
+        try:
+            parsed = (index, *parse_llava_record(record, index, self.json_path))
+            self._check_files(parsed)
+        except DatasetFormatError as err:
+            raise type(err)(f"{where}: {str(err).removeprefix(f'{self.json_path}: ')}") from None
+        return self._sample(parsed)
+

@@ -13,7 +13,7 @@ from ..config.train import DataSpec
 from ..errors import DatasetFormatError, MediaFileError
 from ..tasks import TASK_NAMES, prepare_command
 from .easyvqa import EasyVQADataset
-from .llava_json import LlavaJsonDataset
+from .llava_json import LlavaJsonDataset, LlavaJsonlDataset
 from .passkey import PasskeyDataset
 
 
@@ -51,6 +51,12 @@ def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, samp
     kwargs: dict[str, Any] = dict(video or {})
     if sampling_rate is not None:
         kwargs["sampling_rate"] = sampling_rate
+    if path.suffix == ".jsonl":  # one record per line, read lazily: corpora larger than memory
+        if spec.skip_invalid:
+            raise DatasetFormatError(f"{who}: skip_invalid checks every record at start, but a .jsonl source is read "
+                                     f"lazily; validate the file first or drop skip_invalid")
+        return _limit_repeat(LlavaJsonlDataset(path, spec.image_folder, **kwargs, limits=limits,
+                                               trusted_paths=spec.trusted_paths), spec.limit, spec.repeat)
     try:
         ds = LlavaJsonDataset(path, spec.image_folder, **kwargs, limits=limits, skip_invalid=spec.skip_invalid,
                               trusted_paths=spec.trusted_paths)
