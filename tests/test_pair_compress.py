@@ -316,10 +316,10 @@ from llava_deft.model.llm import TINY_LLM, DecoderLM, build_llm  # noqa: E402
 from llava_deft.model.llm.pair_wrapper import ModelWrapperPretrained, windowed_lm_loss  # noqa: E402
 
 
-def _base(seed: int = 3):
+def _base(seed: int = 3, model_type: str = "llama"):
     torch.manual_seed(seed)
-    return build_llm({**TINY_LLM, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                      "num_attention_heads": 4, "num_key_value_heads": 2}, vocab_size=60).eval()
+    return build_llm({**TINY_LLM, "model_type": model_type, "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}, vocab_size=60).eval()
 
 
 def _ids(lengths, width, seed=4):
@@ -340,8 +340,9 @@ def test_windowed_loss_equals_a_loop():
         windowed_lm_loss(logits, labels, 0)
 
 
-def test_ratio_one_facade_equals_the_frozen_base():
-    base = _base()
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_ratio_one_facade_equals_the_frozen_base(model_type):
+    base = _base(model_type=model_type)
     ids, mask = _ids([24, 17], 24)
     model = ModelWrapperPretrained(base, layer_idx=[1, 2], T_w=4, r=1.0, M=2, num_heads=2)
     plain = DecoderLM(base)
@@ -356,8 +357,9 @@ def test_ratio_one_facade_equals_the_frozen_base():
     assert torch.equal(out, generate_from_embeds(plain, plain.embed(ids), mask, pos, 5, [], 0))
 
 
-def test_compressed_facade_trains_only_its_compressors_and_shrinks_later_layers():
-    base = _base()
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_compressed_facade_trains_only_its_compressors_and_shrinks_later_layers(model_type):
+    base = _base(model_type=model_type)
     ids, mask = _ids([24, 17], 24)
     model = ModelWrapperPretrained(base, layer_idx=[1], T_w=4, r=0.25, M=2, num_heads=2)
     for stage in model.compression:
