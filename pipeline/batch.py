@@ -36,6 +36,7 @@ and ``TokenBatch.empty(dim)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 from dataclasses import dataclass, field
 
@@ -156,6 +157,7 @@ class TokenBatch:
             raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
         b, n, _ = tokens.shape
         dev = tokens.device
+        all_real = mask is None
         if mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=dev)
         if mask.shape != (b, n):
@@ -173,9 +175,13 @@ class TokenBatch:
             lay = torch.stack([torch.ones_like(mask.sum(1)), torch.ones_like(mask.sum(1)), mask.sum(1)], 1)
         elif isinstance(layout, Tensor):
             lay = layout.to(device=dev, dtype=torch.long).reshape(b, 3)
-        else:
-            lay = torch.tensor(layout, dtype=torch.long, device=dev).expand(b, 3).clone()
-        if torch.any(lay.prod(1) != mask.sum(1)):
+        else:  # filled on the device: no host-to-device copy (it would wait for the queued kernels)
+            lay = torch.stack([torch.full((b,), int(v), dtype=torch.long, device=dev) for v in layout], 1)
+        if all_real and not isinstance(layout, Tensor) and layout is not None:  # checked on the host
+            if math.prod(layout) != n:
+                raise ValueError(f"layout (T, H, W) products {[math.prod(layout)] * b} do not match the "
+                                 f"number of real tokens per row {[n] * b}")
+        elif torch.any(lay.prod(1) != mask.sum(1)):
             raise ValueError(
                 f"layout (T, H, W) products {lay.prod(1).tolist()} do not match the "
                 f"number of real tokens per row {mask.sum(1).tolist()}"

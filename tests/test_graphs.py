@@ -5,6 +5,7 @@ tests/test_static_decode_cuda.py (the whole model, every reducer)."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -77,3 +78,34 @@ def test_pipeline_version_follows_its_settings(tiny_model):
     assert model._graph_version(model.pipeline, settings=True) != before
     model.pipeline.train()
     assert model._graph_version(model.pipeline) != model._graph_version(model.pipeline.eval())
+
+
+def test_generate_glue_makes_no_host_copies_of_constants(tiny_model):
+    """Issue 16: between the captured parts, the glue of ``generate`` must not wait for the device where it
+    need not: no ``torch.tensor(...)`` of constant ids per call (a pageable host-to-device copy waits for every
+    queued kernel), no boolean indexing or ``nonzero`` to order the placeholders (their count is known on the
+    host), and ``TokenBatch.from_tokens`` checks an all-real layout on the host. The remaining waits (media
+    counts before any kernel runs, the splice's output width, the prompt checks) are counted so that a new
+    one fails here: 38 in this call on the CPU path (eval/bench_reducers.py's tiny model, one new token: 36,
+    43 before the glue stopped copying constants)."""
+    from PIL import Image
+    import numpy as np
+    from llava_deft.data import build_collator
+    from tests.host_sync import HostSyncRecorder
+
+    model = copy.deepcopy(tiny_model)
+    items = [{"id": f"g{i}", "messages": [{"role": "user", "content": "<image>\nWhat colour?"}],
+              "images": [Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8))]} for i in range(2)]
+    batch = build_collator(model.processors, generation=True)(items)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=2)
+        with HostSyncRecorder() as rec:
+            model.generate(**batch, max_new_tokens=2)
+    sites = {(name, where) for name, where in rec.calls}
+    assert not [s for s in sites if s[1].startswith("pipeline/batch.py")], rec.report()
+    assert not [s for s in sites if s[0] in ("tensor", "as_tensor") and "model/" in s[1]], rec.report()
+    lines, first = inspect.getsourcelines(type(model)._media)  # placeholder order and the pipeline call
+    inside = [s for s in sites if s[1].startswith("model/llava.py")
+              and first <= int(s[1].split(":")[1]) < first + len(lines)]
+    assert not inside, rec.report()
+    assert len(rec.calls) <= 38, rec.report()

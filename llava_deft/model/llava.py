@@ -51,6 +51,7 @@ from .checkpoint import CONFIG_NAME, load_state, read_config_json
 from .graphs import CapturedCall, GraphSlot
 from .hf_llava import is_hf_llava_config, load_hf_llava
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
+from .llm.decoder import device_ids
 from .processors import Processors, media_options
 from .projector import build_projector
 from .splice import IGNORE_INDEX, splice_media, window_labels
@@ -259,7 +260,7 @@ class LlavaDeftForCausalLM(nn.Module):
         prompt in generation). Detached: the reduction pipeline reads the embeddings, it does not train them.
         """
         special = {int(i) for i in self.tokenizer.all_special_ids} | {i for i in self.media_token_ids.values() if i >= 0}
-        special_ids = torch.tensor(sorted(special), dtype=input_ids.dtype, device=input_ids.device)
+        special_ids = device_ids(tuple(sorted(special)), input_ids.device, input_ids.dtype)
         keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
         if labels is not None:
             answer = labels.to(input_ids.device) != IGNORE_INDEX  # (B, L)
@@ -479,17 +480,22 @@ class LlavaDeftForCausalLM(nn.Module):
             return None, zero, {}, {}
         kinds = [k for k in MODALITIES if k in rows]
         batch = rows[kinds[0]] if len(kinds) == 1 else TokenBatch.cat_rows([rows[k] for k in kinds])
-        dev = input_ids.device
-        kind_ids = torch.tensor([self.media_token_ids[k] for k in kinds], device=dev)  # (K,)
+        kind_ids = device_ids(tuple(self.media_token_ids[k] for k in kinds), input_ids.device)  # (K,)
         ph = (input_ids.unsqueeze(-1) == kind_ids).any(-1) & attention_mask.bool()  # (B, L)
-        kind = (input_ids[ph].unsqueeze(-1) == kind_ids).long().argmax(-1)  # (P,) placeholders in row-major order
+        # the P placeholders in row-major order; P = the media rows (_check_counts made sure), so the size is
+        # known on the host and nothing waits for the device
+        flat = torch.nonzero_static(ph.flatten(), size=batch.tokens.shape[0])[:, 0]  # (P,)
+        kind = (input_ids.flatten()[flat].unsqueeze(-1) == kind_ids).long().argmax(-1)  # (P,)
         onehot = F.one_hot(kind, len(kinds))  # (P, K)
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank among placeholders of its kind
-        sizes = torch.tensor([rows[k].tokens.shape[0] for k in kinds], device=dev)  # (K,)
-        order = (sizes.cumsum(0) - sizes)[kind] + rank  # (P,) row of each placeholder's media
+        order = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank among placeholders of its kind
+        offset = 0
+        for j, k in enumerate(kinds):  # + the rows of the kinds stacked before it (host counts, no copy)
+            if offset:
+                order = order + onehot[:, j] * offset
+            offset += rows[k].tokens.shape[0]
         batch = batch.take_rows(order.to(batch.tokens.device))
         if query is not None:
-            sample = ph.nonzero()[:, 0]  # (P,) the sample of each placeholder, i.e. of each pipeline row
+            sample = flat // ph.shape[1]  # (P,) the sample of each placeholder, i.e. of each pipeline row
             text, keep = query
             batch = batch.with_query(text[sample].to(batch.tokens.device), keep[sample].to(batch.tokens.device))
         if "pipeline" in self._capturing:
@@ -557,7 +563,7 @@ class LlavaDeftForCausalLM(nn.Module):
             text = text + zero.to(text.dtype)
         if media is None:  # no media rows: an empty (0, 1, D) batch keeps one splice path
             media = TokenBatch.empty(text.shape[-1], dtype=text.dtype, device=text.device)
-        kind_ids = torch.tensor(list(self.media_token_ids.values()), device=input_ids.device)
+        kind_ids = device_ids(tuple(self.media_token_ids.values()), input_ids.device)
         is_placeholder = (input_ids.unsqueeze(-1) == kind_ids).any(-1)  # (B, L)
         with record_function("llava_deft.splice"):
             spliced = splice_media(

@@ -21,6 +21,7 @@ nothing more), so it runs on a bare GPU box (see eval/bench_layer_loop.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -360,6 +361,13 @@ class DecoderLM(nn.Module):
         return runner.decode(inputs_embeds, position_ids, cache), cache
 
 
+@functools.lru_cache(maxsize=64)
+def device_ids(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A constant id tensor on ``device``, made once: a ``torch.tensor(list, device=cuda)`` per call is a
+    host-to-device copy from pageable memory, which waits for every queued kernel. Read it, never write it."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
     if not do_sample:
         return LogitsProcessorList()
@@ -482,7 +490,7 @@ def generate_from_embeds(
     if isinstance(eos_check_every, bool) or not isinstance(eos_check_every, int) or eos_check_every < 1:
         raise ValueError(f"eos_check_every must be an integer >= 1, got {eos_check_every!r}")
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
+    eos = device_ids(tuple(int(i) for i in eos_ids), device)
     warpers = _warpers(do_sample, temperature, top_k, top_p)
 
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
