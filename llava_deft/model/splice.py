@@ -6,7 +6,8 @@ are those of the UNREDUCED sequence: a media span occupies ``n_orig`` positions 
 token sits at ``span_start + index`` (its position in the original media sequence), so pruning
 leaves gaps instead of shifting the text that follows.
 
-No Python loop over samples or tokens: widths -> cumsum -> scatter.
+No Python loop over samples or tokens: widths -> cumsum -> scatter; one wait for the device (the output's
+width), no boolean indexing.
 """
 
 from __future__ import annotations
@@ -51,55 +52,64 @@ def splice_media(
     """
     b, l, d = text_embeds.shape
     dev = text_embeds.device
+    m = media_tokens.shape[0]
     am = attention_mask.bool()
     ph = is_placeholder & am  # (B, L)
-    kept = media_mask.sum(1)  # (M,)
+    # the media rows' placeholders in row-major order: their number M is known on the host, so finding them
+    # waits for nothing (nonzero_static); every write below is a scatter to a computed column, with a spare
+    # column at the end taking what must not land anywhere -- no boolean indexing, which would wait for
+    # the device once per write
+    flat = torch.nonzero_static(ph.flatten(), size=m)[:, 0]  # (M,)
+    media_of = (ph.flatten().long().cumsum(0) - 1).clamp(0, max(m - 1, 0)).view(b, l)  # (B, L) media of a placeholder
 
     # ---- width of each input position in the output, and in the original (unreduced) sequence
     width = torch.ones(b, l, dtype=torch.long, device=dev)
-    width[ph] = kept  # row-major order of True entries == media order
     orig_width = am.long()
-    orig_width[ph] = media_orig_len.to(dev)
+    if m:
+        width = torch.where(ph, media_mask.sum(1)[media_of], width)
+        orig_width = torch.where(ph, media_orig_len.to(dev)[media_of], orig_width)
 
     start = width.cumsum(1) - width  # (B, L) output column of each input position
     total = width.sum(1)  # (B,)
-    out_len = int(total.max().item())
+    out_len = int(total.max().item())  # the one wait: the output's width
     if padding_side == "left":
         start = start + (out_len - total).unsqueeze(1)  # real tokens end at the right edge
     pos_start = orig_width.cumsum(1) - orig_width  # (B, L) original position of each input position
+    spare = out_len  # the extra column, cut at the end
 
-    embeds = text_embeds.new_zeros(b, out_len, d)
-    out_mask = torch.zeros(b, out_len, dtype=torch.long, device=dev)
-    pos = torch.zeros(b, out_len, dtype=torch.long, device=dev)
-    is_media = torch.zeros(b, out_len, dtype=torch.bool, device=dev)
-    kinds = torch.full((b, out_len), -1, dtype=torch.long, device=dev)  # pipeline.llm.TEXT_KIND
-    out_labels = None if labels is None else torch.full((b, out_len), IGNORE_INDEX, dtype=torch.long, device=dev)
-
-    # ---- text (and padding) tokens
-    txt = ~ph  # (B, L)
-    rows = torch.arange(b, device=dev).unsqueeze(1).expand(b, l)
-    r, c = rows[txt], start[txt]
-    embeds[r, c] = text_embeds[txt]
-    out_mask[r, c] = attention_mask[txt].long()
-    pos[r, c] = torch.where(am[txt], pos_start[txt], torch.zeros_like(c))
+    # ---- text (and padding) tokens: every position but a placeholder, at its output column
+    col = torch.where(ph, spare, start)  # (B, L)
+    embeds = text_embeds.new_zeros(b, out_len + 1, d).scatter(1, col.unsqueeze(-1).expand(b, l, d), text_embeds)
+    out_mask = torch.zeros(b, out_len + 1, dtype=torch.long, device=dev).scatter(1, col, attention_mask.long())
+    pos = torch.zeros(b, out_len + 1, dtype=torch.long, device=dev).scatter(
+        1, col, torch.where(am, pos_start, torch.zeros_like(pos_start)))
+    is_media = torch.zeros(b, out_len + 1, dtype=torch.bool, device=dev)
+    kinds = torch.full((b, out_len + 1), -1, dtype=torch.long, device=dev)  # pipeline.llm.TEXT_KIND
+    out_labels = None
     if labels is not None:
-        out_labels[r, c] = labels[txt]
+        out_labels = torch.full((b, out_len + 1), IGNORE_INDEX, dtype=torch.long, device=dev).scatter(1, col, labels)
+        out_labels[:, spare] = IGNORE_INDEX
 
-    # ---- media tokens: media m goes to row b_m starting at column start[b_m, l_m]
-    if media_tokens.shape[0] > 0:
-        m_row = rows[ph]  # (M,)
-        m_col = start[ph]  # (M,)
-        m_pos = pos_start[ph]  # (M,)
-        rank = media_mask.long().cumsum(1) - 1  # (M, K) slot of each real token in its span
-        sel = media_mask  # (M, K)
-        mr = m_row.unsqueeze(1).expand_as(rank)[sel]
-        mc = (m_col.unsqueeze(1) + rank)[sel]
-        embeds[mr, mc] = media_tokens[sel].to(embeds.dtype)
-        out_mask[mr, mc] = 1
-        pos[mr, mc] = (m_pos.unsqueeze(1) + media_index)[sel]
-        is_media[mr, mc] = True
+    # ---- media tokens: media m goes to row b_m from column start[b_m, l_m], its kept tokens in order
+    if m:
+        m_row, m_col, m_pos = flat // l, start.flatten()[flat], pos_start.flatten()[flat]  # (M,)
+        sel = media_mask.bool()  # (M, K)
+        rank = sel.long().cumsum(1) - 1  # (M, K) slot of each real token in its span
+        dest = m_row.unsqueeze(1) * (out_len + 1) + torch.where(sel, m_col.unsqueeze(1) + rank, spare)  # (M, K)
+        dest = dest.flatten()
+
+        def put(buf: Tensor, values: Tensor) -> Tensor:  # (B, out_len + 1[, D]) <- (M, K[, D]) at dest
+            flat_buf = buf.flatten(0, 1)
+            return flat_buf.index_copy(0, dest, values.flatten(0, 1).to(buf.dtype)).view_as(buf)
+
+        embeds = put(embeds, media_tokens)
+        out_mask = put(out_mask, sel.long())
+        pos = put(pos, m_pos.unsqueeze(1) + media_index)
+        is_media = put(is_media, sel)
         if media_modality is not None:
-            kinds[mr, mc] = media_modality.to(dev).unsqueeze(1).expand_as(rank)[sel]
+            kinds = put(kinds, media_modality.to(dev).unsqueeze(1).expand_as(rank))
+    embeds, out_mask, pos, is_media, kinds = (t[:, :out_len] for t in (embeds, out_mask, pos, is_media, kinds))
+    out_labels = None if out_labels is None else out_labels[:, :out_len]
     return Spliced(embeds, out_mask, pos, out_labels, is_media, kinds)
 
 
