@@ -99,8 +99,9 @@ def splice_media(
         dest = dest.flatten()
 
         def put(buf: Tensor, values: Tensor) -> Tensor:  # (B, out_len + 1[, D]) <- (M, K[, D]) at dest
-            flat_buf = buf.flatten(0, 1)
-            return flat_buf.index_copy(0, dest, values.flatten(0, 1).to(buf.dtype)).view_as(buf)
+            flat_buf, flat_values = buf.flatten(0, 1), values.flatten(0, 1).to(buf.dtype)
+            index = dest if flat_buf.dim() == 1 else dest.unsqueeze(1).expand_as(flat_values)
+            return flat_buf.scatter(0, index, flat_values).view_as(buf)
 
         embeds = put(embeds, media_tokens)
         out_mask = put(out_mask, sel.long())
