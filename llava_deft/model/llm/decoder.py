@@ -472,14 +472,17 @@ def generate_from_embeds(
             f"attention_mask and position_ids must be (B, P) = {(bsz, prompt_len)}, got "
             f"{tuple(attention_mask.shape)} and {tuple(position_ids.shape)}"
         )
-    if not bool(attention_mask[:, -1].all()):
-        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
-        raise ValueError(f"prompts must be LEFT-padded; rows {rows} end with padding")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     limit = getattr(lm.config, "max_position_embeddings", None)
     spans = position_ids.max(1).values + 1  # (B,) positions each prompt spans
-    if limit is not None and bsz and int(spans.max()) + max_new_tokens > limit:
+    # both prompt checks in one read of the device (each read waits for every queued kernel)
+    left_padded, longest = (torch.stack([attention_mask[:, -1].bool().all().long(), spans.max()]).tolist()
+                            if bsz else (1, 0))
+    if not left_padded:
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"prompts must be LEFT-padded; rows {rows} end with padding")
+    if limit is not None and bsz and longest + max_new_tokens > limit:
         row = int(spans.argmax())
         raise ContextLengthError(int(spans[row]), max_new_tokens, limit, f"prompt #{row} of the batch")
     if streamer is not None and bsz != 1:
