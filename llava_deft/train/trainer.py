@@ -230,7 +230,9 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``; from pinned memory (the loader pins on CUDA) the copies are
+    asynchronous, so the host does not wait for the previous step's kernels before it can queue the next."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def latest_step(ckpt_dir: Path) -> int | None:
@@ -305,7 +307,7 @@ def run_stage(
         sampler = ResumableSampler(len(dataset), rank, world, cfg.seed, epoch, skip=done_micro * cfg.per_device_batch_size)
         loader = DataLoader(
             dataset, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate,
-            num_workers=cfg.num_workers, drop_last=True,
+            num_workers=cfg.num_workers, drop_last=True, pin_memory=engine.device.type == "cuda",
         )
         for micro, batch in enumerate(loader):
             batch = to_device(batch, engine.device)
