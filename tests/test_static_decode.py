@@ -166,3 +166,20 @@ def test_a_cache_over_the_keep_limit_is_freed_after_its_call(lms, monkeypatch):
     out = _gen(lm, ids, mask, pos, static_cache=True)
     assert lm._static is None  # freed after the call, the tokens unchanged
     assert out.tolist() == _gen(lm, ids, mask, pos, static_cache=False).tolist()
+
+
+def test_what_cannot_be_captured_is_said_once(lms, caplog):
+    import logging
+
+    from llava_deft.model.llm import decoder
+
+    lm = lms["llama"]
+    fastv = lm.bind_stages(build_pipeline({"llm": [{"name": "fastv", "layer": 1}]}, dim=lm.hidden_size).llm)
+    decoder._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="llava_deft.generate"):
+        first = decoder._log_uncaptured("LLM stages keep their own cache (StagedCache)", fastv)
+        decoder._log_uncaptured("LLM stages keep their own cache (StagedCache)", fastv)
+    assert "prefill runs eagerly (LLM stages keep their own cache (StagedCache): FastV)" in first
+    assert caplog.text.count("cuda_graph: the prefill runs eagerly") == 1  # once per process and reason
+    sliding = _build("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding" in decoder._log_uncaptured(static_unsupported(sliding), None)

@@ -42,7 +42,7 @@ from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
 from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
 from . import static as static_module
-from .static import BUCKET, StaticDecoder, static_unsupported
+from .static import BUCKET, StaticDecoder, logger, static_unsupported
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -361,6 +361,23 @@ class DecoderLM(nn.Module):
         return runner.decode(inputs_embeds, position_ids, cache), cache
 
 
+_SAID: set[str] = set()
+
+
+def _log_uncaptured(why: str, runner: "LLMStages | None") -> str:
+    """Say once per process and reason why ``generate`` on CUDA runs its prefill (and, until a policy's cache
+    is steady, its decoding) without a CUDA graph: never silently."""
+    names = sorted({type(s).__name__ for s in runner.stages}) if runner is not None else []
+    message = (f"cuda_graph: the prefill runs eagerly ({why}"
+               + (f": {', '.join(names)}" if names else "") + ")"
+               + ("; decoding steps are replayed from a CUDA graph once every layer's cache policy is full and "
+                  "graph_safe (TOVA, StreamingLLM, H2O), else eagerly" if runner is not None else ""))
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
+    return message
+
+
 @functools.lru_cache(maxsize=64)
 def device_ids(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A constant id tensor on ``device``, made once: a ``torch.tensor(list, device=cuda)`` per call is a
@@ -502,6 +519,8 @@ def generate_from_embeds(
     why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
     if static_cache is None:
         static_cache = cuda_graph is not False and device.type == "cuda" and why_not is None
+        if cuda_graph is not False and device.type == "cuda" and why_not is not None:
+            _log_uncaptured(why_not, runner)
     elif static_cache and why_not is not None:
         raise ValueError(f"static_cache=True cannot apply: {why_not}; pass static_cache=None or False")
     static = None
