@@ -38,7 +38,7 @@ from pipeline import Modality, TokenBatch
 from .config.model import LimitsConfig
 from .encoders.audio import SAMPLING_RATE, load_audio
 from .encoders.video import VideoClip, frames_to_pixels, load_video
-from .errors import AudioError, MediaFileError, MediaLimitError, SampleTooLongError, VideoError
+from .errors import AudioError, MediaFileError, MediaLimitError, SampleTooLongError, UnsupportedInputError, VideoError
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,7 @@ class ImageKind(FileKind):
             raise MediaFileError(f"image '{path}'{suffix} cannot be decoded: {err}") from err
 
     def prepare(self, ctx, items, sample, sample_id):
+        _needs_vision(ctx, items, sample_id, "image")
         return ctx.pixels(sample)
 
     def num_tokens(self, ctx, prepared):
@@ -237,6 +238,12 @@ class ImageKind(FileKind):
 
     def blank(self, model):
         return model.blank_image()
+
+
+def _needs_vision(ctx, items, sample_id, what: str) -> None:
+    if items and ctx.image_transform is None:
+        raise UnsupportedInputError(f"sample {sample_id!r} holds {len(items)} {what}(s), but this model has no vision "
+                                    f"tower (its config says `vision: null`): it takes text, passages and audio only")
 
 
 def video_frames(video: VideoClip | torch.Tensor) -> torch.Tensor:
@@ -259,6 +266,7 @@ class VideoKind(FileKind):
             raise err.located(where) from err
 
     def prepare(self, ctx, items, sample, sample_id):
+        _needs_vision(ctx, items, sample_id, "video")
         return [video_frames(v) for v in items]
 
     def num_tokens(self, ctx, prepared):

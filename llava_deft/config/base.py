@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -58,6 +59,14 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     return data
 
 
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds: its annotation, or the model member of ``Model | None``."""
+    for ann in (annotation, *get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
+
+
 def error_lines(e: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
     """Every error of ``e`` as ``path: message``; with ``root``, an unknown key's message lists the
     keys its model allows (found by walking ``root``'s nested models along the path)."""
@@ -69,8 +78,7 @@ def error_lines(e: ValidationError, root: type[BaseModel] | None = None) -> list
             model: type[BaseModel] | None = root
             for part in err["loc"][:-1]:
                 field = model.model_fields.get(str(part))
-                ann = field.annotation if field else None
-                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                model = nested_model(field.annotation) if field else None
                 if model is None:
                     break
             if model is not None:

@@ -237,7 +237,8 @@ class LimitsConfig(Strict):
 
 
 class ModelConfig(Strict):
-    vision: VisionConfig = Field(default_factory=VisionConfig)
+    # null: a text-only model (no vision tower, no projector): a plain causal LM through the same entry
+    vision: VisionConfig | None = Field(default_factory=VisionConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -258,7 +259,7 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _pool_needs_a_grid(self):
-        if self.video.pool_stride > 1 and not self.vision.patch_grid():
+        if self.vision is not None and self.video.pool_stride > 1 and not self.vision.patch_grid():
             raise ValueError("video.pool_stride pools each frame's patch grid, but vision_feature_select_strategy "
                              "'full' keeps the CLS token (no grid): use 'default' or video.pool_stride: 1")
         return self

@@ -178,12 +178,12 @@ class MultimodalCollator:
         check_tokenizer(tokenizer)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if media_tokens_per_image < 1:
+        if media_tokens_per_image < 1 and image_transform is not None:  # 0 with no transform: a text-only model
             raise ValueError(f"media_tokens_per_image must be >= 1, got {media_tokens_per_image}")
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.media_tokens_per_image = int(media_tokens_per_image)
-        if media_tokens_per_frame is not None and media_tokens_per_frame < 1:
+        if media_tokens_per_frame is not None and media_tokens_per_frame < 1 and image_transform is not None:
             raise ValueError(f"media_tokens_per_frame must be >= 1, got {media_tokens_per_frame}")
         self.media_tokens_per_frame = int(media_tokens_per_frame or media_tokens_per_image)
         self.audio_processor = audio_processor

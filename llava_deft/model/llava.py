@@ -45,7 +45,7 @@ from ..encoders.image import build_image_encoder, clip_vision_kwargs
 from ..encoders.stream import DEFAULT_TEMPERATURE, EncoderMemory, cache_policy_names, stream_batch
 from ..encoders.video import pool_frame_tokens
 from ..encoders.weights import read_safetensors
-from ..errors import CheckpointError, InvalidArgumentError, MediaCountMismatchError
+from ..errors import CheckpointError, InvalidArgumentError, MediaCountMismatchError, UnsupportedInputError
 from ..modality import MEDIA_INPUTS, MODALITIES
 from .checkpoint import CONFIG_NAME, load_state, read_config_json
 from .graphs import CapturedCall, GraphSlot
@@ -125,20 +125,22 @@ class LlavaDeftForCausalLM(nn.Module):
         self.config = load_model_config(config)
         cfg = self.config
         self.tokenizer = tokenizer if tokenizer is not None else load_model_tokenizer(cfg.tokenizer, cfg.llm.path)
-        self.vision, self.image_transform = build_image_encoder(cfg.vision)
+        self.vision, self.image_transform = build_image_encoder(cfg.vision) if cfg.vision is not None else (None, None)
         llm_spec = cfg.llm.path if cfg.llm.path is not None else (cfg.llm.config or TINY_LLM)
         hf = build_llm(llm_spec, vocab_size=len(self.tokenizer), attn_implementation=cfg.llm.attn_implementation)
         self.llm = DecoderLM(hf)
-        self.projector = build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
+        self.projector = (build_projector(cfg.projector.type, self.vision.width, self.llm.hidden_size)
+                          if self.vision is not None else None)
         self.pipeline = build_pipeline(cfg.pipeline_config(), dim=self.llm.hidden_size)
         placeholders = media_token_ids(self.tokenizer)
         self.media_token_ids = {kind: placeholders.get(kind, -1) for kind in MODALITIES}
         """Placeholder id per kind; -1 (matches no token) where the tokenizer lacks the placeholder."""
         for kind, token_id in self.media_token_ids.items():  # image_token_id, video_token_id, ...
             setattr(self, f"{kind}_token_id", token_id)
-        self.media_tokens_per_image = self.vision.grid[0] * self.vision.grid[1]
+        grid = self.vision.grid if self.vision is not None else (0, 0)  # text only: no image or video tokens
+        self.media_tokens_per_image = grid[0] * grid[1]
         stride = cfg.video.pool_stride
-        self.video_grid = (math.ceil(self.vision.grid[0] / stride), math.ceil(self.vision.grid[1] / stride))
+        self.video_grid = (math.ceil(grid[0] / stride), math.ceil(grid[1] / stride))
         self.media_tokens_per_frame = self.video_grid[0] * self.video_grid[1]
         """Tokens one video frame gives the pipeline, after ``video.pool_stride`` pooling."""
         # built last, and only when enabled: models without audio keep their modules, init and state dict
@@ -157,7 +159,7 @@ class LlavaDeftForCausalLM(nn.Module):
         self.encoder_memory: EncoderMemory | None = None
         """Bounded stream memories of the video / audio encoders (:meth:`compress_all_encoders`); None:
         media are encoded whole, as always. A run-time switch, not part of the config or checkpoint."""
-        self.apply_freeze(vision=cfg.vision.freeze, llm=cfg.llm.freeze)
+        self.apply_freeze(vision=cfg.vision.freeze if cfg.vision is not None else True, llm=cfg.llm.freeze)
 
     @property
     def processors(self) -> Processors:
@@ -168,9 +170,11 @@ class LlavaDeftForCausalLM(nn.Module):
     def apply_freeze(self, vision: bool, llm: bool, audio: bool | None = None) -> None:
         """LLaVA stages: stage 1 freezes LLM (and encoders), stage 2 trains the LLM too. ``audio``
         (default: the config's ``audio.freeze``) freezes the audio encoder; projectors always train."""
-        self.vision.requires_grad_(not vision)
+        if self.vision is not None:
+            self.vision.requires_grad_(not vision)
         self.llm.requires_grad_(not llm)
-        self.projector.requires_grad_(True)
+        if self.projector is not None:
+            self.projector.requires_grad_(True)
         self.pipeline.requires_grad_(True)
         if self.audio is not None:
             self.audio.requires_grad_(not (self.config.audio.freeze if audio is None else audio))
@@ -182,11 +186,17 @@ class LlavaDeftForCausalLM(nn.Module):
         return next(self.parameters()).device
 
     def projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
+        return next((self.projector if self.projector is not None else self.llm).parameters()).dtype
+
+    def _needs_vision(self, what: str) -> None:
+        if self.vision is None:
+            raise UnsupportedInputError(f"{what}: this model has no vision tower (its config says `vision: null`): "
+                                        f"it takes text, passages and audio only; drop the <image> / <video> items")
 
     # ------------------------------------------------------------------ media path
     def encode_images(self, pixel_values: Tensor) -> TokenBatch:
         """pixels (M, 3, H, W) -> TokenBatch of projected patch tokens (M, gh*gw, D) on grid (1, gh, gw)."""
+        self._needs_vision(f"{pixel_values.shape[0]} image(s)")
         pixels = pixel_values.to(self.projector_dtype())
         if "vision" in self._capturing:  # generate on CUDA: replayed from a CUDA graph per batch shape
             version = (self.needs_encoder_attention(), self._graph_version(self.vision, self.projector))
@@ -285,6 +295,7 @@ class LlavaDeftForCausalLM(nn.Module):
         After :meth:`compress_all_encoders`, each video is streamed instead (:meth:`_stream_videos`):
         ``chunk_frames`` frames at a time through the encoder, into a memory of ``video_tokens``.
         """
+        self._needs_vision(f"{video_frames.shape[0]} video(s)")
         if self.encoder_memory is not None:
             return self._stream_videos(video_values, video_frames)
         feats, attention = self._vision(video_values.to(self.projector_dtype()))  # (F, N, Dv), (F, N) or None
@@ -435,8 +446,10 @@ class LlavaDeftForCausalLM(nn.Module):
         layout = torch.stack([lengths, torch.ones_like(lengths), torch.ones_like(lengths)], 1)  # (P, 3)
         return TokenBatch.from_tokens(tokens, mask, modality=Modality.TEXT, layout=layout)
 
-    def blank_image(self) -> TokenBatch:
-        """One blank image, for batches without images or videos (see ``_media``)."""
+    def blank_image(self) -> TokenBatch | None:
+        """One blank image, for batches without images or videos (see ``_media``); None without a tower."""
+        if self.vision is None:
+            return None
         h, w = self.vision.image_size
         return self.encode_images(torch.zeros(1, 3, h, w, device=self.device, dtype=self.projector_dtype()))
 
@@ -475,6 +488,10 @@ class LlavaDeftForCausalLM(nn.Module):
             # the query stages still run their projections, so every rank runs the same modules)
             idle = [self.pipeline(self._no_query(b) if query is not None else b) if b.modality[0] == Modality.IMAGE
                     else b for b in idle]
+            if self.vision is None and any(True for _ in self.pipeline.parameters()):
+                # a text-only model has no blank image: one zero TEXT token goes through the pipeline instead
+                blank = TokenBatch.from_tokens(self.llm.embed(input_ids[:1, :1]) * 0.0, modality=Modality.TEXT)
+                idle.append(self.pipeline(self._no_query(blank) if query is not None else blank))
         zero = sum(t.sum() for b in idle for t in [b.tokens, *b.losses.values()]) * 0.0 if idle else None
         if not rows:
             return None, zero, {}, {}
@@ -714,9 +731,10 @@ class LlavaDeftForCausalLM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = self.config.model_dump()
-        cfg["vision"]["weights"] = None
+        if cfg["vision"] is not None:
+            cfg["vision"]["weights"] = None
         cfg["audio"]["weights"] = None  # the encoder's weights are in model.safetensors
-        if cfg["vision"]["backend"] == "hf_clip":  # the tower's config and image settings, not its directory
+        if cfg["vision"] is not None and cfg["vision"]["backend"] == "hf_clip":  # the tower's config, not its folder
             cfg["vision"].update(path=None, kwargs=clip_vision_kwargs(self.vision.model.config),
                                  image_processor=self.vision.image_settings)
         cfg["llm"] = {**cfg["llm"], "path": None, "config": self.llm.config.to_diff_dict()}
