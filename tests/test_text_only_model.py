@@ -13,6 +13,7 @@ from llava_deft.data import build_collator
 from llava_deft.errors import UnsupportedInputError
 from llava_deft.inference import load_model
 from llava_deft.model import LlavaDeftForCausalLM
+from pipeline import build_pipeline
 
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
 
@@ -88,3 +89,36 @@ def test_trains_through_the_entry_and_generates_through_the_api(tmp_path):
     assert isinstance(text, str)
     with pytest.raises(UnsupportedInputError, match="no vision tower"):
         api.generate("<image>\nWhat is it?", images=[Image.new("RGB", (16, 16))], max_new_tokens=2)
+
+
+def test_pair_compression_recipe_trains_only_the_compressor_on_a_frozen_base(tmp_path):
+    """configs/train/passkey_long_pair.yaml through the entry at toy size: a text-only base, then the recipe
+    (init_from it, pair_compress before layer 2, frozen LLM, windowed loss): only the stage trains."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    tiny = ["model.llm.config.hidden_size=64", "model.llm.config.intermediate_size=128",
+            "model.llm.config.num_hidden_layers=3", "model.llm.config.num_attention_heads=4",
+            "model.llm.config.num_key_value_heads=2", "data.min_tokens=64", "data.max_tokens=96"]
+    common = ["per_device_batch_size=2", "bf16=false", "num_workers=0", "log_steps=1", "stages.0.max_steps=2"]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llava_deft.train", *a], check=True, cwd=root, env=env,  # noqa: E731
+                                    capture_output=True)
+    run("--config", "configs/train/mfu_1b.yaml", f"output_dir={tmp_path / 'base'}", "model.vision=null", *tiny, *common)
+    run("--config", "configs/train/passkey_long_pair.yaml", f"output_dir={tmp_path / 'pair'}",
+        f"init_from={tmp_path / 'base' / 'final'}",
+        "model.pipeline={llm: [{name: pair_compress, layer: 2, window: 16, ratio: 0.2, memory_floor: 4, num_heads: 2}]}",
+        "data.sources.0.min_tokens=64", "data.sources.0.max_tokens=96", "data.sources.1.min_tokens=160",
+        "data.sources.1.max_tokens=192", *common)
+    record = json.loads((tmp_path / "pair" / "stage0_compress" / "stage.json").read_text())
+    stage = build_pipeline({"llm": [{"name": "pair_compress", "layer": 2, "window": 16, "num_heads": 2}]}, dim=64)
+    assert record["trainable_params"] == sum(p.numel() for p in stage.parameters())  # the compressor and scorer only
+    base = load_file(str(tmp_path / "base" / "final" / "model.safetensors"))
+    pair = load_file(str(tmp_path / "pair" / "final" / "model.safetensors"))
+    assert all(torch.equal(base[k], pair[k]) for k in base)  # the LLM did not move
+    assert any(k.startswith("pipeline.llm.0.compressor") for k in pair)
