@@ -170,10 +170,6 @@ class CapturedCall:
         graph.replay()
         return (graph, inputs, out_spec, outputs), unflatten(out_spec, outputs)
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.pool = None
-
 
 class GraphSlot:
     """A holder for CUDA-graph state on a module; ``copy.deepcopy`` and pickling give an empty one."""
