@@ -7,6 +7,10 @@ unless the asked needle happens to sit at the end. For every (L, needles) bin th
 same questions with:
 
 - ``full``: no cache policy (every token cached);
+- ``model``: the LLM stages the model was saved with (e.g. the ``pair_compress`` of
+  ``configs/train/passkey_long_pair.yaml``), with the tokens its layer stages hand on (``tokens_in`` /
+  ``tokens_out`` of the bin's last batch) in the row: with ``full`` beside it, the compressed model
+  against the same frozen base without its stages;
 - ``tova``, ``h2o``, ``streaming_llm``, ``snapkv`` keeping ``ceil(fraction * L)`` slots per layer and KV
   head (1/8 of the passage by default; the prompt's ~30 template tokens make it slightly less than 1/8
   of the full cache).
@@ -14,10 +18,11 @@ same questions with:
 Answers are greedy and scored by exact match (``eval/tasks.py``'s loop and scorer). Reported per bin and
 overall: accuracy, % of the full cache's accuracy, and accuracy by the asked needle's depth (fifths of
 the passage); checks: TOVA keeps >= ``--target`` of the full cache's accuracy and beats StreamingLLM and
-H2O at the same budget. Test passages are generated once into ``--data-dir`` (deterministic: seed, L,
+H2O at the same budget; ``model`` keeps >= ``--target`` of ``full``. Test passages are generated once into ``--data-dir`` (deterministic: seed, L,
 needles and n fix the bytes).
 
     python eval/long_context.py --model runs/passkey_long/final          # GPU: ~1 minute
+    python eval/long_context.py --model runs/passkey_long_pair/final --policies full model --lengths 4096 8192
     python eval/long_context.py --model M --lengths 2048 --n 20 --device cpu --out /tmp/lc   # smoke
 
 Writes ``<out>/<name>.json`` (metadata, one row per bin and policy, per-question predictions),
@@ -48,6 +53,7 @@ from llava_deft.tasks.passkey import generate_split  # noqa: E402
 from pipeline import build_pipeline  # noqa: E402
 
 POLICIES = ("full", "tova", "h2o", "streaming_llm", "snapkv")
+OWN = "model"  # the model's own saved LLM stages
 EAGER = "tova_eager"  # TOVA again without CUDA graphs (GPU runs): the graph replay must not change answers
 
 
@@ -58,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--needles", type=int, nargs="+", default=[1, 4], help="needle counts")
     p.add_argument("--n", type=int, default=200, help="questions per (length, needles) bin")
     p.add_argument("--fraction", type=float, default=0.125, help="cache budget as a share of the passage")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    p.add_argument("--target", type=float, default=0.99, help="TOVA's required share of the full cache's accuracy")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=(*POLICIES, OWN),
+                   help=f"cache policies to compare; '{OWN}' = the LLM stages the model was saved with")
+    p.add_argument("--target", type=float, default=0.99,
+                   help="TOVA's (and the model's own stages') required share of the full cache's accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -102,6 +110,9 @@ def main(argv=None) -> list[dict]:
     if too_long:
         raise SystemExit(f"model '{args.model}' takes prompts of at most max_length={limit} tokens; lengths {too_long} "
                          f"do not fit (train a long-context model: configs/train/passkey_long.yaml)")
+    own = model.pipeline.llm
+    if OWN in args.policies and not len(own):
+        raise SystemExit(f"--policies {OWN}: model '{args.model}' was saved without LLM stages (its pipeline has no llm: list)")
     data_dir = Path(args.data_dir)
     if device.type == "cuda" and "tova" in args.policies:
         args.policies = [*args.policies, EAGER]
@@ -113,7 +124,8 @@ def main(argv=None) -> list[dict]:
             ds = TaskSplit("passkey", LlavaJsonDataset(path, path.parent, options=model.processors.media))
             budget = math.ceil(args.fraction * length)
             for policy in args.policies:
-                model.pipeline.llm = policy_stages(policy.removesuffix("_eager"), budget, model.llm.hidden_size).to(device)
+                model.pipeline.llm = own if policy == OWN else policy_stages(policy.removesuffix("_eager"), budget,
+                                                                             model.llm.hidden_size).to(device)
                 t0 = time.perf_counter()
                 preds = predict(model, ds, args.batch_size, args.max_new_tokens, device,
                                 f"L={length} k={needles} {policy}", cuda_graph=False if policy == EAGER else None)
@@ -124,10 +136,14 @@ def main(argv=None) -> list[dict]:
                        "cache_max_size": None if policy == "full" else budget, **score(preds),
                        "by_depth": {k: sum(v) / len(v) for k, v in sorted(by_depth.items())},
                        "seconds": time.perf_counter() - t0}
+                if policy == OWN:  # what the layers after each layer stage saw (the bin's last batch)
+                    row["stages"] = [{"name": type(s).__name__, "layer": s.layer, **{k: v if isinstance(v, (int, float)) else float(v)
+                                                                       for k, v in s.last_stats.items()}}
+                                     for s in own if getattr(s, "last_stats", None) and hasattr(s, "layer")]
                 rows.append(row)
                 predictions[f"{length}/{needles}/{policy}"] = preds
                 print(f"L={length} needles={needles} {policy:>13}: {100 * row['accuracy']['all']:.1f}%", flush=True)
-    model.pipeline.llm = torch.nn.ModuleList()
+    model.pipeline.llm = own
     summary = summarize(rows, args)
     meta = {**run_metadata(device), "training": training}
     stem = args.name or f"long_context_{'cpu' if device.type == 'cpu' else _tag(meta['device'])}"
@@ -157,6 +173,8 @@ def summarize(rows: list[dict], args) -> dict:
     checks = {}
     if "tova" in overall and "share_of_full" in out:
         checks[f"tova >= {args.target:g} x full"] = out["share_of_full"]["tova"] >= args.target
+    if OWN in overall and "share_of_full" in out:
+        checks[f"{OWN} >= {args.target:g} x full"] = out["share_of_full"][OWN] >= args.target
     for other in ("streaming_llm", "h2o"):
         if "tova" in overall and other in overall:
             checks[f"tova > {other}"] = overall["tova"] > overall[other]
@@ -202,6 +220,15 @@ def markdown(rows: list[dict], summary: dict, meta: dict, args) -> str:
                     acc[k].append(v)
         lines.append(f"| {p} | " + " | ".join(
             f"{100 * sum(acc[k]) / len(acc[k]):.1f}" if acc.get(k) else "" for k in (f"{20 * i}-{20 * (i + 1)}%" for i in range(5))) + " |")
+    staged = [r for r in rows if r.get("stages")]
+    if staged:
+        lines += ["", "## Tokens after the model's layer stages (each bin's last batch)", "",
+                  "| L | needles | stage | layer | tokens in | tokens out | fewer |", "|---|---|---|---|---|---|---|"]
+        for r in staged:
+            for s in r["stages"]:
+                if "tokens_in" in s and "tokens_out" in s:
+                    lines.append(f"| {r['length']} | {r['needles']} | {s['name']} | {s['layer']} | {s['tokens_in']:.0f} | "
+                                 f"{s['tokens_out']:.0f} | {100 * (1 - s['tokens_out'] / s['tokens_in']):.1f} % |")
     if summary["checks"]:
         lines += ["", "## Checks", ""] + [f"- {name}: {'PASS' if ok else 'FAIL'}" for name, ok in summary["checks"].items()]
     return "\n".join(lines) + "\n"

@@ -122,3 +122,15 @@ def test_pair_compression_recipe_trains_only_the_compressor_on_a_frozen_base(tmp
     pair = load_file(str(tmp_path / "pair" / "final" / "model.safetensors"))
     assert all(torch.equal(base[k], pair[k]) for k in base)  # the LLM did not move
     assert any(k.startswith("pipeline.llm.0.compressor") for k in pair)
+    # eval/long_context.py compares the saved stages ('model') with the same frozen base without them ('full')
+    from eval import long_context
+
+    rows = long_context.main(["--model", str(tmp_path / "pair" / "final"), "--policies", "full", "model",
+                              "--lengths", "160", "--needles", "1", "--n", "3", "--device", "cpu", "--batch-size", "3",
+                              "--data-dir", str(tmp_path / "lc"), "--out", str(tmp_path / "lc_out"), "--name", "lc"])
+    assert [r["policy"] for r in rows] == ["full", "model"]
+    (stats,) = rows[1]["stages"]
+    assert stats["name"] == "PairCompress" and stats["layer"] == 2 and stats["tokens_out"] < stats["tokens_in"]
+    assert "stages" not in rows[0]
+    md = (tmp_path / "lc_out" / "lc.md").read_text()
+    assert f"| 160 | 1 | PairCompress | 2 | {stats['tokens_in']} | {stats['tokens_out']} |" in md
