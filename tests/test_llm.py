@@ -252,15 +252,15 @@ def test_build_errors(tmp_path):
     missing = tmp_path / "no_such_llm"
     with pytest.raises(FileNotFoundError, match="no_such_llm"):
         build_llm(missing)
-    listed = r"supported: \['llama', 'qwen2', 'qwen3'\]"
-    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'gpt2'.*" + listed):
-        build_llm({"model_type": "gpt2", "n_layer": 1})
+    listed = r"supported: \['llama', 'qwen2', 'qwen3', 'gpt2'\]"
+    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'mistral'.*" + listed):
+        build_llm({"model_type": "mistral", "num_hidden_layers": 1})
     with pytest.raises(ValueError, match="unsupported LLM model_type None"):
         build_llm({"hidden_size": 8})
-    (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'gpt2' \(config\.json in"):
-        build_llm(tmp_path / "gpt2")
+    (tmp_path / "mistral").mkdir()
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({"model_type": "mistral", "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'mistral' \(config\.json in"):
+        build_llm(tmp_path / "mistral")
 
 
 def test_tiny_default_builds():

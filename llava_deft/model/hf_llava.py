@@ -43,7 +43,7 @@ from ..encoders.image import CONFIG_BOOKKEEPING, PROCESSOR_FILES, clip_image_set
 from ..encoders.weights import read_safetensors_dir
 from ..errors import CheckpointError, UnsupportedCheckpointError
 from .checkpoint import CONFIG_NAME, load_state, read_config_json
-from .llm import SUPPORTED_MODEL_TYPES
+from .llm.families import FAMILIES, RopeFamily
 from .tokenizer import load_tokenizer, media_token_ids
 
 LOADER = "LlavaForConditionalGeneration"
@@ -61,6 +61,10 @@ matching prefix wins, so ``vision_tower.vision_model.`` before ``vision_tower.``
 
 NOT_IN_HF_LLAVA = ("pipeline.", "audio.", "audio_projector.")
 """Our modules an HF llava has no place for: they keep their init when loading one."""
+
+LLAVA_TEXT_TYPES = tuple(t for t, family in FAMILIES.items() if family is RopeFamily)
+"""The LLM families an HF llava checkpoint can hold for us: those whose base model is ``model`` (the
+prefixes above); GPT-2's is ``transformer``."""
 
 _FROM_HF = sorted(((hf, ours) for ours, hfs in WEIGHT_PREFIXES.items() for hf in hfs), key=lambda p: -len(p[0]))
 
@@ -91,7 +95,7 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 _WHAT_WE_BUILD = (  # (LlavaConfig key, what we build, whether a value fits it)
     ("vision_config.model_type", "a CLIP tower ('clip_vision_model')", lambda v: v == "clip_vision_model"),
-    ("text_config.model_type", f"one of {list(SUPPORTED_MODEL_TYPES)}", lambda v: v in SUPPORTED_MODEL_TYPES),
+    ("text_config.model_type", f"one of {list(LLAVA_TEXT_TYPES)}", lambda v: v in LLAVA_TEXT_TYPES),
     ("projector_hidden_act", "'gelu' (the mlp2x_gelu projector)", lambda v: v == "gelu"),
     ("multimodal_projector_bias", "true (the projector's Linear layers have biases)", lambda v: v is True),
     ("vision_feature_layer", "one layer (an int)", lambda v: isinstance(v, int)),

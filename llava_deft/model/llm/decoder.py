@@ -1,16 +1,24 @@
 """Decoder LLM wrapper whose layer loop we own, and generation from embeddings with a KV cache.
 
-The HF causal LM (Llama, Qwen2, Qwen3) is used piece by piece -- ``embed_tokens``, ``layers``,
-``rotary_emb``, ``norm``, ``lm_head`` and transformers' own mask builders -- so that later in-LLM
-stages (pruning at layer K, pair-compressed layers, TOVA eviction) act inside a loop we control,
-without monkey-patching transformers and without forcing eager attention.
+The HF causal LM is used piece by piece -- token embedding, decoder layers, positional inputs, final
+norm, ``lm_head`` and transformers' own mask builders -- so that later in-LLM stages (pruning at layer
+K, pair-compressed layers, TOVA eviction) act inside a loop we control, without monkey-patching
+transformers and without forcing eager attention. Families (``SUPPORTED_MODEL_TYPES``), each reached
+through its adapter in ``families.py``:
+
+- Llama, Qwen2, Qwen3 (``model.{embed_tokens, layers, rotary_emb, norm}``): RoPE inside every layer;
+- GPT-2 (``transformer.{wte, wpe, h, ln_f}``, tied ``lm_head``): learned absolute positions,
+  ``wpe(position_ids)`` added to the input embeddings once, before block 0.
 
 Two things differ from ``hf_model(...)`` on purpose:
 
-- RoPE positions are OURS: ``position_ids`` may have gaps (pruned media tokens keep their original
-  positions, see ``TokenBatch.index``). The mask builders get ``position_ids=None`` so transformers
-  never reads a gap as a packed-sequence boundary; padding comes only from the 2D ``attention_mask``.
+- positions are OURS: ``position_ids`` may have gaps (pruned media tokens keep their original
+  positions, see ``TokenBatch.index``) and are used as given, for RoPE as for GPT-2's ``wpe``. The mask
+  builders get ``position_ids=None`` so transformers never reads a gap as a packed-sequence boundary;
+  padding comes only from the 2D ``attention_mask``.
 - generation starts from ``inputs_embeds`` (text embeddings with media spliced in), left-padded.
+  ``DecoderLM.embed`` gives token embeddings only; GPT-2's position embeddings are added in ``forward``,
+  so spliced media get them as text does.
 
 Reference for the parity tests: litgpt ``tests/test_model.py::test_against_hf_llama_2_and_3``.
 Run the tests: ``OMP_NUM_THREADS=1 .venv/bin/pytest -p no:xdist -q tests/test_llm.py``.
@@ -40,6 +48,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ...encoders.weights import require_safetensors
 from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
+from .families import FAMILIES, Family, family_of
 from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
 from . import static as static_module
 from .static import BUCKET, StaticDecoder, logger, static_unsupported
@@ -47,6 +56,7 @@ from .static import BUCKET, StaticDecoder, logger, static_unsupported
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "StaticDecoder",
+    "TINY_GPT2",
     "TINY_LLM",
     "DecoderLM",
     "LayerHook",
@@ -54,11 +64,9 @@ __all__ = [
     "generate_from_embeds",
 ]
 
-# Families whose HF implementation has the layout the loop relies on: model.{embed_tokens, layers,
-# rotary_emb, norm}, lm_head, decoder layers called as layer(h, attention_mask=, position_embeddings=,
-# cache= (past_key_values= before transformers 5.23), ...), and optional per-layer "sliding_attention"
-# in config.layer_types.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Families the loop runs: those with an adapter in families.py (where each says where its pieces are and
+# how its layers are called); optional per-layer "sliding_attention" in config.layer_types.
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 # Tiny default LLM: trains on CPU in minutes. No vocab_size: build_llm(vocab_size=len(tokenizer))
 # sizes its embeddings to the tokenizer.
@@ -76,6 +84,24 @@ TINY_LLM: dict[str, Any] = {
     "initializer_range": 0.09,
 }
 
+# A tiny GPT-2 (tests, CPU demos): learned positions, fused qkv, LayerNorm, GELU MLP (4x), tied head.
+# No vocab_size: build_llm(vocab_size=len(tokenizer)) sizes its embeddings to the tokenizer.
+TINY_GPT2: dict[str, Any] = {
+    "model_type": "gpt2",
+    "n_embd": 128,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 2048,
+    "initializer_range": 0.09,  # as TINY_LLM's: ~1/sqrt(width)
+    # no dropout, as TINY_LLM (a Llama has none): a training forward equals an eval one
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "resid_pdrop": 0.0,
+    # the tokenizer's ids apply: GPT-2's 50256 lies outside a tokenizer-sized vocabulary
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+
 _SLIDING = "sliding_attention"
 _FULL = "full_attention"
 
@@ -85,7 +111,7 @@ LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Ten
 
 
 def _check_model_type(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise ValueError(
             f"unsupported LLM model_type {model_type!r} ({where}); supported: {list(SUPPORTED_MODEL_TYPES)}"
         )
@@ -172,17 +198,16 @@ def _slice_last(hidden_states: torch.Tensor, logits_to_keep: int) -> torch.Tenso
 class DecoderLM(nn.Module):
     """A stock HF decoder LM (held as ``self.hf``) run through our own layer loop.
 
-    ``forward`` takes embeddings, a 2D padding mask over cache + new tokens, and our own RoPE
+    ``forward`` takes embeddings, a 2D padding mask over cache + new tokens, and our own
     positions, and returns ``(logits, past_key_values)``. The HF modules are used unchanged, so
     ``DecoderLM(hf).state_dict()`` is ``hf.state_dict()`` with an ``hf.`` prefix.
     """
 
     def __init__(self, hf_model: PreTrainedModel):
         super().__init__()
-        model_type = getattr(hf_model.config, "model_type", None)
-        _check_model_type(model_type, type(hf_model).__name__)
+        self.family: Family = family_of(hf_model, type(hf_model).__name__)  # where the pieces are (families.py)
         self.hf = hf_model
-        self._cache_kw = cache_kwarg(hf_model.model.layers[0])  # "cache" (transformers >= 5.23) or "past_key_values"
+        self._cache_kw = cache_kwarg(self.family.layers[0])  # "cache" (transformers >= 5.23) or "past_key_values"
         self._stages: LLMStages | None = None  # installed by use_stages()
         self._static: tuple[tuple, StaticDecoder] | None = None  # (key, decoder) kept between generate calls
 
@@ -203,8 +228,8 @@ class DecoderLM(nn.Module):
         return self.hf.config.num_hidden_layers
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings: (B, L) long -> (B, L, D)."""
-        return self.hf.model.embed_tokens(input_ids)
+        """Token embeddings: (B, L) long -> (B, L, D) (GPT-2's position embeddings are added by ``forward``)."""
+        return self.family.embed_tokens(input_ids)
 
     def bind_stages(self, stages: "LLMStages | Sequence[nn.Module] | None") -> LLMStages | None:
         """LLM stages (``pipeline.llm``; e.g. ``build_pipeline(cfg, dim).llm``) bound to this model, or None."""
@@ -228,8 +253,9 @@ class DecoderLM(nn.Module):
         """A :class:`StaticDecoder` for this batch size, device and dtype with at least ``max_len`` slots, kept
         between calls (its buffers and CUDA graphs are reused) while the weights stay where they are: a call
         that needs more slots replaces it (it only grows; ``release_static()`` frees it); one is kept at a time."""
-        weights = tuple(p.data_ptr() for p in (self.hf.model.embed_tokens.weight, self.hf.lm_head.weight,
-                                               next(self.hf.model.layers[0].parameters())))
+        fam = self.family
+        weights = tuple(p.data_ptr() for p in (fam.embed_tokens.weight, fam.head.weight,
+                                               next(fam.layers[0].parameters())))
         key = (batch_size, torch.device(device), dtype, bool(capture), weights, self.training)
         if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len:
             return self._static[1]  # a larger cache serves a shorter call (its graphs stay; more masked slots read)
@@ -265,7 +291,7 @@ class DecoderLM(nn.Module):
             inputs_embeds: (B, L, D) new tokens' embeddings.
             attention_mask: (B, past+L), 1 for real tokens, 0 for padding (left padding in
                 generation); None means no padding at all.
-            position_ids: (B, L) long RoPE positions; may have gaps and need not start at 0.
+            position_ids: (B, L) long positions (RoPE, or GPT-2's ``wpe``); may have gaps and need not start at 0.
             past_key_values: a ``DynamicCache`` from a previous call, or None.
             use_cache: create (if None) and fill a cache, and return it.
             logits_to_keep: 0 for logits at every position, k for the last k only.
@@ -308,26 +334,20 @@ class DecoderLM(nn.Module):
         if bad:
             raise ValueError(f"layer_hooks for layers {bad}; the model has layers 0..{self.num_layers - 1}")
 
-        hf_model = self.hf.model
+        fam = self.family
         types = self.layer_types()
-        # position_ids=None: our positions are RoPE positions, never packing information. The cache goes
+        # position_ids=None: our positions are RoPE / wpe positions, never packing information. The cache goes
         # by position: transformers 5.23 renamed the keyword (past_key_values -> cache).
         mask_args = (self.hf.config, inputs_embeds, attention_mask, past_key_values)
         masks = {_FULL: create_causal_mask(*mask_args, position_ids=None)}
         if _SLIDING in types:
             masks[_SLIDING] = create_sliding_window_causal_mask(*mask_args, position_ids=None)
 
-        hidden_states = inputs_embeds
-        position_embeddings = hf_model.rotary_emb(hidden_states, position_ids)  # (cos, sin), (B, L, head_dim)
-        for i, layer in enumerate(hf_model.layers[: self.num_layers]):
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks[types[i]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **{self._cache_kw: past_key_values},
-            )
+        hidden_states = fam.inputs(inputs_embeds, position_ids)  # (B, L, D); GPT-2: + wpe(position_ids)
+        position_embeddings = fam.position_embeddings(hidden_states, position_ids)  # RoPE (cos, sin); GPT-2 ()
+        for i, layer in enumerate(fam.layers[: self.num_layers]):
+            hidden_states = fam.call(layer, hidden_states, masks[types[i]], position_embeddings, position_ids,
+                                     past_key_values, use_cache, self._cache_kw)
             if i in hooks:
                 out = hooks[i](i, hidden_states, attention_mask, position_ids)
                 if out is not None:
@@ -337,8 +357,8 @@ class DecoderLM(nn.Module):
                             f"it must keep {tuple(hidden_states.shape)}"
                         )
                     hidden_states = out
-        hidden_states = hf_model.norm(hidden_states)
-        logits = self.hf.lm_head(_slice_last(hidden_states, logits_to_keep))  # (B, L', V)
+        hidden_states = fam.norm(hidden_states)
+        logits = fam.head(_slice_last(hidden_states, logits_to_keep))  # (B, L', V)
         return logits, (past_key_values if use_cache else None)
 
     def _forward_staged(self, runner: LLMStages, inputs_embeds, attention_mask, position_ids, cache, use_cache,
@@ -431,7 +451,7 @@ def generate_from_embeds(
     Args:
         inputs_embeds: (B, P, D) prompts, LEFT-padded.
         attention_mask: (B, P), 0 on the left padding, 1 elsewhere.
-        position_ids: (B, P) RoPE positions of the prompt tokens (may have gaps); row b's first new
+        position_ids: (B, P) positions of the prompt tokens (may have gaps); row b's first new
             token gets ``position_ids[b, -1] + 1``, and so on.
         max_new_tokens: at most this many new tokens per row.
         eos_token_id: one id or several; a row stops after producing one of them.
@@ -526,7 +546,7 @@ def generate_from_embeds(
     static = None
     if static_cache:
         slots = -(-(prompt_len + max_new_tokens + 1) // BUCKET) * BUCKET
-        dtype = next(lm.hf.model.layers[0].parameters()).dtype
+        dtype = next(lm.family.layers[0].parameters()).dtype
         static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False)
         logits, cache = static.prefill(inputs_embeds, attention_mask, position_ids), static.cache
     else:

@@ -33,7 +33,7 @@ from transformers.masking_utils import create_causal_mask
 
 from pipeline.llm import TEXT_KIND, CachePolicy, CacheView, LayerStage, LayerState, keep_topk
 
-from .probe import attention_probe, project_keys, project_queries
+from .probe import attention_probe
 
 __all__ = ["LLMStages", "StagedCache", "TrackedLayer", "cache_kwarg"]
 
@@ -214,7 +214,7 @@ class LLMStages:
             raise ValueError("cache policies do not support sliding-window layers yet (config.layer_types has "
                              "'sliding_attention'); build the LLM with use_sliding_window=False")
         self.eager = impl == "eager"
-        self.cache_kw = cache_kwarg(lm.hf.model.layers[0])
+        self.cache_kw = cache_kwarg(lm.family.layers[0])
 
     def __bool__(self) -> bool:
         return bool(self.stages)
@@ -231,13 +231,13 @@ class LLMStages:
     def _prefill_probe(self, layer: nn.Module, h_in: Tensor, pe: tuple[Tensor, Tensor], state: LayerState,
                        keys: Tensor, start: int, stop: int) -> Tensor:
         """Attention of prompt columns ``start:stop`` (of the current state) over ``keys`` (B, H_kv, L, d)."""
-        cos, sin = pe
-        q = project_queries(layer, h_in[:, start:stop], cos[:, start:stop], sin[:, start:stop])
+        fam = self.lm.family
+        q = fam.queries(layer, h_in[:, start:stop], tuple(x[:, start:stop] for x in pe))
         cols = torch.arange(keys.shape[2], device=keys.device)
         qcols = torch.arange(start, stop, device=keys.device)
         allowed = (cols.view(1, 1, -1) <= qcols.view(1, -1, 1)) & state.mask[:, None, :]  # (B, Q, L)
         allowed = allowed & state.mask[:, start:stop, None]  # padding queries attend to nothing
-        return attention_probe(q, keys, allowed.unsqueeze(1), layer.self_attn.scaling)
+        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer))
 
     def _stage_probe(self, layer: nn.Module, h_in: Tensor, pe: tuple[Tensor, Tensor], state: LayerState,
                      keys: Tensor, queries: "int | str | Tensor") -> Tensor:
@@ -264,15 +264,16 @@ class LLMStages:
         def rows(x: Tensor) -> Tensor:
             return torch.gather(x, 1, qcols.unsqueeze(-1).expand(b, width, x.shape[-1]))
 
-        q = project_queries(layer, rows(h_in), rows(pe[0]), rows(pe[1]))
+        fam = self.lm.family
+        q = fam.queries(layer, rows(h_in), tuple(rows(x) for x in pe))  # pe: the family's per-position tensors
         cols = torch.arange(keys.shape[2], device=keys.device)
         allowed = (cols.view(1, 1, -1) <= qcols.unsqueeze(-1)) & mask[:, None, :] & qvalid.unsqueeze(-1)
-        return attention_probe(q, keys, allowed.unsqueeze(1), layer.self_attn.scaling)
+        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer))
 
     def _layer_keys(self, i: int, layer: nn.Module, h_in: Tensor, pe, cache: StagedCache | None) -> Tensor:
         if cache is not None:
             return cache.layers[i].keys
-        return project_keys(layer, h_in, *pe)
+        return self.lm.family.keys(layer, h_in, pe)
 
     # ------------------------------------------------------------------ eviction
     def _evict(self, i: int, layer: nn.Module, h_in: Tensor, pe, state: LayerState | None,
@@ -291,9 +292,10 @@ class LLMStages:
             v = view(tl.keys.new_zeros(b, heads, 0, tl.num_slots, dtype=torch.float32))
             policy.update(v)
         elif phase == "decode":
-            q = project_queries(layer, h_in, *pe)
+            fam = self.lm.family
+            q = fam.queries(layer, h_in, pe)
             allowed = tl.valid.unsqueeze(2)  # (B, H_kv, 1, T)
-            v = view(attention_probe(q, tl.keys, allowed, layer.self_attn.scaling))
+            v = view(attention_probe(q, tl.keys, allowed, fam.scaling(layer)))
             policy.update(v)
         else:
             length = state.hidden.shape[1]
@@ -325,23 +327,22 @@ class LLMStages:
     # ------------------------------------------------------------------ prefill
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
                 cache: StagedCache | None, token_kinds: Tensor | None, logits_to_keep: int) -> Tensor:
-        lm, hf_model = self.lm, self.lm.hf.model
+        lm, fam = self.lm, self.lm.family
         cfg = lm.config
         bsz, length, _ = inputs_embeds.shape
         dev = inputs_embeds.device
         self.reset()
         mask = torch.ones(bsz, length, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         kinds = torch.full((bsz, length), TEXT_KIND, dtype=torch.long, device=dev) if token_kinds is None else token_kinds.to(dev)
-        state = LayerState(hidden=inputs_embeds, mask=mask, positions=position_ids,
+        state = LayerState(hidden=fam.inputs(inputs_embeds, position_ids), mask=mask, positions=position_ids,
                            index=torch.arange(length, device=dev).expand(bsz, length), kind=kinds)
         attn_mask = create_causal_mask(cfg, inputs_embeds, attention_mask, None, position_ids=None)
-        pe = hf_model.rotary_emb(inputs_embeds, position_ids)
+        pe = fam.position_embeddings(state.hidden, position_ids)  # RoPE (cos, sin); GPT-2 ()
         use_cache = cache is not None
         reduced = False  # a layer stage dropped or moved tokens: columns are no longer the prompt's
-        for i, layer in enumerate(hf_model.layers[: lm.num_layers]):
+        for i, layer in enumerate(fam.layers[: lm.num_layers]):
             h_in = state.hidden
-            h = layer(h_in, attention_mask=attn_mask, position_embeddings=pe, position_ids=state.positions,
-                      use_cache=use_cache, **{self.cache_kw: cache})
+            h = fam.call(layer, h_in, attn_mask, pe, state.positions, cache, use_cache, self.cache_kw)
             if use_cache:
                 cache.layers[i].append_meta(state.positions, state.mask, state.kind)
             stages = self.after.get(i, ())
@@ -359,9 +360,9 @@ class LLMStages:
                 new = stage(state, attention)
                 if new is not state:
                     state, reduced = new, True
-                    pe = hf_model.rotary_emb(state.hidden, state.positions)
+                    pe = fam.position_embeddings(state.hidden, state.positions)
                     attn_mask = create_causal_mask(cfg, state.hidden, state.mask.long(), None, position_ids=None)
-        hidden = hf_model.norm(state.hidden)
+        hidden = fam.norm(state.hidden)
         # back to the prompt's columns (dropped ones: 0). Not the width: a row that keeps everything keeps
         # it at L while the others' tokens moved right
         if logits_to_keep == 0 and reduced:
@@ -371,7 +372,7 @@ class LLMStages:
             hidden = full
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return lm.hf.lm_head(hidden)
+        return fam.head(hidden)
 
     def graph_ready(self, cache: StagedCache) -> bool:
         """Whether the next decoding step can be captured: every layer has a graph-safe policy that evicts
@@ -389,16 +390,16 @@ class LLMStages:
     # ------------------------------------------------------------------ one decoding step
     def decode(self, inputs_embeds: Tensor, position_ids: Tensor, cache: StagedCache) -> Tensor:
         """One new token per row: (B, 1, D) embeddings at (B, 1) positions -> logits (B, 1, V)."""
-        lm, hf_model = self.lm, self.lm.hf.model
+        lm, fam = self.lm, self.lm.family
         cfg = lm.config
         bsz = inputs_embeds.shape[0]
         dev = inputs_embeds.device
-        pe = hf_model.rotary_emb(inputs_embeds, position_ids)
+        h = fam.inputs(inputs_embeds, position_ids)  # (B, 1, D)
+        pe = fam.position_embeddings(h, position_ids)
         ones = torch.ones(bsz, 1, dtype=torch.bool, device=dev)
         text = torch.full((bsz, 1), TEXT_KIND, dtype=torch.long, device=dev)
-        h = inputs_embeds
         heads = cfg.num_attention_heads
-        for i, layer in enumerate(hf_model.layers[: lm.num_layers]):
+        for i, layer in enumerate(fam.layers[: lm.num_layers]):
             tl: TrackedLayer = cache.layers[i]
             if tl.headwise:
                 allowed = torch.cat([tl.valid, ones.unsqueeze(1).expand(-1, tl.valid.shape[1], -1)], dim=-1)
@@ -414,12 +415,11 @@ class LLMStages:
                 mask2d = torch.cat([tl.valid[:, 0], ones], dim=-1).long()
                 attn_mask = create_causal_mask(cfg, inputs_embeds, mask2d, cache, position_ids=None, layer_idx=i)
             h_in = h
-            h = layer(h_in, attention_mask=attn_mask, position_embeddings=pe, position_ids=position_ids,
-                      use_cache=True, **{self.cache_kw: cache})
+            h = fam.call(layer, h_in, attn_mask, pe, position_ids, cache, True, self.cache_kw)
             tl.append_meta(position_ids, ones, text)
             if i in self.policies and self.policies[i].acts("decode"):
                 self._evict(i, layer, h_in, pe, None, cache, "decode")
-        return lm.hf.lm_head(hf_model.norm(h))
+        return fam.head(fam.norm(h))
 
 
 class GraphedStep:

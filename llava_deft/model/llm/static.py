@@ -175,8 +175,7 @@ class StaticDecoder:
 
     def _prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """The prefill's kernels (what is captured): causal, padding-aware attention over the slots."""
-        lm = self.lm
-        hf_model = lm.hf.model
+        lm, fam = self.lm, self.lm.family
         prompt_len = embeds.shape[1]
         self.write_at.zero_()
         self.valid.zero_()
@@ -185,13 +184,12 @@ class StaticDecoder:
         query = torch.arange(prompt_len, device=embeds.device)[:, None]
         # (B, 1, P, S): earlier real tokens and itself (a padding query sees only itself: no empty row)
         allowed = ((slots <= query) & self.valid[:, None, None, :]) | (slots == query)
-        pe = hf_model.rotary_emb(embeds, position_ids)
-        h = embeds
+        h = fam.inputs(embeds, position_ids)  # (B, P, D); GPT-2: + wpe(position_ids)
+        pe = fam.position_embeddings(h, position_ids)
         mask = self._mask(allowed, h.dtype)
-        for layer in hf_model.layers[: lm.num_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids, use_cache=True,
-                      **{lm._cache_kw: self.cache})
-        return lm.hf.lm_head(hf_model.norm(h[:, -1:]))
+        for layer in fam.layers[: lm.num_layers]:
+            h = fam.call(layer, h, mask, pe, position_ids, self.cache, True, lm._cache_kw)
+        return fam.head(fam.norm(h[:, -1:]))
 
     def _mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
         if not self.eager_attn:
@@ -202,16 +200,14 @@ class StaticDecoder:
     # ------------------------------------------------------------------ one step
     def _step(self) -> Tensor:
         """The captured body: ids and positions from the input buffers -> logits (B, 1, V)."""
-        lm = self.lm
-        hf_model = lm.hf.model
-        h = lm.embed(self.ids)  # (B, 1, D)
+        lm, fam = self.lm, self.lm.family
+        h = fam.inputs(lm.embed(self.ids), self.positions)  # (B, 1, D)
         self.valid.index_fill_(1, self.write_at, True)
         mask = self._mask(self.valid[:, None, None, :], h.dtype)  # (B, 1, 1, max_len)
-        pe = hf_model.rotary_emb(h, self.positions)
-        for layer in hf_model.layers[: lm.num_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=self.positions, use_cache=True,
-                      **{lm._cache_kw: self.cache})
-        return lm.hf.lm_head(hf_model.norm(h))
+        pe = fam.position_embeddings(h, self.positions)
+        for layer in fam.layers[: lm.num_layers]:
+            h = fam.call(layer, h, mask, pe, self.positions, self.cache, True, lm._cache_kw)
+        return fam.head(fam.norm(h))
 
     def step(self, ids: Tensor, positions: Tensor) -> Tensor:
         """Decode one token per row: ids (B, 1) at RoPE positions (B, 1) -> logits (B, 1, V)."""
