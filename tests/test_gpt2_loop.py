@@ -146,11 +146,15 @@ def test_gpt2_is_a_supported_family_with_its_adapter(lm):
     assert lm.hf.lm_head.weight is lm.hf.transformer.wte.weight  # tied head
     assert (lm.hidden_size, lm.num_layers, lm.vocab_size, lm.config.max_position_embeddings) == (DIM, 3, VOCAB, 256)
     assert static_unsupported(lm) is None  # the static cache runs GPT-2 too (tested below)
-    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'mistral' \(MistralForCausalLM\); supported:"):
-        from transformers import MistralConfig, MistralForCausalLM
-        family_of(MistralForCausalLM(MistralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=16,
-                                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=8)),
-                  "MistralForCausalLM")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=16,
+                                               num_attention_heads=2, num_key_value_heads=1, vocab_size=8))
+    with pytest.raises(ValueError, match=r"unsupported LLM model_type 'mistral' \(MistralForCausalLM\); supported: "
+                                         r"\['llama', 'qwen2', 'qwen3', 'gpt2'\]"):
+        DecoderLM(mistral)
+    with pytest.raises(ValueError, match=r"model_type 'mistral' \(here\)"):
+        family_of(mistral, "here")
 
 
 def test_tiny_gpt2_default_builds():
