@@ -53,6 +53,7 @@ __all__ = [
     "TEXT_KIND",
     "compact_rows",
     "group_heads",
+    "kept_columns",
     "keep_topk",
 ]
 
@@ -119,6 +120,15 @@ def compact_rows(state: LayerState, keep: Tensor) -> LayerState:
         hidden=take(state.hidden, 0), mask=valid, positions=take(state.positions, 0),
         index=take(state.index, -1), kind=take(state.kind, TEXT_KIND),
     )
+
+
+def kept_columns(keep: Tensor, width: int) -> Tensor:
+    """Where :func:`compact_rows` puts each kept column: ``keep`` (B, L) bool (padding already False) ->
+    (B, L) long, the output column of every kept input column (row ``b``'s kept tokens end at column
+    ``width - 1``, in order), -1 elsewhere. A stage's ``last_assignment`` when it only drops tokens."""
+    counts = keep.sum(1, keepdim=True)  # (B, 1)
+    col = (width - counts) + keep.long().cumsum(1) - 1  # (B, L) rank among the kept, right-aligned
+    return torch.where(keep, col, torch.full_like(col, -1))
 
 
 @dataclass
@@ -188,10 +198,21 @@ class LayerStage(_LLMStageBase):
 
     ``queries`` (class or instance attribute) says which queries :meth:`reduce`'s ``attention`` probe
     needs: an int (that many last positions) or ``"text"`` (every real text position of the prompt).
+
+    Tracing (optional; for viewers such as ``llava-deft viewer``). When the runtime records a prefill
+    (``LLMStages(..., record=True)``) it sets ``record_assignment = True`` on the stage for that call and
+    ``last_assignment = None`` before it. A stage that MERGES tokens should then set
+    ``self.last_assignment``: a (B, L_in) long tensor, for every input column the output column it went
+    into (several input columns share one output column when they were merged into it; -1 = dropped, and
+    on padding). Without it the runtime derives each token's fate from the output state's ``index``
+    (present = kept, absent = dropped), which is exact for stages that only drop. When
+    ``record_assignment`` is False (always, outside a recording) a stage computes nothing for it.
     """
 
     kind_of_stage = "layer"
     queries: "int | str" = 1
+    record_assignment = False  # set True by the runtime only while it records a trace (see above)
+    last_assignment: Tensor | None = None
 
     def __init__(self, layer: int):
         super().__init__()

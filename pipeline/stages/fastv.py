@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ..llm import AttentionProbe, LayerStage, LayerState
+from ..llm import AttentionProbe, LayerStage, LayerState, kept_columns
 from ..registry import register
 from ..types import NonNegInt, PosInt
 
@@ -51,7 +51,12 @@ class FastV(LayerStage):
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         keep = (state.mask & ~media) | (media & (rank < n_keep.unsqueeze(1)))
         self.last_stats = {"media_in": float(n_media.float().mean()), "media_kept": float(n_keep.float().mean())}
-        return state.take(keep)
+        out = state.take(keep)
+        if self.record_assignment:  # tracing only (pipeline.llm.LayerStage): where each input column went
+            keep = keep & state.mask
+            same = torch.where(keep, torch.arange(keep.shape[1], device=keep.device), -1)  # nothing moved
+            self.last_assignment = same if out is state else kept_columns(keep, out.hidden.shape[1])
+        return out
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, drop_ratio={self.drop_ratio}, num_queries={self.queries}, scoring={self.scoring!r}"

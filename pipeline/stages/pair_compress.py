@@ -96,6 +96,11 @@ class PairCompress(LayerStage):
         out = expand(meta, merged_meta).round().long()  # (B, L', 4)
         valid = out[..., 3].bool()
         self.last_stats = {"tokens_in": length, "tokens_out": hidden.shape[1], "pairs": n, "expanded_max": k}
+        if self.record_assignment:  # tracing only (pipeline.llm.LayerStage): a merged pair's two tokens share a column
+            cols = torch.arange(length, device=h.device).expand(b, length)  # (B, L) each input column's own id
+            merged_src = torch.stack([merge(cols, cols[:, lead:memory:2]), merge(cols, cols[:, lead + 1:memory:2])], -1)
+            src = expand(torch.stack([cols, cols], -1).double(), merged_src.double()).round().long()  # (B, L', 2)
+            self.last_assignment = assignment_of(src, valid, mask)
         return LayerState(hidden=hidden * valid.unsqueeze(-1).to(hidden.dtype), mask=valid,
                           positions=torch.where(valid, out[..., 0], 0), index=torch.where(valid, out[..., 1], -1),
                           kind=torch.where(valid, out[..., 2], TEXT_KIND))
@@ -103,3 +108,18 @@ class PairCompress(LayerStage):
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, window={self.window}, ratio={self.ratio}, memory_floor={self.memory_floor}, "
                 f"hidden_dim={self.compressor.mlp[0].out_features}, num_heads={self.scorer.num_heads}")
+
+
+def assignment_of(src: Tensor, valid: Tensor, mask: Tensor) -> Tensor:
+    """Input column -> output column from the sources of each output column.
+
+    ``src`` (B, L', 2) long: the two input columns each output column holds (the same column twice for a
+    token as it was); ``valid`` (B, L') its real output columns; ``mask`` (B, L) the real input columns.
+    Returns (B, L) long, -1 on padding and on input columns no output column holds."""
+    b, width, _ = src.shape
+    length = mask.shape[1]
+    out_col = torch.arange(width, device=src.device).view(1, width, 1).expand(b, width, 2)
+    target = torch.where(valid.unsqueeze(-1), src, length)  # padding columns write into a spare last column
+    assign = torch.full((b, length + 1), -1, dtype=torch.long, device=src.device)
+    assign = assign.scatter(1, target.flatten(1), out_col.flatten(1))
+    return torch.where(mask, assign[:, :length], -1)

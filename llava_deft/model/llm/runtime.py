@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from pipeline.llm import TEXT_KIND, CachePolicy, CacheView, LayerStage, LayerSta
 
 from .probe import attention_probe
 
-__all__ = ["LLMStages", "StagedCache", "TrackedLayer", "cache_kwarg"]
+__all__ = ["LLMStages", "StageTrace", "StagedCache", "TrackedLayer", "cache_kwarg"]
 
 _PROBE_BYTES = 2**28  # float32 scores per probe chunk (256 MiB) for policies that read every prompt position (H2O)
 
@@ -181,15 +181,53 @@ class StagedCache(Cache):
         return out
 
 
-class LLMStages:
-    """LLM stages bound to one decoder: layer stages by the layer they follow, cache policies by layer."""
+@dataclass
+class StageTrace:
+    """What one layer stage did in a recorded prefill (``LLMStages(..., record=True)``; all tensors as the
+    stage saw or returned them, on its device).
 
-    def __init__(self, lm: nn.Module, stages: Sequence[nn.Module]):
+    ``stage`` the stage module; ``position`` its place in ``LLMStages.stages``; ``after_layer`` the decoder
+    layer it followed (``stage.layer - 1``). ``index_in`` / ``mask_in`` (B, L_in): the input state's
+    prompt column per column and its validity; ``index`` / ``mask`` / ``positions`` (B, L_out): the output
+    state's. ``assignment`` (B, L_in) long: the output column each input column went into (-1 = dropped or
+    padding), the stage's ``last_assignment`` when it set one (merging stages), else derived from
+    ``index`` (:meth:`columns`).
+    """
+
+    stage: nn.Module
+    position: int
+    after_layer: int
+    index_in: Tensor
+    mask_in: Tensor
+    index: Tensor
+    mask: Tensor
+    positions: Tensor
+    assignment: Tensor | None
+
+    def columns(self) -> Tensor:
+        """(B, L_in) long: the output column of every input column, -1 where none holds it. The stage's
+        own assignment, or the output column whose ``index`` equals the input's (present = kept)."""
+        if self.assignment is not None:
+            return self.assignment
+        same = (self.index_in.unsqueeze(2) == self.index.unsqueeze(1)) & self.mask.unsqueeze(1)  # (B, L_in, L_out)
+        same = same & self.mask_in.unsqueeze(2)
+        return torch.where(same.any(2), same.long().argmax(2), -1)
+
+
+class LLMStages:
+    """LLM stages bound to one decoder: layer stages by the layer they follow, cache policies by layer.
+
+    ``record=True`` keeps a trace of every prefill in ``self.trace`` (a list of :class:`StageTrace`, one per
+    layer stage call, reset at each prefill); off (None) by default, when the loop does nothing for it.
+    """
+
+    def __init__(self, lm: nn.Module, stages: Sequence[nn.Module], record: bool = False):
         cfg = lm.config
         num_layers = lm.num_layers
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.lm = lm
         self.stages = list(stages)
+        self.trace: list[StageTrace] | None = [] if record else None
         self.after: dict[int, list[LayerStage]] = {}
         self.policies: dict[int, CachePolicy] = {}
         for stage in self.stages:
@@ -332,6 +370,8 @@ class LLMStages:
         bsz, length, _ = inputs_embeds.shape
         dev = inputs_embeds.device
         self.reset()
+        if self.trace is not None:
+            self.trace.clear()
         mask = torch.ones(bsz, length, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         kinds = torch.full((bsz, length), TEXT_KIND, dtype=torch.long, device=dev) if token_kinds is None else token_kinds.to(dev)
         state = LayerState(hidden=fam.inputs(inputs_embeds, position_ids), mask=mask, positions=position_ids,
@@ -357,7 +397,11 @@ class LLMStages:
                 self._evict(i, layer, h_in, pe, state, cache, "prefill")
             state = replace(state, hidden=h)
             for stage in stages:
+                if self.trace is not None:
+                    stage.record_assignment, stage.last_assignment = True, None
                 new = stage(state, attention)
+                if self.trace is not None:
+                    self._record(stage, i, state, new)
                 if new is not state:
                     state, reduced = new, True
                     pe = fam.position_embeddings(state.hidden, state.positions)
@@ -373,6 +417,14 @@ class LLMStages:
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return fam.head(hidden)
+
+    def _record(self, stage: LayerStage, after_layer: int, state: LayerState, new: LayerState) -> None:
+        """Append the :class:`StageTrace` of one layer stage call (recording prefills only)."""
+        assignment, stage.last_assignment, stage.record_assignment = stage.last_assignment, None, False
+        position = next(j for j, s in enumerate(self.stages) if s is stage)
+        self.trace.append(StageTrace(stage=stage, position=position, after_layer=after_layer, index_in=state.index,
+                                     mask_in=state.mask, index=new.index, mask=new.mask, positions=new.positions,
+                                     assignment=assignment))
 
     def graph_ready(self, cache: StagedCache) -> bool:
         """Whether the next decoding step can be captured: every layer has a graph-safe policy that evicts
