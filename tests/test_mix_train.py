@@ -67,7 +67,7 @@ def test_mix_sample_rate_follows_the_model(tiny_tasks_dir):
     (["data.type=mix", "data.sources=[{type: easyvqa}, {type: llava_json}]"],
      r"data\.sources\.1: .*type 'llava_json' needs path"),
     (["data.type=mix", "data.sources=[{type: easyvqa}, {type: easyvqa, path: x.json, name: second}]"],
-     r"data\.sources\.1: .*'second' \(easyvqa\) sets keys that do not apply to it: path \(llava_json only\)"),
+     r"data\.sources\.1: .*'second' \(easyvqa\) sets keys that do not apply to it: path \(llava_json and text only\)"),
     (["data.type=mix", "data.sources=[{type: llava_json, path: a.json, group_by_image: true}]"],
      r"data\.sources\.0: .*group_by_image \(easyvqa only\)"),
     (["data.type=mix", "data.sources=[{type: easyvqa}, {type: easyvqa, repeat: 0}]"],

@@ -58,12 +58,16 @@ def check_passkey_lengths(min_tokens: int, max_tokens: int, needles: int = 1) ->
 
 DATA_TYPES = ("easyvqa", "llava_json", "passkey", "mix")
 _PASSKEY_KEYS = ("size", "min_tokens", "max_tokens", "seed", "needles")  # DataSpec keys of type passkey only
+_TEXT_KEYS = ("block_tokens", "test_share")  # DataSpec keys of type text only
 
 
 class DataSpec(Strict):
     """Training data: ``easyvqa`` (the bundled dataset), ``llava_json`` (LLaVA conversation JSON; media
     paths relative to ``image_folder``, by default the JSON's folder), ``passkey`` (pass-key passages
-    generated on the fly, no disk: :class:`llava_deft.tasks.passkey.PasskeyDataset`) or ``mix``
+    generated on the fly, no disk: :class:`llava_deft.tasks.passkey.PasskeyDataset`), ``text`` (a plain
+    text corpus as causal-LM blocks of ``block_tokens`` ids, every id supervised:
+    :class:`llava_deft.data.text_corpus.TextCorpusDataset`; ``path: fortunes`` is the default English
+    corpus of Debian's ``fortunes`` package) or ``mix``
     (several of those in one run, listed under ``sources``)::
 
         data:
@@ -93,10 +97,10 @@ class DataSpec(Strict):
     default, so a resolved config written by the trainer loads again).
     """
 
-    type: Literal["easyvqa", "llava_json", "passkey", "mix"] = "easyvqa"
+    type: Literal["easyvqa", "llava_json", "passkey", "text", "mix"] = "easyvqa"
     name: str | None = None
-    split: Literal["train", "test"] = "train"  # easyvqa and passkey only
-    path: str | None = None  # llava_json only
+    split: Literal["train", "test"] = "train"  # easyvqa, passkey and text only
+    path: str | None = None  # llava_json (the JSON) and text (a text file, or "fortunes") only
     image_folder: str | None = None  # llava_json only
     # llava_json only: leave out invalid records (reported at start) instead of refusing the file;
     # accept absolute media paths and paths out of image_folder (a JSON you trust)
@@ -111,30 +115,39 @@ class DataSpec(Strict):
     size: int | None = Field(None, gt=0)
     min_tokens: int = 128
     max_tokens: int = 512
-    seed: int = 0
+    seed: int = 0  # passkey and text (the train/test split of the documents)
     needles: int = 1
+    # text only: ids per block (default: the model's max_length) and the share of documents in the test split
+    block_tokens: int | None = Field(None, ge=2)
+    test_share: float = Field(0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _keys_fit_type(self) -> "DataSpec":
         label = self.label()
         who = f"data source of type {self.type!r}" if label == self.type else f"data source {label!r} ({self.type})"
         wrong = []
-        if self.type not in ("easyvqa", "passkey") and self.split != "train":
-            wrong.append("split (easyvqa and passkey only; for llava_json point path at the split's JSON)")
+        if self.type not in ("easyvqa", "passkey", "text") and self.split != "train":
+            wrong.append("split (easyvqa, passkey and text only; for llava_json point path at the split's JSON)")
         if self.type != "easyvqa" and self.group_by_image:
             wrong.append("group_by_image (easyvqa only)")
+        if self.type not in ("llava_json", "text") and self.path is not None:
+            wrong.append("path (llava_json and text only)")
         if self.type != "llava_json":
-            wrong += [f"{k} (llava_json only)" for k in ("path", "image_folder") if getattr(self, k) is not None]
+            wrong += [f"{k} (llava_json only)" for k in ("image_folder",) if getattr(self, k) is not None]
             wrong += [f"{k} (llava_json only)" for k in ("skip_invalid", "trusted_paths") if getattr(self, k)]
         if self.type != "mix" and self.sources:
             wrong.append("sources (type mix only)")
         if self.type != "passkey":
-            defaults = {k: DataSpec.model_fields[k].default for k in _PASSKEY_KEYS}
-            wrong += [f"{k} (passkey only)" for k, v in defaults.items() if getattr(self, k) != v]
+            keys = [k for k in _PASSKEY_KEYS if not (self.type == "text" and k == "seed")]
+            wrong += [f"{k} (passkey only)" for k in keys if getattr(self, k) != DataSpec.model_fields[k].default]
+        if self.type != "text":
+            wrong += [f"{k} (text only)" for k in _TEXT_KEYS if getattr(self, k) != DataSpec.model_fields[k].default]
         if wrong:
             raise ValueError(f"{who} sets keys that do not apply to it: {', '.join(wrong)}")
         if self.type == "llava_json" and self.path is None:
             raise ValueError(f"{who} needs path (the LLaVA JSON file)")
+        if self.type == "text" and self.path is None:
+            raise ValueError(f"{who} needs path (a UTF-8 text file, or 'fortunes': Debian's fortunes package)")
         if self.type == "passkey":
             if self.size is None:
                 raise ValueError(f"{who} needs size (how many distinct passages to generate)")
@@ -160,6 +173,8 @@ class DataSpec(Strict):
             return self.name
         if self.type == "llava_json" and self.path is not None:
             return Path(self.path).parent.name or Path(self.path).stem
+        if self.type == "text" and self.path is not None:
+            return Path(self.path).stem
         return self.type
 
 
@@ -239,6 +254,24 @@ class StageSpec(Strict):
         return self.lora is not None and self.lora.enabled
 
 
+class ParachuteSpec(Strict):
+    """The emergency parachute of recursive-compression stages (``pipeline.recursive.EmergencyParachute``):
+    it watches the LM loss of every step and raises the stages' similarity floor by ``step`` (less
+    compression) when the loss exceeds its EMA by more than ``spike_tolerance``, lowers it again after
+    ``patience`` consecutive steps below the mean of the last ``window`` losses, always within
+    ``[floor, floor + max_raise]``. Off by default; on, the loss is read on the host every step (one
+    device wait per step) and every change goes to ``stage{i}_{name}/parachute.json`` and the log."""
+
+    enabled: bool = False
+    step: float = Field(0.02, gt=0, le=1)
+    max_raise: float = Field(0.1, ge=0, le=2)
+    spike_tolerance: float = Field(0.5, ge=0)
+    patience: int = Field(50, gt=0)
+    window: int = Field(20, gt=0)
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    warmup: int = Field(5, gt=0)
+
+
 class TrainConfig(Strict):
     model: dict[str, Any] | str | None = None
     data: DataSpec = Field(default_factory=DataSpec)
@@ -260,6 +293,8 @@ class TrainConfig(Strict):
     # supervise only the last `loss_window` tokens of every sequence (the window that pair-compressed layers
     # never merge: seed 002's windowed loss); None: every labelled token
     loss_window: int | None = Field(None, gt=0)
+    # loosen / tighten recursive-compression stages by the LM loss (ParachuteSpec); off by default
+    parachute: ParachuteSpec = Field(default_factory=ParachuteSpec)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

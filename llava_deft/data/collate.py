@@ -214,6 +214,8 @@ class MultimodalCollator:
         """``encode`` plus each modality's prepared items (``MediaKind.prepare``: pixels, frames,
         waveforms, passage ids)."""
         sample_id = str(sample["id"])
+        if "messages" not in sample and "input_ids" in sample:  # a pre-tokenized LM block (TextCorpusDataset)
+            return self._encode_block(sample, sample_id)
         ids, labels, reference = self._tokenize(sample["messages"])
         self._check_media(sample, sample_id, ids)
         prepared = {
@@ -241,6 +243,22 @@ class MultimodalCollator:
             )
             raise EmptyLabelsError(sample_id, reason)
         return list(ids), list(labels), None, prepared
+
+    def _encode_block(self, sample: dict[str, Any], sample_id: str):
+        """A plain causal-LM sample ``{"id", "input_ids"}``: every id is supervised (labels = ids; the model
+        shifts them); no chat template, no media."""
+        ids = [int(t) for t in sample["input_ids"]]
+        if not ids:
+            raise ValueError(f"sample {sample_id!r} has no input_ids")
+        if any(sample.get(kind.sample_key) for kind in MODALITIES.values()):
+            raise ValueError(f"sample {sample_id!r} is a pre-tokenized LM block (input_ids, no messages) but carries "
+                             f"media; media go with a conversation (messages with placeholders)")
+        self._check_media(sample, sample_id, ids)  # a placeholder id in a block has no media to fill it
+        if len(ids) > self.max_length:
+            raise SampleTooLongError(f"sample {sample_id!r} is {len(ids)} tokens long, over max_length={self.max_length}; "
+                                     f"samples are refused, never cut (build the blocks at most max_length long)")
+        prepared = {key: [] for key in MODALITIES}
+        return ids, (None if self.generation else list(ids)), None, prepared
 
     def plain_text(self, text: str) -> str:
         """``text`` with every special token but the media placeholders, and every line-leading role

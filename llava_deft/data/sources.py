@@ -15,26 +15,40 @@ from ..tasks import TASK_NAMES, prepare_command
 from .easyvqa import EasyVQADataset
 from .llava_json import LlavaJsonDataset, LlavaJsonlDataset
 from .passkey import PasskeyDataset
+from .text_corpus import TextCorpusDataset
 
 
 def build_dataset(spec: DataSpec, video: dict[str, Any] | None = None, sampling_rate: int | None = None,
-                  limits: LimitsConfig | None = None):
+                  limits: LimitsConfig | None = None, tokenizer=None, max_length: int | None = None):
     """The dataset a :class:`DataSpec` names. ``video`` is the model's frame sampling
     (``VideoConfig.sampling()``), ``sampling_rate`` its audio rate (``AudioConfig.sampling_rate()``)
     and ``limits`` its media limits (``ModelConfig.limits``; default ``LimitsConfig()``), for LLaVA
-    JSON records with "image" / "video" / "audio" keys. A mix is a :class:`MixedDataset`; errors name
+    JSON records with "image" / "video" / "audio" keys; ``tokenizer`` and ``max_length`` (the model's)
+    cut a ``text`` source into blocks (``block_tokens``, default ``max_length``). A mix is a :class:`MixedDataset`; errors name
     the source (``data.sources.2 ('video_shapes', llava_json): ...``). A source that skipped invalid
     records (``skip_invalid``) prints how many and why."""
     if spec.type != "mix":
-        return _build_source(spec, "data", video, sampling_rate, limits)
-    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate, limits) for i, s in enumerate(spec.sources)]
+        return _build_source(spec, "data", video, sampling_rate, limits, tokenizer, max_length)
+    parts = [_build_source(s, f"data.sources.{i}", video, sampling_rate, limits, tokenizer, max_length)
+             for i, s in enumerate(spec.sources)]
     mixed = MixedDataset(parts, [s.label() for s in spec.sources])
     return _limit_repeat(mixed, spec.limit, spec.repeat)
 
 
 def _build_source(spec: DataSpec, where: str, video: dict[str, Any] | None, sampling_rate: int | None,
-                  limits: LimitsConfig | None = None):
+                  limits: LimitsConfig | None = None, tokenizer=None, max_length: int | None = None):
     who = f"{where} ({spec.label()!r}, {spec.type})"
+    if spec.type == "text":
+        block = spec.block_tokens or max_length
+        if tokenizer is None or block is None:
+            raise ValueError(f"{who}: a text source needs the model's tokenizer and block_tokens (or max_length)")
+        if max_length is not None and block > max_length:
+            raise ValueError(f"{who}: block_tokens={block} is over the model's max_length={max_length}; lower it")
+        try:
+            ds = TextCorpusDataset(spec.path, tokenizer, block, split=spec.split, test_share=spec.test_share, seed=spec.seed)
+        except (FileNotFoundError, DatasetFormatError) as err:
+            raise type(err)(f"{who}: {err}") from err
+        return _limit_repeat(ds, spec.limit, spec.repeat)
     if spec.type == "easyvqa":
         ds = EasyVQADataset(split=spec.split, limit=spec.limit, group_by_image=spec.group_by_image)
         return _limit_repeat(ds, None, spec.repeat)
