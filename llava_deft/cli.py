@@ -12,6 +12,7 @@
     llava-deft eval --model runs/x/final --test my/test.json --image-folder my/
     llava-deft sweep run configs/sweeps/scenes.yaml [seeds=[0] ...] [--only base deft_q@0.25] [--time-budget 480]
     llava-deft sweep report configs/sweeps/scenes.yaml
+    llava-deft viewer --model runs/x/final [--pipeline configs/pipeline/fastv.yaml] [--port 8000]
     llava-deft --version
 
 An error a command raises on purpose (``LlavaDeftError``), and ``FileNotFoundError``, ``ValueError`` and
@@ -132,7 +133,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the question or instruction")
     _eval_parser(sub, common)
     _sweep_parser(sub, common)
+    _viewer_parser(sub, common)
     return p
+
+
+def _viewer_parser(sub, common) -> None:
+    from .viewer.session import MAX_IMAGE_BYTES, MAX_TEXT_CHARS
+
+    v = sub.add_parser("viewer", help="serve the interactive compression viewer (a local web page)", parents=[common])
+    v.add_argument("--model", required=True, help="model directory (save_pretrained or a training run's final/)")
+    v.add_argument("--pipeline", default=None,
+                   help="reduction pipeline YAML whose llm: stages the page controls (default: the model's own; "
+                        "stages the checkpoint has keep their weights)")
+    v.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    v.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; others need --allow-remote)")
+    v.add_argument("--port", type=int, default=0, help="port (default 0: a free one, printed at start)")
+    v.add_argument("--allow-remote", action="store_true",
+                   help="serve on a non-loopback --host: the viewer has no authentication and runs the model for anyone")
+    v.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS, help="longest prompt text a request may send")
+    v.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image file a request may upload")
+    v.add_argument("--verbose", action="store_true", help="log every HTTP request on stderr")
+
+
+def viewer(args: argparse.Namespace) -> int:
+    """``llava-deft viewer``: load the model, print the URL, serve until Ctrl-C."""
+    from .inference import load_model
+    from .viewer.server import check_host, make_server
+    from .viewer.session import ViewerSession
+
+    check_host(args.host, args.allow_remote)  # before the model loads: a refused host fails at once
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0..65535; 0 picks a free one)")
+    model = load_model(args.model, device=args.device, pipeline=args.pipeline)
+    session = ViewerSession(model, max_text_chars=args.max_text_chars, max_image_bytes=args.max_image_bytes)
+    server = make_server(session, args.host, args.port, args.allow_remote, quiet=not args.verbose)
+    print(f"llava-deft viewer: serving {server.url} (LLM stages: {[c.name for c in session.controls] or 'none'}; "
+          f"Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("llava-deft viewer: stopped")
+    finally:
+        server.server_close()
+    return 0
 
 
 def _eval_parser(sub, common) -> None:
@@ -306,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.cmd == "sweep":
             return sweep(args, argv)
+        if args.cmd == "viewer":
+            return viewer(args)
         return generate(args)
 
     return _run(args.cmd, debug, run)
