@@ -51,6 +51,7 @@ __all__ = [
     "LayerStage",
     "LayerState",
     "TEXT_KIND",
+    "collect_losses",
     "compact_rows",
     "group_heads",
     "kept_columns",
@@ -71,7 +72,10 @@ class LayerState:
     hidden (B, L, D); mask bool, True for a real token (prompts are LEFT-padded: the last column is
     every row's last token); positions long, RoPE positions (may have gaps); index long, each token's
     column in the prompt as the LLM received it (ascending along L for real tokens); kind long,
-    ``TEXT_KIND`` for prompt text, else the medium's ``Modality`` code.
+    ``TEXT_KIND`` for prompt text, else the medium's ``Modality`` code; size float or None (= all ones),
+    how many prompt tokens each token stands for after a merging stage (``recursive_compression_llm``):
+    the layers after it add ``log(size)`` to the attention logits of that key (ToMe's proportional
+    attention), in prefill and while decoding.
     """
 
     hidden: Tensor
@@ -79,6 +83,7 @@ class LayerState:
     positions: Tensor
     index: Tensor
     kind: Tensor
+    size: Tensor | None = None
 
     @property
     def media(self) -> Tensor:
@@ -119,6 +124,7 @@ def compact_rows(state: LayerState, keep: Tensor) -> LayerState:
     return LayerState(
         hidden=take(state.hidden, 0), mask=valid, positions=take(state.positions, 0),
         index=take(state.index, -1), kind=take(state.kind, TEXT_KIND),
+        size=None if state.size is None else take(state.size, 1),
     )
 
 
@@ -183,6 +189,19 @@ def keep_topk(scores: Tensor, valid: Tensor, budget: int) -> Tensor:
     # stable descending sort: ties (invalid -inf ones included) go to the earlier slot
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]
     return order.sort(dim=-1).values
+
+
+def collect_losses(stages) -> dict[str, Tensor]:
+    """The auxiliary losses LLM stages computed in their last prefill (``stage.aux_losses``, e.g.
+    ``recursive_compression_llm``'s contrastive loss), taken: each stage's dict is emptied, so a loss is
+    added to one step's loss once. The model's forward adds them to the LM loss."""
+    out: dict[str, Tensor] = {}
+    for stage in stages:
+        losses = getattr(stage, "aux_losses", None)
+        if losses:
+            out.update(losses)
+            stage.aux_losses = {}
+    return out
 
 
 class _LLMStageBase(nn.Module):

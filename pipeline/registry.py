@@ -18,6 +18,9 @@ Optional attributes a stage may declare (read by the builder, ``Pipeline`` and t
   budget); False for mergers such as ``pool`` or ``fgcs`` with ``merge_pruned``.
 - ``feature_dim_out`` (instance, int): width ``S`` of the ``batch.features`` the stage writes;
   later stages with a ``feature_dim`` constructor argument receive it from the builder.
+- ``variable_count`` (class, bool): the stage has no budget; how many tokens a row keeps (1..n) depends
+  on the data (``recursive_compression`` merges by a similarity threshold). Its output is as wide as its
+  input (no host read), real tokens first.
 - ``needs_pruned`` (class, bool): the stage acts on ``batch.pruned`` (e.g. ``rtd``), so it only
   makes sense after a reducer; the contract test runs it after one.
 """

@@ -647,6 +647,16 @@ CONTRACT = {
     "pair_compress": {"identity": {"layer": 1, "ratio": 1.0, "window": 3}, "small": {
         "layer": 2, "window": 3, "ratio": 0.0, "memory_floor": 2, "num_heads": 2, "hidden_dim": 16},
         "tokens_kept": lambda n: n - (n - 3) // 2 + 1},
+    # merge media only; with the floor at -1 every consecutive media token links, so clusters are cut by
+    # max_cluster_size alone: ceil(m / size) clusters of m media tokens (one contiguous span per row)
+    "recursive_compression_llm": {"identity": {"layer": 1, "similarity_threshold": 1.5}, "small": {
+        "layer": 2, "similarity_threshold": -1.0, "adaptive_threshold": False, "max_cluster_size": 2,
+        "num_queries": 2, "projection_dim": 8, "modulator_dim": 8}, "media_kept": lambda n: math.ceil(n / 2)},
+    "progressive_compression": {
+        "identity": {"layer": 1, "conservative": 1.5, "moderate": 1.5, "aggressive": 1.5}, "small": {
+            "layer": 2, "conservative": 1.5, "moderate": -1.0, "aggressive": 1.5, "adaptive_threshold": False,
+            "max_cluster_size": 3, "projection_dim": 8, "modulator_dim": 8},  # layer 2 of 3 (depth 0.67): moderate
+        "media_kept": lambda n: math.ceil(n / 3)},
 }
 
 

@@ -68,6 +68,21 @@ SEED_DEFAULTS = {
     "streaming_llm": {"cache_max_size": 512, "layers": None, "num_sinks": 4},
     # seed 002's facade: ModelWrapperPretrained(model, layer_idx=[10], T_w=100, r=0.8, M=100)
     "pair_compress": {"layer": 10, "window": 100, "ratio": 0.8, "memory_floor": 100, "hidden_dim": None, "num_heads": 8},
+    # seeds 001 / 003 (issue 18): floor 0.85, attention share 0.3, margin 0.2, contrastive weight 0.1
+    "recursive_compression": {
+        "similarity_threshold": 0.85, "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1,
+        "modulator_dim": 64, "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1,
+        "projection_dim": 128, "max_cluster_size": None},
+    "recursive_compression_llm": {
+        "layer": 2, "similarity_threshold": 0.85, "attention_weight": 0.3, "num_queries": 8,
+        "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1, "modulator_dim": 64,
+        "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1, "projection_dim": 128,
+        "max_cluster_size": None},
+    "progressive_compression": {
+        "layer": 2, "conservative": 0.95, "moderate": 0.9, "aggressive": 0.8, "attention_weight": 0.3,
+        "num_queries": 8, "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1,
+        "modulator_dim": 64, "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1,
+        "projection_dim": 128, "max_cluster_size": None},
 }
 
 

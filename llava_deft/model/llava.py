@@ -38,6 +38,7 @@ from torch.profiler import record_function
 
 from pipeline import Modality, TokenBatch, build_pipeline
 from pipeline import read_stats
+from pipeline.llm import collect_losses
 
 from ..config.model import DEFT_KEYS, ModelConfig, load_model_config
 from ..encoders.audio import AudioEncoder
@@ -605,6 +606,7 @@ class LlavaDeftForCausalLM(nn.Module):
         holds its image / video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
         sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=self.pipeline.llm, token_kinds=sp.kinds)
+        aux = {**aux, **collect_losses(self.pipeline.llm)}  # LLM stages' auxiliary losses (recursive_compression_llm)
         loss = lm_loss = None
         if sp.labels is not None and self.loss_window is not None:
             sp.labels = window_labels(sp.labels, sp.attention_mask, self.loss_window)

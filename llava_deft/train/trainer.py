@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline import RetentionSchedule  # noqa: E402
+from pipeline.recursive import EmergencyParachute, compression_stats  # noqa: E402
 
 from ..config import ModelConfig, StageSpec, TrainConfig, apply_overrides, load_model_config, load_train_config, read_model_config_file  # noqa: E402
 from ..config.base import config_error, error_lines  # noqa: E402
@@ -76,6 +77,7 @@ from ..errors import ConfigError  # noqa: E402
 from ..model.checkpoint import read_config_json  # noqa: E402
 from ..model.llava import TOKENIZER_DIR, LlavaDeftForCausalLM  # noqa: E402
 from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
+from . import seed_flags  # noqa: E402
 from .lora import add_lora, merged_state_dict, parameter_counts, qlora_problems  # noqa: E402
 
 # LLaVA's flag names -> (our config key, type); "stages.*." sets the key in every stage
@@ -97,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    seed_flags.add_seed_flags(p)
     p.add_argument("overrides", nargs="*", help="key.path=value overrides (value parsed as YAML)")
     args = p.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     bad = [o for o in args.overrides if "=" not in o]
@@ -105,9 +108,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, args.overrides
 
 
+def _every_stage(item: str, n: int) -> list[str]:
+    """``stages.*.key=value`` as one override per stage; any other override as it is."""
+    return [item.replace("stages.*.", f"stages.{i}.", 1) for i in range(n)] if item.startswith("stages.*.") else [item]
+
+
 def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
     flag_over = []
-    base = load_train_config(args.config)
+    seeded = seed_flags.used(args)
+    base = load_train_config(args.config or (seed_flags.DEFAULT_RECIPE if seeded else None))
     for flag, (key, _) in LLAVA_FLAGS.items():
         val = getattr(args, flag)
         if val is None or flag == "model_config":
@@ -117,13 +126,21 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
                 flag_over.append(f"stages.{i}.{key.split('.', 2)[2]}={val}")
         else:
             flag_over.append(f"{key}={val}")
-    if args.data_path is not None:
-        flag_over.append("data.type=llava_json")
+    if args.data_path is not None:  # LLaVA's conversation JSON; any other file is a text corpus (the seeds' flag)
+        flag_over.append("data.type=" + ("llava_json" if Path(args.data_path).suffix in (".json", ".jsonl") else "text"))
     if args.bf16 is not None:
         flag_over.append(f"bf16={str(args.bf16).lower()}")
     data = base.model_dump()
     if args.model_config is not None:
         data["model"] = read_model_config_file(args.model_config)
+    if seeded:
+        def depth(extra: list[str]) -> int:
+            d = apply_overrides(data, flag_over + extra)
+            start = d.get("init_from")
+            return seed_flags.llm_depth(read_config_json(Path(start)) if start else d["model"])
+
+        flag_over += seed_flags.seed_overrides(args, depth)
+    flag_over = [o for item in flag_over for o in _every_stage(item, len(base.stages))]
     try:
         return TrainConfig.model_validate(apply_overrides(data, flag_over + overrides))
     except ValidationError as e:
@@ -264,6 +281,7 @@ def run_stage(
     total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     warmup = int(stage.warmup_ratio * total)
     retention = RetentionSchedule(model.pipeline, total, stage.retention_hold_ratio, stage.retention_ramp_ratio)
+    parachute, compressors = build_parachute(cfg, model)
 
     opt = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, fused=torch.cuda.is_available())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, stage.min_lr_ratio))
@@ -301,6 +319,7 @@ def run_stage(
     accum = cfg.gradient_accumulation_steps
     t0, seen, run_loss, run_n = time.perf_counter(), 0, 0.0, 0
     llm_tokens = torch.zeros(2, dtype=torch.long, device=engine.device)  # real, padded; read when logged
+    step_lm_loss, step_n = 0.0, 0  # the parachute's LM loss of the current optimizer step
     engine.train()
     while step < total:
         epoch, done_micro = divmod(step * accum, max(1, micro_per_epoch))
@@ -320,11 +339,21 @@ def run_stage(
             engine.step()
             run_loss = run_loss + loss.detach().float()  # summed on the device: read only when logged (no sync per step)
             run_n += 1
+            if parachute is not None:
+                lm = output.lm_loss if output.lm_loss is not None else loss
+                step_lm_loss, step_n = step_lm_loss + lm.detach().float(), step_n + 1
             seen += cfg.per_device_batch_size * world
             if (micro + 1) % accum:
                 continue
             step += 1
             bar.update(1)
+            if parachute is not None:  # one host read per step (the parachute is off by default)
+                mean = step_lm_loss / max(1, step_n)
+                if world > 1:  # every rank takes the same decision
+                    dist.all_reduce(mean)
+                    mean = mean / world
+                parachute.update(step, float(mean))
+                step_lm_loss, step_n = 0.0, 0
             if step % cfg.log_steps == 0 or step == total:
                 rate = seen / (time.perf_counter() - t0)
                 avg = float(run_loss) / max(1, run_n)
@@ -338,6 +367,10 @@ def run_stage(
                 record.update({f"{g['name']}_lr": lr for g, lr in zip(groups[1:], sched.get_last_lr()[1:])})
                 if retention.enabled:
                     record["retention"] = retention.ratios(step - 1)  # the ratios this step ran with
+                if compressors:  # recursive compression: thresholds, ratios, cluster sizes of the last batch
+                    record["compression"] = compression_stats(compressors)
+                if parachute is not None:
+                    record["parachute_raise"] = parachute.raise_
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
                 if rank == 0:
                     with log_path.open("a") as f:
@@ -349,6 +382,9 @@ def run_stage(
                 break
     bar.close()
     retention.apply(total)  # the targets: what the exported model runs with
+    if parachute is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PARACHUTE_RECORD).write_text(json.dumps(parachute.stats(), indent=2) + "\n")
 
     state = consolidated_state_dict(engine)
     if rank == 0:
@@ -361,6 +397,28 @@ def run_stage(
 PROJECTOR_MODULES = ("projector", "audio_projector", "pipeline")
 """The model's modules that ``projector_lr`` applies to: the projectors into the LLM's width and the
 reduction pipeline's stages (they train in every stage, ``LlavaDeftForCausalLM.apply_freeze``)."""
+
+PARACHUTE_RECORD = "parachute.json"
+"""In a stage's folder with ``parachute.enabled``: the raise in force at the end and every change
+(``EmergencyParachute.stats``)."""
+
+
+def build_parachute(cfg: TrainConfig, model: LlavaDeftForCausalLM) -> tuple[EmergencyParachute | None, list]:
+    """The model's recursive-compression stages (those with a ``threshold_raise``: ``recursive_compression``,
+    ``recursive_compression_llm``, ``progressive_compression``) and, with ``parachute.enabled``, the
+    parachute over them; enabled without such a stage is a :class:`ConfigError`."""
+    stages = [s for s in [*model.pipeline.stages, *model.pipeline.llm] if hasattr(s, "threshold_raise")]
+    spec = cfg.parachute
+    if not spec.enabled:
+        return None, stages
+    if not stages:
+        raise ConfigError("parachute.enabled: true, but the model's pipeline has no recursive-compression stage "
+                          "(recursive_compression, recursive_compression_llm or progressive_compression) for it "
+                          "to loosen; add one to the pipeline or set parachute.enabled: false")
+    chute = EmergencyParachute(stages, step=spec.step, max_raise=spec.max_raise, spike_tolerance=spec.spike_tolerance,
+                               patience=spec.patience, window=spec.window, ema_decay=spec.ema_decay, warmup=spec.warmup)
+    return chute, stages
+
 
 STAGE_RECORD = "stage.json"
 """In a stage's folder: its trainable and total parameters, LoRA settings and parameter groups
@@ -470,6 +528,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _text_tokenizer(spec, model_cfg: ModelConfig):
+    """The model's tokenizer when the data has a ``text`` source (its blocks are token ids), else None."""
+    if spec.type != "text" and not any(s.type == "text" for s in spec.sources):
+        return None
+    from ..model.tokenizer import load_model_tokenizer
+
+    return load_model_tokenizer(model_cfg.tokenizer, model_cfg.llm.path)
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     started = utc_now()
@@ -492,7 +559,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[train] init_from {start}: its config.json replaces `model:`, then {' '.join(mine)}")
     model_cfg = load_model_config(cfg.model)
     check_stages(cfg, model_cfg)
-    dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate(), limits=model_cfg.limits)
+    dataset = build_dataset(cfg.data, model_cfg.video.sampling(), model_cfg.audio.sampling_rate(), limits=model_cfg.limits,
+                            tokenizer=_text_tokenizer(cfg.data, model_cfg), max_length=model_cfg.max_length)
     check_batches(len(dataset), int(os.environ.get("WORLD_SIZE", "1")), cfg)  # the launcher's world, else one
     rank, world, _ = init_distributed()
     seed_everything(cfg.seed)

@@ -252,6 +252,7 @@ class LLMStages:
             raise ValueError("cache policies do not support sliding-window layers yet (config.layer_types has "
                              "'sliding_attention'); build the LLM with use_sliding_window=False")
         self.eager = impl == "eager"
+        self.impl = impl
         self.cache_kw = cache_kwarg(lm.family.layers[0])
 
     def __bool__(self) -> bool:
@@ -385,6 +386,9 @@ class LLMStages:
             h = fam.call(layer, h_in, attn_mask, pe, state.positions, cache, use_cache, self.cache_kw)
             if use_cache:
                 cache.layers[i].append_meta(state.positions, state.mask, state.kind)
+                if state.size is not None:  # merged keys remember their size for decoding (new slots: 0 = log 1)
+                    tl = cache.layers[i]
+                    tl.extras[LOG_SIZE] = _log_size(state.size).unsqueeze(1).expand(-1, tl.keys.shape[1], -1).clone()
             stages = self.after.get(i, ())
             if stages:
                 keys = self._layer_keys(i, layer, h_in, pe, cache)
@@ -405,7 +409,10 @@ class LLMStages:
                 if new is not state:
                     state, reduced = new, True
                     pe = fam.position_embeddings(state.hidden, state.positions)
-                    attn_mask = create_causal_mask(cfg, state.hidden, state.mask.long(), None, position_ids=None)
+                    if state.size is not None:  # merged tokens: proportional attention (log-size key bias)
+                        attn_mask = self._size_mask(state.mask, state.size, state.hidden.dtype)
+                    else:
+                        attn_mask = create_causal_mask(cfg, state.hidden, state.mask.long(), None, position_ids=None)
         hidden = fam.norm(state.hidden)
         # back to the prompt's columns (dropped ones: 0). Not the width: a row that keeps everything keeps
         # it at L while the others' tokens moved right
@@ -417,6 +424,26 @@ class LLMStages:
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return fam.head(hidden)
+
+    def _bias_mask(self, allowed: Tensor, bias: Tensor, dtype: torch.dtype, heads: int | None = None) -> Tensor:
+        """Additive float mask: ``bias`` where ``allowed``, the dtype's minimum elsewhere; a per-KV-head
+        (B, H_kv, ...) mask is repeated to one row per query head (GQA order)."""
+        if self.impl not in ("sdpa", "eager"):
+            raise ValueError(f"merged tokens (LayerState.size, e.g. recursive_compression_llm) need attn_implementation "
+                             f"'sdpa' or 'eager' (an additive log-size bias in the mask); this LLM uses {self.impl!r}")
+        out = torch.where(allowed, bias.to(dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype, device=bias.device))
+        if heads is not None and out.shape[1] != heads:
+            out = out.repeat_interleave(heads // out.shape[1], dim=1)
+        return out
+
+    def _size_mask(self, mask: Tensor, size: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, 1, L, L) prefill mask after a merging stage: causal over columns, padding keys masked, and
+        ``log(size)`` added to every allowed key: a key of size s weighs as s copies of it (ToMe's
+        proportional attention)."""
+        length = mask.shape[1]
+        cols = torch.arange(length, device=mask.device)
+        allowed = (cols.view(1, -1) <= cols.view(-1, 1)).unsqueeze(0) & mask.unsqueeze(1)  # (B, L, L)
+        return self._bias_mask(allowed, _log_size(size).unsqueeze(1), dtype).unsqueeze(1)
 
     def _record(self, stage: LayerStage, after_layer: int, state: LayerState, new: LayerState) -> None:
         """Append the :class:`StageTrace` of one layer stage call (recording prefills only)."""
@@ -453,7 +480,11 @@ class LLMStages:
         heads = cfg.num_attention_heads
         for i, layer in enumerate(fam.layers[: lm.num_layers]):
             tl: TrackedLayer = cache.layers[i]
-            if tl.headwise:
+            if LOG_SIZE in tl.extras:  # keys merged in prefill: their log-size is added to the logits
+                allowed = torch.cat([tl.valid, ones.unsqueeze(1).expand(-1, tl.valid.shape[1], -1)], dim=-1)
+                bias = torch.cat([tl.extras[LOG_SIZE], tl.extras[LOG_SIZE].new_zeros(*allowed.shape[:2], 1)], dim=-1)
+                attn_mask = self._bias_mask(allowed, bias, h.dtype, heads).unsqueeze(2)  # (B, H, 1, T+1)
+            elif tl.headwise:
                 allowed = torch.cat([tl.valid, ones.unsqueeze(1).expand(-1, tl.valid.shape[1], -1)], dim=-1)
                 if heads != allowed.shape[1]:  # GQA: one mask row per query head (the keys stay per KV head)
                     allowed = allowed.repeat_interleave(heads // allowed.shape[1], dim=1)
@@ -508,6 +539,15 @@ class GraphedStep:
             for i in self.runner.policies:
                 self.cache.layers[i].evicted += 1
         return self.logits
+
+
+LOG_SIZE = "log_size"
+"""``TrackedLayer.extras`` key of the log-size of each cached key after a merging layer stage (``LayerState.size``);
+gathered with every eviction like a policy's extras, 0 (size 1) for tokens decoded later."""
+
+
+def _log_size(size: Tensor) -> Tensor:
+    return torch.log(size.to(torch.promote_types(size.dtype, torch.float32)).clamp(min=1e-6))
 
 
 def _wants_keep(policy: CachePolicy) -> bool:

@@ -1,0 +1,205 @@
+"""Recursive compression by clustering (issue 18; seeds 001 and 003), before and inside the LLM.
+
+Three registered stages around one :class:`~pipeline.recursive.RecursiveCompressionLayer` (the method, its
+math and its guarantees are in :mod:`pipeline.recursive`'s docstring):
+
+- ``recursive_compression`` (before the LLM, on a TokenBatch of any modality, text rows included): each
+  row's consecutive tokens whose similarity to their cluster's anchor is at least the (adaptive)
+  threshold merge into their size-weighted mean, kept at the anchor's (first member's) ``index``. The
+  number kept depends on the data: the output is as wide as the input (no host read), real tokens first;
+  merged-away tokens go to ``pruned`` with their own values. Similarity: the tokens' (no attention before
+  the LLM). ``batch.losses["recursive_compression_contrastive"]`` in training.
+- ``recursive_compression_llm`` (a layer stage, after decoder layer ``layer - 1``): the same on the
+  hidden states of MEDIA tokens (text is never merged; a cluster never spans two media items or a text
+  token), similarity mixed with the tokens' attention profiles from the probe of the last ``num_queries``
+  positions (``attention_weight``). ``LayerState.size`` carries every cluster's size, so the layers after
+  weight a merged key by ``log(size)`` (ToMe's proportional attention; the runtime adds it to the masks,
+  in prefill and while decoding) and a second compression stage at a later layer merges sizes exactly:
+  the compression is recursive. A cluster takes its anchor's RoPE position, index and kind.
+  ``aux_losses["recursive_compression_llm@<layer>.contrastive"]`` in training
+  (:func:`pipeline.llm.collect_losses`).
+- ``progressive_compression``: ``recursive_compression_llm`` whose floor is set by its depth
+  (:func:`~pipeline.recursive.depth_threshold`: ``layer / num_layers < 0.3`` -> ``conservative``,
+  ``< 0.7`` -> ``moderate``, else ``aggressive``). Put one at several layers to compress more the deeper
+  the model goes.
+
+Every stage records ``last_stats`` (0-dim tensors: ``tokens_in`` / ``tokens_out`` mergeable tokens per row,
+``compression_ratio``, ``threshold``, ``mean_cluster_size``; :func:`pipeline.recursive.compression_stats`
+reads them) and ``last_assignment`` (B, L_in) long: the output column of each input token's cluster, -1
+for padding (a merge shares a column), always before the LLM, inside it while the runtime records a
+trace (``record_assignment``). ``threshold_raise`` is the :class:`~pipeline.recursive.EmergencyParachute`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..batch import TokenBatch
+from ..llm import AttentionProbe, LayerStage, LayerState, compact_rows
+from ..ops import split_by_mask
+from ..recursive import RecursiveCompressionLayer, cluster_means, depth_threshold, output_columns
+from ..registry import register
+from ..types import NonNegFloat, PosInt
+
+Threshold = Annotated[float, Field(ge=-1, le=2)]  # a cosine similarity; > 1 merges nothing
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class _ThresholdAccess:
+    """``similarity_threshold`` / ``threshold_raise`` of the stage's ``core`` (the parachute sets them)."""
+
+    core: RecursiveCompressionLayer
+
+    @property
+    def similarity_threshold(self) -> float:
+        return self.core.similarity_threshold
+
+    @property
+    def threshold_raise(self) -> float:
+        return self.core.threshold_raise
+
+    @threshold_raise.setter
+    def threshold_raise(self, value: float) -> None:
+        self.core.threshold_raise = float(value)
+
+
+@register("recursive_compression")
+class RecursiveCompression(_ThresholdAccess, nn.Module):
+    selects_tokens = False  # outputs are cluster means
+    variable_count = True  # how many tokens a row keeps depends on the data (1..n), see pipeline/registry.py
+
+    def __init__(self, dim: int, similarity_threshold: Threshold = 0.85, adaptive_threshold: bool = True,
+                 threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1, modulator_dim: PosInt = 64,
+                 use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
+                 contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
+                 max_cluster_size: PosInt | None = None):
+        super().__init__()
+        self.core = RecursiveCompressionLayer(
+            dim, similarity_threshold=similarity_threshold, attention_weight=0.0, adaptive_threshold=adaptive_threshold,
+            use_residuals=use_residuals, contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
+            threshold_std=threshold_std, max_offset=max_offset, modulator_dim=modulator_dim,
+            projection_dim=projection_dim, max_cluster_size=max_cluster_size)
+        self.last_stats: dict[str, Tensor] = {}
+        self.last_assignment: Tensor | None = None
+
+    def forward(self, batch: TokenBatch) -> TokenBatch:
+        comp = self.core.compress(batch.tokens, batch.mask)
+        owner = comp.owner.clamp(min=0)
+        weight = comp.size.new_ones(comp.size.shape) * batch.mask.to(comp.size.dtype)  # every input token: size 1
+
+        def averaged(x: Tensor | None) -> Tensor | None:  # features / scores follow the clusters
+            if x is None:
+                return None
+            flat = x.unsqueeze(-1) if x.dim() == 2 else x
+            mean, _ = cluster_means(flat.to(comp.size.dtype), owner, weight)
+            mean = torch.where(comp.keep.unsqueeze(-1), mean, flat.to(mean.dtype)).to(x.dtype)
+            return mean.squeeze(-1) if x.dim() == 2 else mean
+
+        n = batch.mask.shape[1]
+        merged = batch.replace(tokens=comp.merged, features=averaged(batch.features), scores=averaged(batch.scores))
+        out = split_by_mask(merged, comp.keep, self.stage_name, width=n, drop_width=n)  # widths from shapes
+        stats = comp.stats(batch.mask)
+        out.stats[self.stage_name].update({k: stats[k] for k in ("compression_ratio", "threshold", "mean_cluster_size")})
+        self.last_stats = dict(out.stats[self.stage_name])
+        self.last_assignment = output_columns(comp.owner, comp.keep, n, right_aligned=False)
+        if comp.loss is not None:
+            out.losses[f"{self.stage_name}_contrastive"] = comp.loss
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.core
+        return (f"similarity_threshold={c.similarity_threshold}, adaptive_threshold={c.adaptive_threshold}, "
+                f"use_residuals={c.use_residuals}, contrastive_weight={c.contrastive_weight}, "
+                f"max_cluster_size={c.max_cluster_size}")
+
+
+def _reduce(stage, state: LayerState, attention: AttentionProbe) -> LayerState:
+    """Cluster and merge the media tokens of ``state`` with ``stage.core`` (both LLM stages)."""
+    core: RecursiveCompressionLayer = stage.core
+    media = state.media
+    attn = attention(stage.queries) if core.attention_weight > 0 else None  # (B, H, Q, L)
+    comp = core.compress(state.hidden, state.mask, eligible=media, size=state.size, kind=state.kind, attention=attn)
+    key = f"{stage.stage_name}@{stage.layer}"
+    stage.last_stats = comp.stats(media)
+    stage.aux_losses = {} if comp.loss is None else {f"{key}.contrastive": comp.loss}
+    if bool((comp.keep == state.mask).all()):  # nothing merged: the very same state (and model)
+        if getattr(stage, "record_assignment", False):
+            stage.last_assignment = output_columns(comp.owner, comp.keep, state.mask.shape[1], right_aligned=True)
+        return state
+    size = comp.size if state.size is None else comp.size.to(state.size.dtype)
+    out = compact_rows(replace(state, hidden=comp.merged, size=size), comp.keep)
+    if getattr(stage, "record_assignment", False):  # tracing only (pipeline.llm.LayerStage): a cluster's members share its column
+        stage.last_assignment = output_columns(comp.owner, comp.keep, out.hidden.shape[1], right_aligned=True)
+    return out
+
+
+def _core(dim: int, similarity_threshold: float, **options) -> RecursiveCompressionLayer:
+    return RecursiveCompressionLayer(dim, similarity_threshold=similarity_threshold, **options)
+
+
+@register("recursive_compression_llm")
+class RecursiveCompressionLLM(_ThresholdAccess, LayerStage):
+    def __init__(self, dim: int, layer: PosInt = 2, similarity_threshold: Threshold = 0.85,
+                 attention_weight: Share = 0.3, num_queries: PosInt = 8, adaptive_threshold: bool = True,
+                 threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1, modulator_dim: PosInt = 64,
+                 use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
+                 contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
+                 max_cluster_size: PosInt | None = None):
+        super().__init__(layer)
+        self.queries = num_queries
+        self.core = _core(dim, similarity_threshold, attention_weight=attention_weight,
+                          adaptive_threshold=adaptive_threshold, threshold_std=threshold_std, max_offset=max_offset,
+                          modulator_dim=modulator_dim, use_residuals=use_residuals,
+                          contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
+                          projection_dim=projection_dim, max_cluster_size=max_cluster_size)
+        self.last_stats: dict[str, Tensor] = {}
+        self.aux_losses: dict[str, Tensor] = {}
+
+    def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
+        return _reduce(self, state, attention)
+
+    def extra_repr(self) -> str:
+        c = self.core
+        return (f"layer={self.layer}, similarity_threshold={c.similarity_threshold}, "
+                f"attention_weight={c.attention_weight}, num_queries={self.queries}, "
+                f"adaptive_threshold={c.adaptive_threshold}, max_cluster_size={c.max_cluster_size}")
+
+
+@register("progressive_compression")
+class ProgressiveCompressionLayer(_ThresholdAccess, LayerStage):
+    """``recursive_compression_llm`` whose floor follows its depth (set when installed on a model)."""
+
+    def __init__(self, dim: int, layer: PosInt = 2, conservative: Threshold = 0.95, moderate: Threshold = 0.9,
+                 aggressive: Threshold = 0.8, attention_weight: Share = 0.3, num_queries: PosInt = 8,
+                 adaptive_threshold: bool = True, threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1,
+                 modulator_dim: PosInt = 64, use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
+                 contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
+                 max_cluster_size: PosInt | None = None):
+        super().__init__(layer)
+        self.queries = num_queries
+        self.thresholds = (conservative, moderate, aggressive)
+        # until bind() knows the depth: the conservative one
+        self.core = _core(dim, conservative, attention_weight=attention_weight,
+                          adaptive_threshold=adaptive_threshold, threshold_std=threshold_std, max_offset=max_offset,
+                          modulator_dim=modulator_dim, use_residuals=use_residuals,
+                          contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
+                          projection_dim=projection_dim, max_cluster_size=max_cluster_size)
+        self.last_stats: dict[str, Tensor] = {}
+        self.aux_losses: dict[str, Tensor] = {}
+
+    def bind(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        super().bind(num_layers, num_heads, num_kv_heads)
+        self.core.similarity_threshold = depth_threshold(self.layer, num_layers, *self.thresholds)
+
+    def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
+        return _reduce(self, state, attention)
+
+    def extra_repr(self) -> str:
+        c, (cons, mod, agg) = self.core, self.thresholds
+        return (f"layer={self.layer}, conservative={cons}, moderate={mod}, aggressive={agg}, "
+                f"threshold={c.similarity_threshold}, attention_weight={c.attention_weight}")
