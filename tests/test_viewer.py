@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ from llava_deft.model.llm import TINY_LLM
 from llava_deft.model.llm.runtime import LLMStages, StageTrace
 from llava_deft.modality import MEDIA_INPUTS
 from llava_deft.viewer import ViewerSession, follow_tokens
+from llava_deft.viewer.browser import BrowserMissingError, headless_chrome
 from llava_deft.viewer.server import make_server
 from pipeline.llm import TEXT_KIND
 
@@ -291,29 +291,15 @@ def test_loopback_only(server, saved, capsys):
 
 
 # ---------------------------------------------------------------- (c) a real browser
-INSTALL = "apt-get install -y chromium chromium-driver (scripts/setup.sh runs it, with sudo -n when not root)"
-
-
 @pytest.fixture(scope="module")
 def browser():
     if os.environ.get("LLAVA_DEFT_SKIP_BROWSER") == "1":
         pytest.skip("LLAVA_DEFT_SKIP_BROWSER=1: the browser test is skipped on purpose")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        missing = [name for name, path in (("chromium", chromium), ("chromedriver", driver)) if path is None]
-        pytest.fail(f"the viewer's browser test needs a headless chromium; {missing} not found on PATH. Install: {INSTALL}; "
-                    f"or set LLAVA_DEFT_SKIP_BROWSER=1 to skip it explicitly", pytrace=False)
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the viewer's browser test needs selenium: .venv/bin/python -m pip install -e '.[dev]'", pytrace=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1100"):
-        options.add_argument(arg)
-    drv = webdriver.Chrome(service=Service(driver), options=options)  # no Selenium Manager download
+        drv = headless_chrome()
+    except BrowserMissingError as err:  # never a silent skip: CI must install the browser
+        pytest.fail(f"the viewer's browser test needs a headless chromium: {err}; or set LLAVA_DEFT_SKIP_BROWSER=1 "
+                    f"to skip it explicitly", pytrace=False)
     yield drv
     drv.quit()
 
@@ -381,3 +367,12 @@ def test_page_in_a_headless_browser(server, browser, saved):
     error = wait_for(lambda: find(By.ID, "error").is_displayed() and find(By.ID, "error").text)
     assert "stages.1.drop_ratio" in error and "[0, 1]" in error
     assert "invalid" in box.get_attribute("class")
+
+
+def test_a_missing_browser_names_the_install_command(monkeypatch):
+    from llava_deft.viewer import browser as browser_module
+
+    monkeypatch.setattr(browser_module.shutil, "which", lambda name: "/usr/bin/chromium" if name == "chromium" else None)
+    with pytest.raises(BrowserMissingError, match=r"chromedriver not found on PATH; install them: apt-get install -y "
+                                                  r"chromium chromium-driver"):
+        headless_chrome()
