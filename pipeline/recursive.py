@@ -15,11 +15,12 @@ two tokens with the same profile are read alike by the model. Never eager attent
 
     stat   = mean + threshold_std * std        of the row's off-diagonal similarities of mergeable tokens
     offset = max_offset * tanh(MLP(context))   context: the mean of the row's mergeable tokens
-    tau    = floor + softplus(beta * (stat + offset - floor)) / beta      (beta = SHARPNESS)
+    tau    = min(floor + softplus(beta * (stat + offset - floor)) / beta, max(floor, 1))   (beta = SHARPNESS)
 
 ``floor`` is ``similarity_threshold`` plus the parachute's ``threshold_raise`` (:class:`EmergencyParachute`).
 The smooth maximum is never below the floor and stays differentiable in the modulator (a hard ``max``
-would cut the gradient whenever the floor wins).
+would cut the gradient whenever the floor wins); the cap at 1 keeps near-identical tokens (whose
+statistics exceed 1) mergeable.
 
 **Anchor-chain clustering** (:func:`anchor_clusters`). Tokens are read in column order. The first token
 is an anchor; a token joins the cluster of the current anchor ``a`` when it *links* to ``a``, else it
@@ -309,7 +310,9 @@ class RecursiveCompressionLayer(nn.Module):
         pairs = mask.unsqueeze(2) & mask.unsqueeze(1) & ~torch.eye(l, dtype=torch.bool, device=mask.device)
         stat = similarity_statistics(sim.detach(), pairs, self.threshold_std)  # a data-driven baseline
         offset = self.max_offset * torch.tanh(self.modulator(context.to(self.modulator[0].weight.dtype))).squeeze(-1)
-        return smooth_floor(stat + offset.to(stat.dtype), floor)
+        # at most max(floor, 1): statistics of near-identical tokens (mean + k std > 1) must not switch merging
+        # off; only a floor above 1 does
+        return smooth_floor(stat + offset.to(stat.dtype), floor).clamp(max=max(floor, 1.0))
 
     def compress(self, x: Tensor, mask: Tensor, eligible: Tensor | None = None, size: Tensor | None = None,
                  kind: Tensor | None = None, attention: Tensor | None = None) -> Compression:

@@ -214,6 +214,7 @@ def test_adaptive_threshold_never_below_the_floor_and_trains_the_modulator():
         tau = layer.compute_adaptive_threshold(sim, mask, x.mean(1))
         assert tau.shape == (4,) and (tau >= 0.6).all() and torch.isfinite(tau).all()
         assert tau[2] > 0.9 and tau[3] == 0.6
+        assert (tau <= 1.0).all()  # capped at max(floor, 1): near-identical tokens stay mergeable
     layer.zero_grad()
     tau.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.modulator.parameters())
