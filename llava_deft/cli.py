@@ -134,7 +134,36 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub, common)
     _sweep_parser(sub, common)
     _viewer_parser(sub, common)
+    _text_lm_parser(sub, common)
     return p
+
+
+def _text_lm_parser(sub, common) -> None:
+    t = sub.add_parser("evaluate", help="a text LM with its compression stages against the same weights without them: "
+                       "perplexity, next-token accuracy, compression ratio, KV memory", parents=[common])
+    t.add_argument("--model_dir", "--model-dir", required=True, help="a saved text model (a training run's final/)")
+    t.add_argument("--data", "--eval_file", default="fortunes",
+                   help="a text corpus file, or 'fortunes' (Debian's fortunes package; default)")
+    t.add_argument("--split", choices=("train", "test"), default="test")
+    t.add_argument("--block_tokens", type=int, default=None, help="ids per block (default: the model's max_length)")
+    t.add_argument("--max_blocks", type=int, default=None, help="first N blocks only")
+    t.add_argument("--batch_size", type=int, default=8)
+    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--out", default=None, help="write the report as JSON to this file")
+
+
+def text_lm(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation.text_lm import evaluate_text_lm, format_report
+
+    report = evaluate_text_lm(args.model_dir, data=args.data, split=args.split, block_tokens=args.block_tokens,
+                              max_blocks=args.max_blocks, batch_size=args.batch_size, device=args.device)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def _viewer_parser(sub, common) -> None:
@@ -351,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args, argv)
         if args.cmd == "viewer":
             return viewer(args)
+        if args.cmd == "evaluate":
+            return text_lm(args)
         return generate(args)
 
     return _run(args.cmd, debug, run)

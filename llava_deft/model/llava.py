@@ -605,12 +605,18 @@ class LlavaDeftForCausalLM(nn.Module):
         """A collator batch -> loss (LM loss + the pipeline's auxiliary losses) and logits; ``media``
         holds its image / video / audio / text tensors (``MEDIA_INPUTS``), other keys are ignored."""
         sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
-        logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=self.pipeline.llm, token_kinds=sp.kinds)
+        runner = self.llm.bind_stages(self.pipeline.llm)  # None without LLM stages
+        logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=runner or self.pipeline.llm,
+                             token_kinds=sp.kinds)
         aux = {**aux, **collect_losses(self.pipeline.llm)}  # LLM stages' auxiliary losses (recursive_compression_llm)
         loss = lm_loss = None
         if sp.labels is not None and self.loss_window is not None:
             sp.labels = window_labels(sp.labels, sp.attention_mask, self.loss_window)
         if sp.labels is not None:
+            if runner is not None and runner.present is not None:  # a column an LLM stage dropped or merged
+                # away has no logits: the token after it is not predicted (never a loss on zero logits)
+                sp.labels = sp.labels.clone()
+                sp.labels[:, 1:] = sp.labels[:, 1:].masked_fill(~runner.present[:, :-1], IGNORE_INDEX)
             # predict token t+1 from t; loss in fp32
             lm_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), sp.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX

@@ -228,6 +228,9 @@ class LLMStages:
         self.lm = lm
         self.stages = list(stages)
         self.trace: list[StageTrace] | None = [] if record else None
+        self.present: Tensor | None = None
+        """After a prefill that reduced tokens with ``logits_to_keep=0``: (B, L) bool, the prompt columns
+        whose logits are real (the others, dropped or merged into another column, are 0); else None."""
         self.after: dict[int, list[LayerStage]] = {}
         self.policies: dict[int, CachePolicy] = {}
         for stage in self.stages:
@@ -416,11 +419,15 @@ class LLMStages:
         hidden = fam.norm(state.hidden)
         # back to the prompt's columns (dropped ones: 0). Not the width: a row that keeps everything keeps
         # it at L while the others' tokens moved right
+        self.present = None
         if logits_to_keep == 0 and reduced:
             full = hidden.new_zeros(bsz, length, hidden.shape[-1])
             rows = torch.arange(bsz, device=dev).unsqueeze(1).expand_as(state.index)
             full[rows[state.mask], state.index[state.mask]] = hidden[state.mask]
             hidden = full
+            # (B, L) the prompt columns that got an output: the LM loss must skip the others (llava.py)
+            self.present = torch.zeros(bsz, length, dtype=torch.bool, device=dev)
+            self.present[rows[state.mask], state.index[state.mask]] = True
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return fam.head(hidden)
