@@ -285,6 +285,8 @@ def test_loopback_only(server, saved, capsys):
     assert status == 403 and out["field"] == "Host"
     with pytest.raises(InvalidArgumentError, match="--allow-remote"):
         make_server(ViewerSession(saved[2]), host="0.0.0.0")
+    with pytest.raises(InvalidArgumentError, match="max_text_chars=0: give a positive integer"):
+        ViewerSession(saved[2], max_text_chars=0)
     assert main(["viewer", "--model", str(saved[0]), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llava-deft viewer: --host '0.0.0.0' would serve the viewer beyond this machine") and "--allow-remote" in err

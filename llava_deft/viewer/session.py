@@ -221,6 +221,9 @@ class ViewerSession:
     request runs the model at a time)."""
 
     def __init__(self, api, max_text_chars: int = MAX_TEXT_CHARS, max_image_bytes: int = MAX_IMAGE_BYTES):
+        for name, value in (("max_text_chars", max_text_chars), ("max_image_bytes", max_image_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name}={value!r}: give a positive integer (the viewer's request limit)")
         self.api = api
         self.net = api.model
         self.lm = self.net.llm
