@@ -508,3 +508,37 @@ def test_compression_curves_write_json_and_png_from_the_training_log(tmp_path):
     (run / "train_log.jsonl").write_text(json.dumps({"stage": 0, "step": 1, "loss": 1.0}) + "\n")
     with pytest.raises(SystemExit):
         main(["--run", str(run), "--name", "rc", "--out", str(tmp_path / "out")])
+
+
+def test_text_merging_puts_each_cluster_at_its_last_member_and_the_loss_skips_the_rest():
+    """tokens: all (a text LM): clusters of text sit at their last member's column; the model's loss
+    scores only columns with logits (LLMStages.present), each predicting the token after its run."""
+    from llava_deft.model import LlavaDeftForCausalLM
+    from pipeline import build_pipeline
+
+    torch.manual_seed(0)
+    model = LlavaDeftForCausalLM({"vision": None, "pipeline": {"stages": []}})
+    dim = model.llm.hidden_size
+    ids = torch.tensor([[20, 20, 20, 20, 31, 40, 40, 40, 52, 53], [0, 0, 61, 61, 61, 61, 61, 70, 71, 72]])
+    mask = (ids != 0).long()
+    model.pipeline.llm = build_pipeline({"llm": [{"name": "recursive_compression_llm", "layer": 1, "tokens": "all",
+                                                  "similarity_threshold": 0.99, "adaptive_threshold": False,
+                                                  "attention_weight": 0.0, "use_residuals": False}]}, dim).llm
+    runner = model.llm.bind_stages(model.pipeline.llm)
+    runner.trace = []
+    model.llm(model.llm.embed(ids), mask, (mask.cumsum(1) - 1).clamp(min=0), stages=runner)
+    (trace,) = runner.trace
+    present = runner.present
+    # repeated ids embed alike and merge (layer 0 sees the same token at nearby positions: similar states)
+    assert present.sum() < mask.sum()
+    for b in range(2):
+        cols = trace.index[b][trace.mask[b]].tolist()
+        assert cols == sorted(cols) and present[b].nonzero().flatten().tolist() == cols
+        assert cols[-1] == ids.shape[1] - 1  # every row's last token is the last of its cluster
+        out_col = trace.columns()[b]  # (L_in,) output column of every input column
+        for o, c in enumerate(trace.index[b].tolist()):
+            if trace.mask[b, o]:  # a cluster sits at its last member: no member after its column
+                assert max(i for i in range(ids.shape[1]) if out_col[i] == o) == c
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, mask, labels)
+    assert torch.isfinite(out.lm_loss)

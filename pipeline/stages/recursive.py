@@ -16,6 +16,13 @@ math and its guarantees are in :mod:`pipeline.recursive`'s docstring):
   weight a merged key by ``log(size)`` (ToMe's proportional attention; the runtime adds it to the masks,
   in prefill and while decoding) and a second compression stage at a later layer merges sizes exactly:
   the compression is recursive. A cluster takes its anchor's RoPE position, index and kind.
+  ``tokens: all`` (a text LM: seeds 001/003) merges text tokens too, and a cluster then sits at its LAST
+  member's column (:func:`at_last_member`), so its output, and the logits there, see no later token;
+  the columns before it in its run predict nothing and the LM loss skips them (``LLMStages.present``).
+  Which tokens merge is still decided from the whole row (the adaptive threshold's statistics and
+  modulator context, and the attention profiles from the last positions): in an LM's training loss that
+  is a weak channel from later tokens into earlier merges; ``adaptive_threshold: false`` with
+  ``attention_weight: 0`` decides every merge from the cluster's own tokens alone.
   ``aux_losses["recursive_compression_llm@<layer>.contrastive"]`` in training
   (:func:`pipeline.llm.collect_losses`).
 - ``progressive_compression``: ``recursive_compression_llm`` whose floor is set by its depth
@@ -33,7 +40,7 @@ trace (``record_assignment``). ``threshold_raise`` is the :class:`~pipeline.recu
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -42,7 +49,7 @@ from torch import Tensor, nn
 from ..batch import TokenBatch
 from ..llm import AttentionProbe, LayerStage, LayerState, compact_rows
 from ..ops import split_by_mask
-from ..recursive import RecursiveCompressionLayer, cluster_means, depth_threshold, output_columns
+from ..recursive import Compression, RecursiveCompressionLayer, cluster_means, depth_threshold, output_columns
 from ..registry import register
 from ..types import NonNegFloat, PosInt
 
@@ -121,9 +128,11 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
 def _reduce(stage, state: LayerState, attention: AttentionProbe) -> LayerState:
     """Cluster and merge the media tokens of ``state`` with ``stage.core`` (both LLM stages)."""
     core: RecursiveCompressionLayer = stage.core
-    media = state.media
+    media = state.media if stage.tokens == "media" else state.mask
     attn = attention(stage.queries) if core.attention_weight > 0 else None  # (B, H, Q, L)
     comp = core.compress(state.hidden, state.mask, eligible=media, size=state.size, kind=state.kind, attention=attn)
+    if stage.tokens == "all":
+        comp = at_last_member(comp, state.mask)
     key = f"{stage.stage_name}@{stage.layer}"
     stage.last_stats = comp.stats(media)
     stage.aux_losses = {} if comp.loss is None else {f"{key}.contrastive": comp.loss}
@@ -138,6 +147,24 @@ def _reduce(stage, state: LayerState, attention: AttentionProbe) -> LayerState:
     return out
 
 
+def at_last_member(comp: Compression, mask: Tensor) -> Compression:
+    """The clusters of ``comp`` (contiguous runs, anchor = first member) moved to their LAST member's column:
+    its hidden state, size and keep flag there, so the cluster takes that token's index, position and kind.
+    Causal for a language model: a cluster's output then sees no token after the column it sits in, and
+    its logits predict the token after the whole run (the columns before it in the run predict nothing;
+    the model's loss skips them: ``LLMStages.present``)."""
+    owner = comp.owner.clamp(min=0)  # (B, L) anchor column of each token
+    following = torch.cat([comp.owner[:, 1:], torch.full_like(comp.owner[:, :1], -1)], 1)
+    last = mask & (comp.owner >= 0) & (comp.owner != following)  # (B, L) each run's last column
+    merged = comp.merged.gather(1, owner.unsqueeze(-1).expand_as(comp.merged))  # (B, L, D) the cluster's token
+    size = torch.where(last, comp.size.gather(1, owner), comp.size)
+    cols = torch.arange(owner.shape[1], device=owner.device).expand_as(owner)
+    last_of = torch.zeros_like(owner).scatter_reduce(1, owner, torch.where(last, cols, 0), "amax")  # anchor -> last col
+    new_owner = torch.where(comp.owner >= 0, last_of.gather(1, owner), comp.owner)
+    return replace(comp, merged=torch.where(last.unsqueeze(-1), merged, comp.merged), keep=last, size=size,
+                   owner=new_owner)
+
+
 def _core(dim: int, similarity_threshold: float, **options) -> RecursiveCompressionLayer:
     return RecursiveCompressionLayer(dim, similarity_threshold=similarity_threshold, **options)
 
@@ -149,9 +176,10 @@ class RecursiveCompressionLLM(_ThresholdAccess, LayerStage):
                  threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1, modulator_dim: PosInt = 64,
                  use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
-                 max_cluster_size: PosInt | None = None):
+                 max_cluster_size: PosInt | None = None, tokens: Literal["media", "all"] = "media"):
         super().__init__(layer)
         self.queries = num_queries
+        self.tokens = tokens
         self.core = _core(dim, similarity_threshold, attention_weight=attention_weight,
                           adaptive_threshold=adaptive_threshold, threshold_std=threshold_std, max_offset=max_offset,
                           modulator_dim=modulator_dim, use_residuals=use_residuals,
@@ -179,9 +207,10 @@ class ProgressiveCompressionLayer(_ThresholdAccess, LayerStage):
                  adaptive_threshold: bool = True, threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1,
                  modulator_dim: PosInt = 64, use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
-                 max_cluster_size: PosInt | None = None):
+                 max_cluster_size: PosInt | None = None, tokens: Literal["media", "all"] = "media"):
         super().__init__(layer)
         self.queries = num_queries
+        self.tokens = tokens
         self.thresholds = (conservative, moderate, aggressive)
         # until bind() knows the depth: the conservative one
         self.core = _core(dim, conservative, attention_weight=attention_weight,
