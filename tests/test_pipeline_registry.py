@@ -77,12 +77,12 @@ SEED_DEFAULTS = {
         "layer": 2, "similarity_threshold": 0.85, "attention_weight": 0.3, "num_queries": 8,
         "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1, "modulator_dim": 64,
         "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1, "projection_dim": 128,
-        "max_cluster_size": None},
+        "max_cluster_size": None, "tokens": "media"},
     "progressive_compression": {
         "layer": 2, "conservative": 0.95, "moderate": 0.9, "aggressive": 0.8, "attention_weight": 0.3,
         "num_queries": 8, "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1,
         "modulator_dim": 64, "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1,
-        "projection_dim": 128, "max_cluster_size": None},
+        "projection_dim": 128, "max_cluster_size": None, "tokens": "media"},
 }
 
 

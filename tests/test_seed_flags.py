@@ -38,14 +38,16 @@ def test_flags_map_to_config_keys():
     assert [s["layer"] for s in llm] == [2, 4]
     assert llm[0] == {"name": "progressive_compression", "layer": 2, "aggressive": 0.8, "attention_weight": 0.5,
                       "adaptive_threshold": True, "use_residuals": False, "contrastive_margin": 0.3,
-                      "contrastive_weight": 0.05}
+                      "contrastive_weight": 0.05, "tokens": "all"}
     st = cfg.stages[0]
     assert st.freeze_llm and st.epochs == 0.5 and st.max_steps is None and st.lr == 1e-3
     assert cfg.per_device_batch_size == 3 and cfg.model["max_length"] == 256
     assert (cfg.data.type, cfg.data.path) == ("text", "corpus.txt")
     # without --use_progressive_compression a stage option asks for recursive_compression_llm, as a floor
     llm = resolve("--similarity_threshold", "0.9", "--compression_layers", "5").model["pipeline"]["llm"]
-    assert llm == [{"name": "recursive_compression_llm", "layer": 5, "similarity_threshold": 0.9}]
+    assert llm == [{"name": "recursive_compression_llm", "layer": 5, "similarity_threshold": 0.9, "tokens": "all"}]
+    conv = resolve("--config", "configs/train/easyvqa_tiny.yaml", "--data_path", "x.json", "--compression_layers", "1")
+    assert conv.model["pipeline"]["llm"][0]["tokens"] == "media"  # a conversation file: media merge, text stays
     # --data_path: LLaVA's JSON stays a conversation file, any other file is a text corpus
     assert resolve("--config", "configs/train/easyvqa_tiny.yaml", "--data_path", "x.json").data.type == "llava_json"
     assert resolve("--config", "configs/train/easyvqa_tiny.yaml", "--data_path", "x.txt").data.type == "text"

@@ -9,7 +9,7 @@ our DeepSpeed training entry, as aliases of config keys.
 |---|---|
 | ``--base_model_name`` / ``--model_name`` NAME | a saved llava-deft model folder: ``init_from``; a transformers ``save_pretrained`` folder: ``model.llm.path`` (a text LM, ``vision: null``); else a named model config ``configs/model/NAME.yaml`` (``gpt2_small``, ``smollm_1p7b``, ...) |
 | ``--train_file`` / ``--data_path`` FILE | ``data: {type: text, path: FILE}`` (``fortunes`` = Debian's fortunes corpus, the default data of these flags); a ``.json`` / ``.jsonl`` ``--data_path`` stays LLaVA's conversation file |
-| ``--use_progressive_compression`` | ``model.pipeline.llm``: a ``progressive_compression`` stage before each of ``--compression_layers`` (thresholds by relative depth) |
+| ``--use_progressive_compression`` | ``model.pipeline.llm``: a ``progressive_compression`` stage before each of ``--compression_layers`` (thresholds by relative depth), ``tokens: all`` (text merges; ``media`` with a LLaVA ``.json`` ``--data_path``) |
 | ``--compression_layers`` L... | where the stages run (decoder layer indices, 0-based: a stage at L runs after layer L-1); default: the layers at relative depths 1/4, 1/2, 3/4 |
 | ``--similarity_threshold`` / ``--attention_weight`` / ``--adaptive_threshold`` / ``--use_residuals`` / ``--contrastive_margin`` / ``--contrastive_weight`` | the stages' options of those names (``--similarity_threshold`` is the floor of ``recursive_compression_llm``, the aggressive (deepest) floor of ``progressive_compression``); any of them without ``--use_progressive_compression`` puts ``recursive_compression_llm`` stages at the layers |
 | ``--freeze_base`` | ``stages.*.freeze_llm: true`` (only the compression stages train) |
@@ -119,6 +119,9 @@ def seed_overrides(args: argparse.Namespace, depth: Callable[[list[str]], int]) 
         options = {k: getattr(args, k) for k in STAGE_OPTIONS if getattr(args, k) is not None}
         if name == "progressive_compression" and "similarity_threshold" in options:
             options["aggressive"] = options.pop("similarity_threshold")
+        # a text LM (the seeds') merges its text; a LLaVA conversation file keeps text whole and merges media
+        conversation = Path(getattr(args, "data_path", None) or "").suffix in (".json", ".jsonl")
+        options["tokens"] = "media" if conversation else "all"
         stages = [{"name": name, "layer": layer, **options} for layer in sorted(set(layers))]
         out.append("model.pipeline.llm=" + json.dumps(stages))
     if args.freeze_base:
