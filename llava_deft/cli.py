@@ -142,6 +142,8 @@ def _text_lm_parser(sub, common) -> None:
     t = sub.add_parser("evaluate", help="a text LM with its compression stages against the same weights without them: "
                        "perplexity, next-token accuracy, compression ratio, KV memory", parents=[common])
     t.add_argument("--model_dir", "--model-dir", required=True, help="a saved text model (a training run's final/)")
+    t.add_argument("--baseline_dir", default=None,
+                   help="an uncompressed model to compare against (default: --model_dir's weights without its stages)")
     t.add_argument("--data", "--eval_file", default="fortunes",
                    help="a text corpus file, or 'fortunes' (Debian's fortunes package; default)")
     t.add_argument("--split", choices=("train", "test"), default="test")
@@ -158,7 +160,8 @@ def text_lm(args: argparse.Namespace) -> int:
     from .evaluation.text_lm import evaluate_text_lm, format_report
 
     report = evaluate_text_lm(args.model_dir, data=args.data, split=args.split, block_tokens=args.block_tokens,
-                              max_blocks=args.max_blocks, batch_size=args.batch_size, device=args.device)
+                              max_blocks=args.max_blocks, batch_size=args.batch_size, device=args.device,
+                              baseline_dir=args.baseline_dir)
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ without it -- perplexity, next-token accuracy, compression ratio per stage, KV-c
 
 The test split of a text corpus (``fortunes`` by default: Debian's package; or any text file) in blocks of
 ``block_tokens`` ids runs through the model twice per batch: with its saved LLM stages (recorded: what
-each layer stage kept, merged and dropped) and with none. Both are scored on the SAME positions: those
+each layer stage kept, merged and dropped) and with none (or through ``baseline_dir``'s model: the
+uncompressed LM it was trained from). Both are scored on the SAME positions: those
 whose logits the compressed run produced (a column a stage merged away or dropped predicts nothing;
 ``LLMStages.present``) and whose target is a real token; the uncompressed run is also scored on every
 position. Reported:
@@ -42,8 +43,10 @@ def _cache_bytes(cache) -> int:
 @torch.no_grad()
 def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str = "test", block_tokens: int | None = None,
                      max_blocks: int | None = None, batch_size: int = 8, device: str | None = None,
-                     progress: bool = True) -> dict:
-    """Evaluate a saved text LM (see the module docstring); returns the report as a dict."""
+                     progress: bool = True, baseline_dir: str | Path | None = None) -> dict:
+    """Evaluate a saved text LM (see the module docstring); returns the report as a dict. ``baseline_dir``:
+    the uncompressed pass runs that model (e.g. the LM the compressed one was trained from, same tokenizer)
+    instead of ``model_dir``'s weights without stages."""
     from tqdm.auto import tqdm
 
     from ..model import LlavaDeftForCausalLM
@@ -51,6 +54,12 @@ def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str =
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = LlavaDeftForCausalLM.from_pretrained(model_dir).to(dev).eval()
     stages = list(model.pipeline.llm)
+    base = model
+    if baseline_dir is not None:
+        base = LlavaDeftForCausalLM.from_pretrained(baseline_dir).to(dev).eval()
+        if base.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+            raise ValueError(f"baseline '{baseline_dir}' has another tokenizer than '{model_dir}': their perplexities "
+                             f"would not compare")
     block = block_tokens or model.config.max_length
     ds = TextCorpusDataset(data, model.tokenizer, block, split=split, limit=max_blocks)
     collate = build_collator(model.processors)
@@ -65,17 +74,16 @@ def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str =
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", disable=not progress):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        embeds = model.llm.embed(ids)
+        embeds = {"compressed": model.llm.embed(ids), "uncompressed": base.llm.embed(ids)}
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         target = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX)  # (B, L-1) next tokens
         outputs = {}
-        for name, run in (("compressed", runner), ("uncompressed", None)):
+        for name, lm, run in (("compressed", model.llm, runner), ("uncompressed", base.llm, None)):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
             t0 = time.perf_counter()
-            logits, cache = model.llm(embeds, mask, pos, None, use_cache=True, stages=run if run is not None else [],
-                                      token_kinds=None)
+            logits, cache = lm(embeds[name], mask, pos, None, use_cache=True, stages=run if run is not None else [])
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(dev))
@@ -104,7 +112,7 @@ def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str =
     stage_rows = [dict(r, ratio=r["tokens_out"] / max(1, r["tokens_in"])) for _, r in sorted(per_stage.items())]
     prompt_tokens = counts["all"] + len(ds)  # real tokens of every block (targets + each block's first)
     report = {
-        "model_dir": str(model_dir), "data": data, "split": split, "block_tokens": block, "blocks": len(ds),
+        "model_dir": str(model_dir), "baseline_dir": None if baseline_dir is None else str(baseline_dir), "data": data, "split": split, "block_tokens": block, "blocks": len(ds),
         "device": str(dev), "stages": [s.stage_name for s in stages],
         "positions": {"shared": counts["shared"], "all": counts["all"]},
         "perplexity": {"compressed": math.exp(nll["compressed"] / shared_n),
@@ -125,7 +133,8 @@ def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str =
 
 def format_report(r: dict) -> str:
     p, a, kv = r["perplexity"], r["accuracy"], r["kv_bytes"]
-    lines = [f"model {r['model_dir']} on {r['data']} ({r['split']}, {r['blocks']} blocks of {r['block_tokens']} tokens), "
+    base = f" against {r['baseline_dir']}" if r.get("baseline_dir") else " against its weights without stages"
+    lines = [f"model {r['model_dir']}{base} on {r['data']} ({r['split']}, {r['blocks']} blocks of {r['block_tokens']} tokens), "
              f"stages {r['stages'] or 'none'}, {r['device']}",
              "| | compressed | uncompressed |", "|---|---|---|",
              f"| perplexity ({r['positions']['shared']} shared positions) | {p['compressed']:.3f} | {p['uncompressed']:.3f} |",

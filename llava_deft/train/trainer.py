@@ -141,6 +141,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfi
 
         flag_over += seed_flags.seed_overrides(args, depth)
     flag_over = [o for item in flag_over for o in _every_stage(item, len(base.stages))]
+    # what init_from's saved model config gets on top (main): the model.* overrides of flags and command line
+    args.model_overrides = [o for o in flag_over + overrides if o.startswith("model.")]
     try:
         return TrainConfig.model_validate(apply_overrides(data, flag_over + overrides))
     except ValidationError as e:
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> Path:
         saved = {**read_config_json(start), "tokenizer": str(start / TOKENIZER_DIR)}
         # the saved config replaces `model:`; the command line's model.* overrides (e.g. model.pipeline=...,
         # a reducer fine-tuned from a base) still apply on top of it, they are never dropped silently
-        mine = [o for o in overrides if o.startswith("model.")]
+        mine = getattr(args, "model_overrides", None) or [o for o in overrides if o.startswith("model.")]
         model = apply_overrides({"model": saved}, mine)["model"] if mine else saved
         cfg = cfg.model_copy(update={"model": model})
         if mine:
