@@ -12,30 +12,27 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing llava-deft and its dependencies into .venv (first run only)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
-  # espeak-ng speaks the audio task (scripts/make_audio_task.py); without it tests use committed clips
-  if ! command -v espeak-ng >/dev/null; then
-    SUDO=none
+  # system packages the tests use, from Debian (as root, or with passwordless sudo): apt_install WHY PACKAGE...
+  apt_install() {
+    local why=$1; shift
+    local SUDO=none
     if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
     if [ "$SUDO" != none ] && command -v apt-get >/dev/null \
-      && { $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 \
-           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1; }; }; then
-      echo "[setup] installed espeak-ng"
+      && { $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 \
+           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "$@" >/dev/null 2>&1; }; }; then
+      echo "[setup] installed $* ($why)"
     else
-      echo "[setup] espeak-ng is missing and could not be installed (apt-get install espeak-ng); continuing without it"
+      echo "[setup] $* missing and could not be installed (apt-get install $*): $why"
+      return 1
     fi
-  fi
+  }
+  # espeak-ng speaks the audio task (scripts/make_audio_task.py); without it tests use committed clips
+  command -v espeak-ng >/dev/null || apt_install "speaks the audio task; continuing without it" espeak-ng || true
   # chromium + chromedriver: the viewer's browser test (tests/test_viewer.py) drives a real headless browser
   if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
-    SUDO=none
-    if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
-    if [ "$SUDO" != none ] && command -v apt-get >/dev/null \
-      && { $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
-           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; then
-      echo "[setup] installed chromium and chromium-driver (apt-get) for the viewer's browser test"
-    else
-      echo "[setup] chromium / chromedriver are missing and could not be installed (apt-get install chromium chromium-driver);"
-      echo "[setup] tests/test_viewer.py's browser test will fail until they are (LLAVA_DEFT_SKIP_BROWSER=1 skips it)"
-    fi
+    apt_install "the viewer's browser test fails until they are (LLAVA_DEFT_SKIP_BROWSER=1 skips it)" chromium chromium-driver || true
   fi
+  # fortunes: the default English text corpus of the seeds' text LMs (llava_deft/data/text_corpus.py)
+  [ -d /usr/share/games/fortunes ] || apt_install "the default text corpus; tests/test_text_corpus.py needs it" fortunes || true
   touch "$stamp"
 fi
