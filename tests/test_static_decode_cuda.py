@@ -41,7 +41,7 @@ def gen(lm, embeds, mask, pos, **kw):
         return generate_from_embeds(lm, embeds, mask, pos, **kw)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gpt2"])  # gpt2: n_embd etc. by attribute_map
 @pytest.mark.parametrize("b", [1, 3])
 def test_replay_equals_the_uncaptured_step_and_the_plain_path(model_type, b):
     lm = tiny_lm(model_type)
