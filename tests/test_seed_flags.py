@@ -104,3 +104,28 @@ def test_lm_loss_skips_columns_a_stage_removed():
     torch.testing.assert_close(out.lm_loss, ref)
     # every dropped column's logits are zero: a loss on them would have been log(V)
     assert (logits[:, :-1][~present.present[:, :-1]] == 0).all()
+
+
+def test_seed_text_lm_script_end_to_end(tmp_path):
+    """eval/seed_text_lm.py at toy size: the seeds' flags train a GPT-2-shaped LM on fortunes, then progressive
+    compression on the frozen base; llava-deft evaluate's report and the curves are written."""
+    from safetensors.torch import load_file
+
+    from eval import seed_text_lm
+
+    result = seed_text_lm.main(["--layers", "2", "--width", "32", "--heads", "2", "--block", "32", "--batch", "4",
+                                "--base-steps", "2", "--compress-steps", "2", "--eval-blocks", "6",
+                                "--compression-layers", "1", "--similarity-threshold", "0.5",
+                                "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res")])
+    report = result["report"]
+    assert report["stages"] == ["progressive_compression"] and report["blocks"] == 6
+    (stage,) = report["compression"]["stages"]
+    assert stage["layer"] == 1 and stage["tokens_in"] == report["compression"]["prompt_tokens"] == 6 * 32
+    assert 0 < stage["tokens_out"] <= stage["tokens_in"] and report["positions"]["shared"] <= report["positions"]["all"]
+    assert report["perplexity"]["compressed"] > 1 and report["perplexity"]["uncompressed"] > 1
+    base = load_file(str(tmp_path / "runs" / "base" / "final" / "model.safetensors"))
+    comp = load_file(str(tmp_path / "runs" / "compressed" / "final" / "model.safetensors"))
+    assert all(torch.equal(base[k], comp[k]) for k in base)  # --freeze_base: only the stage trained
+    assert any(k.startswith("pipeline.llm.0.core") for k in comp)
+    for suffix in (".json", ".md", "_curves.json", "_curves.png"):
+        assert (tmp_path / f"res{suffix}").is_file()
