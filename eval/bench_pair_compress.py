@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python eval/bench_pair_compress.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from eval.bench_decode import sync, timed_generate  # noqa: E402  (the same timing as the cache policies')
 from eval.common import run_metadata, save_figure, write_json  # noqa: E402
 from llava_deft.model.llm import DecoderLM, build_llm  # noqa: E402
-from llava_deft.model.llm.decoder import generate_from_embeds  # noqa: E402
 from pipeline import build_pipeline  # noqa: E402
 from pipeline.llm import LayerStage  # noqa: E402
 from pipeline.pair_compress import selection_count  # noqa: E402
@@ -94,18 +94,6 @@ class KeepLast(LayerStage):
         return state.take(state.mask & (rank <= self.keep))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "stats"):
-        return sum(s["bytes"] for s in cache.stats())
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if getattr(layer, "keys", None) is not None)
-
-
 def compressed_length(context: int, window: int, ratio: float, floor: int) -> int:
     """Tokens the layers after the stage see for one full row of ``context`` tokens (its reduce(), counted)."""
     memory = max(context - window, 0)
@@ -139,29 +127,12 @@ def time_prefill(lm, embeds, mask, pos, stages, iters, device) -> list[float]:
     return times
 
 
-def timed_generate(lm, embeds, mask, pos, new_tokens, stages, device, captured=False):
-    """(seconds, peak bytes over the call, KV bytes at the end, tokens)."""
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    out, cache = generate_from_embeds(lm, embeds, mask, pos, new_tokens, eos_token_id=-1, pad_token_id=0,
-                                      stages=stages, return_cache=True, cuda_graph=captured)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
-    held = cache_bytes(cache)
-    del cache
-    return seconds, peak, held, out
-
-
 def measure(lm, embeds, mask, pos, stages, args, device, captured=False) -> dict:
     prefill = time_prefill(lm, embeds, mask, pos, stages, args.iters, device)
     one, full = [], []
     for _ in range(args.repeats):
-        s1, _, _, _ = timed_generate(lm, embeds, mask, pos, 1, stages, device, captured)
-        sn, peak, held, out = timed_generate(lm, embeds, mask, pos, 1 + args.steps, stages, device, captured)
+        s1, _, _, _ = timed_generate(lm, embeds, mask, pos, 1, stages, captured, device)
+        sn, peak, held, out = timed_generate(lm, embeds, mask, pos, 1 + args.steps, stages, captured, device)
         one.append(s1)
         full.append(sn)
     step = [(f - o) * 1e3 / args.steps for f, o in zip(full, one)]

@@ -61,6 +61,7 @@ class PairCompress(LayerStage):
         memory = length - self.window
         n = max(memory, 0) // 2
         if n == 0 or self.ratio >= 1.0:  # ratio 1 expands every pair again: the very same tokens
+            self.last_stats = {"tokens_in": length, "tokens_out": length, "pairs": n, "expanded_max": n}
             return state
         lead = memory - 2 * n  # 1 when the memory is odd: its first column stays alone
         mask, h = state.mask, state.hidden
