@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
         for share in achieved:
             if not 0 < share < 1:
                 continue
-            r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, f"{name}_{share:g}", [
-                {"name": name, "retention_ratio": share}]), **common)[0]
+            r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, name, [{"name": name}]), ratios=[share],
+                               **common)[0]
             rows.append({"method": name, "setting": share, "accuracy": r["accuracy"]["all"],
                          "tokens_per_item": r["tokens_per_item"]})
             print(f"{name} @ {share:g}: {100 * r['accuracy']['all']:.2f} % at {r['tokens_per_item']:.1f} tokens/item", flush=True)
