@@ -146,10 +146,10 @@ def _text_lm_parser(sub, common) -> None:
                    help="an uncompressed model to compare against (default: --model_dir's weights without its stages)")
     t.add_argument("--data", "--eval_file", default="fortunes",
                    help="a text corpus file, or 'fortunes' (Debian's fortunes package; default)")
-    t.add_argument("--split", choices=("train", "test"), default="test")
+    t.add_argument("--split", choices=("train", "test"), default="test", help="the corpus split evaluated (default test)")
     t.add_argument("--block_tokens", type=int, default=None, help="ids per block (default: the model's max_length)")
     t.add_argument("--max_blocks", type=int, default=None, help="first N blocks only")
-    t.add_argument("--batch_size", type=int, default=8)
+    t.add_argument("--batch_size", type=int, default=8, help="blocks per forward")
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     t.add_argument("--out", default=None, help="write the report as JSON to this file")
 
