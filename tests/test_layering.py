@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 ROOMS = ["errors", "_lazy", "provenance", "config", "encoders", "modality", "model", "tasks", "data", "train",
-         "overlay", "inference", "evaluation", "cli"]
+         "overlay", "inference", "evaluation", "viewer", "cli"]
 """``llava_deft``'s rooms, lowest first: a module may import only its own room and rooms before it."""
 
 
