@@ -380,7 +380,7 @@ CASES = [
     case("config_train_stage_bad_ratio", "config", "configs/train/stage_bad_ratio.yaml", "ConfigError",
          r"stage_bad_ratio\.yaml' has 1 error\(s\):\n  stages\.0\.min_lr_ratio: Input should be less than or equal to 1"),
     case("config_train_bad_data_type", "config", "configs/train/bad_data_type.yaml", "ConfigError",
-         r"bad_data_type\.yaml' has 1 error\(s\):\n  data\.type: Input should be 'easyvqa', 'llava_json', 'passkey' or 'mix'"),
+         r"bad_data_type\.yaml' has 1 error\(s\):\n  data\.type: Input should be 'easyvqa', 'llava_json', 'passkey', 'text' or 'mix'"),
     case("config_train_trusted_paths_easyvqa", "config", "configs/train/trusted_paths_easyvqa.yaml", "ConfigError",
          r"trusted_paths_easyvqa\.yaml' has 1 error\(s\):\n  data: .*sets keys that do not apply to it: trusted_paths \(llava_json only\)"),
     case("config_train_skip_invalid_not_bool", "config", "configs/train/skip_invalid_not_bool.yaml", "ConfigError",
