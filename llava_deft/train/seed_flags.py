@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..model.llm.compressible import default_layers  # noqa: F401  (the seeds' default layers; tests import it here)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIGS = ROOT / "configs" / "model"
@@ -83,11 +84,6 @@ def resolve_model(name: str) -> tuple[str, str]:
         return "model", str(named)
     known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
     raise ConfigError(f"--base_model_name '{name}' is neither a folder nor a named model config; named configs: {known}")
-
-
-def default_layers(num_layers: int) -> list[int]:
-    """Decoder layers at relative depths 1/4, 1/2 and 3/4 (distinct, each in 1..num_layers-1)."""
-    return sorted({min(max(1, round(num_layers * f)), num_layers - 1) for f in (0.25, 0.5, 0.75)})
 
 
 def seed_overrides(args: argparse.Namespace, depth: Callable[[list[str]], int]) -> list[str]:
