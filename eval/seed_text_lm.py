@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the deepest (aggressive) floor; default the stage's")
     p.add_argument("--eval-blocks", type=int, default=200, help="test blocks evaluated")
     p.add_argument("--runs", default="runs/seed_text_lm", help="run folders")
+    p.add_argument("--reuse-base", action="store_true", help="keep <runs>/base/final from an earlier run (step 1 skipped)")
+    p.add_argument("--compressed-name", default="compressed", help="step 2's run folder name under --runs")
     p.add_argument("--out", default=None, help="output stem (default eval/results/seed_text_lm_<device>)")
     return p.parse_args(argv)
 
@@ -77,26 +79,27 @@ def main(argv=None) -> dict:
              f"data.block_tokens={args.block}"]
     common = ["--max_length", str(args.block), "--batch_size", str(args.batch), "log_steps=10", "save_steps=100000",
               f"bf16={'true' if args.device == 'cuda' else 'false'}", f"num_workers={2 if args.device == 'cuda' else 0}"]
-    train(args, "--base_model_name", "gpt2_small", "--learning_rate", str(args.lr), *common, *shape,
-          f"stages.0.max_steps={args.base_steps}", f"output_dir={runs / 'base'}")
+    if not (args.reuse_base and (runs / "base" / "final" / "config.json").is_file()):
+        train(args, "--base_model_name", "gpt2_small", "--learning_rate", str(args.lr), *common, *shape,
+              f"stages.0.max_steps={args.base_steps}", f"output_dir={runs / 'base'}")
     compress = ["--use_progressive_compression", "--freeze_base", "--learning_rate", str(args.compress_lr)]
     if args.compression_layers:
         compress += ["--compression_layers", *map(str, args.compression_layers)]
     if args.similarity_threshold is not None:
         compress += ["--similarity_threshold", str(args.similarity_threshold)]
     train(args, "--base_model_name", str(runs / "base" / "final"), *compress, *common,
-          f"data.block_tokens={args.block}", f"stages.0.max_steps={args.compress_steps}", f"output_dir={runs / 'compressed'}")
+          f"data.block_tokens={args.block}", f"stages.0.max_steps={args.compress_steps}", f"output_dir={runs / args.compressed_name}")
 
     import torch
 
     from llava_deft.evaluation.text_lm import evaluate_text_lm, format_report
 
     device = "cuda" if args.device == "cuda" else "cpu"
-    report = evaluate_text_lm(runs / "compressed" / "final", block_tokens=args.block, max_blocks=args.eval_blocks,
+    report = evaluate_text_lm(runs / args.compressed_name / "final", block_tokens=args.block, max_blocks=args.eval_blocks,
                               batch_size=args.batch, device=device)
     meta = run_metadata(torch.device(device))
     stem = Path(args.out) if args.out else ROOT / "eval" / "results" / f"seed_text_lm_{'cpu' if device == 'cpu' else 'gpu'}"
-    subprocess.run([sys.executable, str(ROOT / "eval" / "compression_curves.py"), "--run", str(runs / "compressed"),
+    subprocess.run([sys.executable, str(ROOT / "eval" / "compression_curves.py"), "--run", str(runs / args.compressed_name),
                     "--name", stem.name + "_curves", "--out", str(stem.parent),
                     "--title", "progressive compression, frozen GPT-2-shaped base"], check=True, cwd=ROOT)
     base_log = [json.loads(line) for line in (runs / "base" / "train_log.jsonl").read_text().splitlines() if line.strip()]
