@@ -105,7 +105,7 @@ def write_videos(d: Path) -> None:
     (d / "random_bytes.mp4").write_bytes(np.random.default_rng(4).bytes(4096))
     write_clip(np.zeros((601, 32, 32, 3), dtype=np.uint8), d / "too_long.mp4", fps=1)  # 601 s
     write_clip(np.zeros((1, 2160, 4096, 3), dtype=np.uint8), d / "too_large_frames.mp4", fps=1)  # 8.8 M pixels
-    with av.open(str(d / "zero_frames.mp4"), mode="w") as container:  # a stream and no frame
+    with av.open(str(d / "zero_frames.mp4"), mode="w", container_options={"fflags": "+bitexact"}) as container:  # no frame
         stream = container.add_stream("libx264rgb", rate=8)
         stream.width = stream.height = 64
         stream.pix_fmt = "rgb24"

@@ -174,7 +174,8 @@ def write_clip(frames: np.ndarray, path: str | Path, fps: int = 8) -> None:
     """Write ``frames (T, H, W, 3)`` uint8 as lossless H.264 (``libx264rgb``, ``crf 0``, RGB) in MP4."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    with av.open(str(path), mode="w") as container:
+    # bitexact: no "Lavf<version>" tag in the file, so the bytes do not change with PyAV's bundled FFmpeg
+    with av.open(str(path), mode="w", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264rgb", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "rgb24"
