@@ -169,6 +169,19 @@ def _core(dim: int, similarity_threshold: float, **options) -> RecursiveCompress
     return RecursiveCompressionLayer(dim, similarity_threshold=similarity_threshold, **options)
 
 
+_CORE_OPTIONS = ("attention_weight", "adaptive_threshold", "threshold_std", "max_offset", "modulator_dim",
+                 "use_residuals", "contrastive_margin", "contrastive_weight", "projection_dim", "max_cluster_size")
+
+
+def _setup_llm_stage(stage: LayerStage, dim: int, floor: float, options: dict) -> None:
+    """What both LLM stages hold: probe queries, the tokens they merge, the clustering core at ``floor``
+    (its options taken from the constructor's arguments ``options``), empty stats and losses."""
+    stage.queries, stage.tokens = options["num_queries"], options["tokens"]
+    stage.core = _core(dim, floor, **{k: options[k] for k in _CORE_OPTIONS})
+    stage.last_stats: dict[str, Tensor] = {}
+    stage.aux_losses: dict[str, Tensor] = {}
+
+
 @register("recursive_compression_llm")
 class RecursiveCompressionLLM(_ThresholdAccess, LayerStage):
     def __init__(self, dim: int, layer: PosInt = 2, similarity_threshold: Threshold = 0.85,
@@ -178,15 +191,7 @@ class RecursiveCompressionLLM(_ThresholdAccess, LayerStage):
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
                  max_cluster_size: PosInt | None = None, tokens: Literal["media", "all"] = "media"):
         super().__init__(layer)
-        self.queries = num_queries
-        self.tokens = tokens
-        self.core = _core(dim, similarity_threshold, attention_weight=attention_weight,
-                          adaptive_threshold=adaptive_threshold, threshold_std=threshold_std, max_offset=max_offset,
-                          modulator_dim=modulator_dim, use_residuals=use_residuals,
-                          contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
-                          projection_dim=projection_dim, max_cluster_size=max_cluster_size)
-        self.last_stats: dict[str, Tensor] = {}
-        self.aux_losses: dict[str, Tensor] = {}
+        _setup_llm_stage(self, dim, similarity_threshold, locals())
 
     def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
         return _reduce(self, state, attention)
@@ -209,17 +214,8 @@ class ProgressiveCompressionLayer(_ThresholdAccess, LayerStage):
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
                  max_cluster_size: PosInt | None = None, tokens: Literal["media", "all"] = "media"):
         super().__init__(layer)
-        self.queries = num_queries
-        self.tokens = tokens
         self.thresholds = (conservative, moderate, aggressive)
-        # until bind() knows the depth: the conservative one
-        self.core = _core(dim, conservative, attention_weight=attention_weight,
-                          adaptive_threshold=adaptive_threshold, threshold_std=threshold_std, max_offset=max_offset,
-                          modulator_dim=modulator_dim, use_residuals=use_residuals,
-                          contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
-                          projection_dim=projection_dim, max_cluster_size=max_cluster_size)
-        self.last_stats: dict[str, Tensor] = {}
-        self.aux_losses: dict[str, Tensor] = {}
+        _setup_llm_stage(self, dim, conservative, locals())  # until bind() knows the depth: the conservative floor
 
     def bind(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         super().bind(num_layers, num_heads, num_kv_heads)
