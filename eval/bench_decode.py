@@ -52,8 +52,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 POLICIES = ("tova", "h2o", "streaming_llm", "snapkv")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Device, dtype and the Llama shape (default Llama-2-7B) of the benchmark LLMs."""
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--layers", type=int, default=32)
@@ -62,6 +62,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None, help="default --heads (Llama-2-7B has no GQA)")
     p.add_argument("--intermediate", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
+
+
+def llama_spec(args: argparse.Namespace, max_positions: int) -> dict:
+    """The random-init Llama config of ``add_model_args``' flags."""
+    return {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
+            "intermediate_size": args.intermediate, "vocab_size": args.vocab, "max_position_embeddings": max_positions}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=8192, help="prompt tokens per row")
     p.add_argument("--steps", type=int, default=64, help="decoding steps timed")
@@ -145,10 +157,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
-    spec = {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
-            "intermediate_size": args.intermediate, "vocab_size": args.vocab,
-            "max_position_embeddings": args.context + 2 * args.steps + 16}
+    spec = llama_spec(args, args.context + 2 * args.steps + 16)
     with torch.device(device):
         hf = build_llm(spec, torch_dtype=dtype).eval()
     lm = DecoderLM(hf)

@@ -47,26 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python eval/bench_pair_compress.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from eval.bench_decode import sync, timed_generate  # noqa: E402  (the same timing as the cache policies')
+from eval.bench_decode import DTYPES, add_model_args, llama_spec, sync, timed_generate  # noqa: E402  (the cache policies' timing)
 from eval.common import run_metadata, save_figure, write_json  # noqa: E402
 from llava_deft.model.llm import DecoderLM, build_llm  # noqa: E402
 from pipeline import build_pipeline  # noqa: E402
 from pipeline.llm import LayerStage  # noqa: E402
 from pipeline.pair_compress import selection_count  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=None, help="default --heads (Llama-2-7B has no GQA)")
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768], help="prompt lengths (tokens)")
     p.add_argument("--layer", type=int, default=10, help="pair_compress runs before this decoder layer (0-based)")
     p.add_argument("--window", type=int, default=100, help="T_w: the last tokens left as they are")
@@ -150,10 +140,7 @@ def main(argv=None) -> dict:
     if not 0 < args.layer < args.layers:
         raise SystemExit(f"--layer {args.layer} must be in 1..{args.layers - 1} (the stage runs between layers)")
     torch.manual_seed(0)
-    spec = {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
-            "intermediate_size": args.intermediate, "vocab_size": args.vocab,
-            "max_position_embeddings": max(args.contexts) + args.steps + 16}
+    spec = llama_spec(args, max(args.contexts) + args.steps + 16)
     with torch.device(device):
         hf = build_llm(spec, torch_dtype=dtype).eval()
     lm = DecoderLM(hf)
