@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.common import save_figure, write_json  # noqa: E402
-from eval.train_curves import TrainLogError, global_steps  # noqa: E402
+from eval.train_curves import TrainLogError, global_steps, read_log  # noqa: E402
 
 
 def read_compression_log(run: Path) -> dict:
@@ -32,18 +32,7 @@ def read_compression_log(run: Path) -> dict:
     path = run / "train_log.jsonl" if run.is_dir() else run
     if not path.is_file():
         raise TrainLogError(f"no training log at {path}; give the run folder the training entry wrote")
-    points = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainLogError(f"{path}:{n}: not JSON ({e.msg}); is this a train_log.jsonl?") from None
-        if not isinstance(rec, dict) or "step" not in rec or "loss" not in rec:
-            raise TrainLogError(f"{path}:{n}: a log line needs 'step' and 'loss'; got {line[:80]!r}")
-        points.append(rec)
-    points.sort(key=lambda r: (r.get("stage", 0), r["step"]))
+    points = read_log(path, keys=None)
     if not any("compression" in p for p in points):
         raise TrainLogError(f"{path} has no 'compression' statistics: the run's pipeline had no recursive-compression "
                             "stage (recursive_compression, recursive_compression_llm, progressive_compression)")

@@ -42,8 +42,12 @@ def parse_run(item: str) -> tuple[str, Path]:
     return name, p
 
 
-def read_log(path: Path) -> list[dict]:
-    """The logged points of ``path`` (by stage, then step); a line that is not a JSON object is an error."""
+LOG_KEYS = ("stage", "step", "loss", "lr", "samples_per_s")
+
+
+def read_log(path: Path, keys: tuple[str, ...] | None = LOG_KEYS) -> list[dict]:
+    """The logged points of ``path`` (by stage, then step), each with ``keys`` (None: every key); a line that
+    is not a JSON object with 'step' and 'loss' is an error."""
     points = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -54,7 +58,7 @@ def read_log(path: Path) -> list[dict]:
             raise TrainLogError(f"{path}:{n}: not JSON ({e.msg}); is this a train_log.jsonl?") from None
         if not isinstance(rec, dict) or "step" not in rec or "loss" not in rec:
             raise TrainLogError(f"{path}:{n}: a log line needs 'step' and 'loss'; got {line[:80]!r}")
-        points.append({k: rec[k] for k in ("stage", "step", "loss", "lr", "samples_per_s") if k in rec})
+        points.append(rec if keys is None else {k: rec[k] for k in keys if k in rec})
     if not points:
         raise TrainLogError(f"{path} holds no logged step")
     return sorted(points, key=lambda r: (r.get("stage", 0), r["step"]))
