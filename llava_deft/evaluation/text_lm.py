@@ -74,7 +74,8 @@ def evaluate_text_lm(model_dir: str | Path, data: str = "fortunes", split: str =
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", disable=not progress):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        embeds = {"compressed": model.llm.embed(ids), "uncompressed": base.llm.embed(ids)}
+        own = model.llm.embed(ids)
+        embeds = {"compressed": own, "uncompressed": own if base is model else base.llm.embed(ids)}
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         target = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX)  # (B, L-1) next tokens
         outputs = {}
