@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true",
                    help="generate with cuda_graph=False (every kernel launched from Python) instead of the default, "
                         "where the vision tower, the pipeline, the prefill and each decoding step replay from CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="generate(compile=True): the LLM's prefill and decoding step fused by torch.compile (inductor) "
+                        "inside the CUDA graphs; the warm-up calls compile")
     p.add_argument("--profile", default=None, metavar="REDUCER@RATIO",
                    help="also profile 3 time-to-first-token calls of this row (e.g. deft@0.11) at each shape's first "
                         "batch size with torch.profiler: <name>_profile.txt, host and device time per range and op")
@@ -187,6 +190,24 @@ def quartiles(times: list[float]) -> tuple[float, float]:
     return q[1], q[2] - q[0]
 
 
+def copy_bandwidth_gbs(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory bandwidth (GB/s) of a device-to-device copy of ``gib`` GiB (bytes read + bytes written per second,
+    best of ``repeats``): the rate a decoding step reads the weights at, at best."""
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = min(timed_ms(lambda: dst.copy_(src), device) for _ in range(repeats + 1))
+    del src, dst
+    return 2 * n / (best / 1000) / 1e9
+
+
+def decode_floor(model, device: torch.device) -> dict:
+    """The decoding floor of batch 1: every LLM weight read once per token at the measured copy bandwidth."""
+    weights = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    bandwidth = copy_bandwidth_gbs(device, gib=1.0 if device.type == "cuda" else 0.05)
+    return {"llm_weight_bytes": weights, "copy_bandwidth_gbs": bandwidth, "floor_ms_per_token": weights / bandwidth / 1e6}
+
+
 def measure(model, batch: dict, device, steps: int, repeats: int, warmup: int, **gen) -> dict:
     """One row's decoding ms per token, peak memory (MB, CUDA only), reducer overhead and tokens per image
     (the time to first token is timed afterwards, round-robin over the rows: :func:`time_to_first_token`)."""
@@ -248,9 +269,10 @@ def run(args) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     rows = []
-    gen = {"cuda_graph": False} if args.eager else {}
+    gen = ({"cuda_graph": False} if args.eager else {}) | ({"compile": True} if args.compile else {})
     for shape in args.shapes:
         model = build_model(shape, device, dtype)
+        args.floors[shape] = decode_floor(model, device)
         dim = model.llm.hidden_size
         plan = [(NONE, None)] + [(n, r) for r in args.ratios for n in (IDEAL, *args.reducers)]
         for b in args.batch_sizes:
@@ -301,14 +323,21 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], meta: dict, args) -> str:
     lines = [f"# Reducer speed against the ideal ({meta['device']})", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}; "
-             f"{'eager (cuda_graph=False)' if args.eager else 'CUDA graphs (the default)'}; "
+             f"{'eager (cuda_graph=False)' if args.eager else 'CUDA graphs (the default)'}"
+             f"{', torch.compile (inductor)' if args.compile else ''}; "
              f"`python eval/bench_reducers.py {' '.join(sys.argv[1:])}`", "",
              "TTFT: median ms of generate(max_new_tokens=1) (vision, projector, pipeline, prefill); decode: ms per "
              f"token over {args.steps} tokens; ideal: the LLM fed the reduced count, nothing scored; % of ideal = "
              "ideal TTFT / TTFT; overhead: the pipeline alone.", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for b in dict.fromkeys(r["batch"] for r in rows if r["shape"] == shape):
-            lines += [f"## {shape}, batch {b}", "",
+            floor = args.floors.get(shape)
+            lines += [f"## {shape}, batch {b}", ""]
+            if floor:
+                lines += [f"Decoding floor: the LLM's {floor['llm_weight_bytes'] / 2**30:.2f} GiB of weights read once per "
+                          f"token at the measured copy bandwidth ({floor['copy_bandwidth_gbs']:.0f} GB/s) = "
+                          f"{floor['floor_ms_per_token']:.2f} ms per token.", ""]
+            lines += [
                       "| reducer | ratio | tokens/image | TTFT ms (IQR) | speed-up | ideal speed-up | % of ideal | decode ms/token | peak MB | overhead ms |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
@@ -351,14 +380,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    args.profiles = []
+    args.profiles, args.floors = [], {}
     rows = run(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = run_metadata(device)
     name = args.name or f"bench_reducers_{'cpu' if device.type == 'cpu' else 'gpu'}"
     out = Path(args.out)
     write_json(out / f"{name}.json", {"meta": meta, "command": " ".join(sys.argv), "steps": args.steps,
-                                      "cuda_graph": not args.eager,
+                                      "cuda_graph": not args.eager, "compile": args.compile,
+                                      "decode_floors": args.floors,
                                       "repeats": args.repeats, "rows": rows})
     md = markdown(rows, meta, args)
     (out / f"{name}.md").write_text(md)

@@ -218,9 +218,13 @@ class LlavaDeft:
     """A loaded model plus its tokenizer and processors, ready to answer prompts.
 
     ``device``: a torch device string or object (default ``cuda`` where available, else ``cpu``).
+    ``compile``: decode through ``torch.compile`` (the LLM's prefill and step fused by inductor and replayed
+    from CUDA graphs; the first answer of a batch size compiles, later ones are faster: see
+    ``LlavaDeftForCausalLM.generate``).
     """
 
-    def __init__(self, model: LlavaDeftForCausalLM, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, model: LlavaDeftForCausalLM, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 compile: bool | str = False):
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except (RuntimeError, TypeError) as err:
@@ -229,6 +233,7 @@ class LlavaDeft:
             raise InvalidArgumentError(f"device={str(device)!r}: CUDA is not available on this machine; use 'cpu'")
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = device
+        self.compile = compile
         self.tokenizer = model.tokenizer
         self.processors = model.processors
         self.collator = build_collator(self.processors, generation=True)
@@ -358,6 +363,7 @@ class LlavaDeft:
             out, info = self.model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_k=top_k, top_p=top_p, generator=gen, streamer=streamer, return_info=True,
+                compile=self.compile,
             )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], info
 
@@ -518,9 +524,11 @@ def _carry_stage_weights(source: Pipeline, target: Pipeline) -> None:
             stage.load_state_dict(state)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, pipeline=None) -> LlavaDeft:
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, pipeline=None,
+               compile: bool | str = False) -> LlavaDeft:
     """Load a llava-deft model directory (``save_pretrained`` / a training export) for inference.
 
-    ``pipeline`` optionally replaces the saved reduction pipeline (dict, list of stages or YAML path).
+    ``pipeline`` optionally replaces the saved reduction pipeline (dict, list of stages or YAML path);
+    ``compile``: see :class:`LlavaDeft`.
     """
-    return LlavaDeft(LlavaDeftForCausalLM.from_pretrained(path, pipeline=pipeline), device, dtype)
+    return LlavaDeft(LlavaDeftForCausalLM.from_pretrained(path, pipeline=pipeline), device, dtype, compile=compile)

@@ -4,6 +4,8 @@ apply. The CUDA-graph capture of the same step is tested in tests/test_static_de
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -183,3 +185,50 @@ def test_what_cannot_be_captured_is_said_once(lms, caplog):
     assert caplog.text.count("cuda_graph: the prefill runs eagerly") == 1  # once per process and reason
     sliding = _build("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert "sliding" in decoder._log_uncaptured(static_unsupported(sliding), None)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_compiled_static_decoding_gives_the_plain_tokens(lms, model_type):
+    """``compile``: dynamo traces the static prefill and step (aot_eager: the tracing without generating
+    kernels) and the tokens equal the plain path's; compile=True implies the static decoder on CPU."""
+    lm = lms[model_type]
+    ids, mask, pos = _prompts([9, 4, 6], seed=21, gaps=True)
+    with torch.no_grad():
+        plain = _gen(lm, ids, mask, pos, static_cache=False)
+        lm.release_static()
+        compiled = _gen(lm, ids, mask, pos, compile="aot_eager")
+        dec = lm._static[1]
+        assert dec.compiled == "aot_eager" and dec._step_fn is not dec._step
+        again = _gen(lm, ids, mask, pos, compile="aot_eager")  # kept: the same decoder and compiled code
+        assert lm._static[1] is dec
+        uncompiled = _gen(lm, ids, mask, pos, static_cache=True)  # another key: a new, uncompiled decoder
+        assert lm._static[1] is not dec and lm._static[1]._step_fn == lm._static[1]._step
+    assert compiled.tolist() == plain.tolist() == again.tolist() == uncompiled.tolist()
+    lm.release_static()
+
+
+def test_inductor_compiled_logits_equal_the_uncompiled_static_ones(lms):
+    """The real backend (inductor's generated CPU kernels): prefill and step logits match the uncompiled
+    static decoder's to float32 rounding."""
+    lm = lms["llama"]
+    ids, mask, pos = _prompts([7, 3], seed=22)
+    with torch.no_grad():
+        ref = StaticDecoder(lm, 2, 32, torch.device("cpu"), torch.float32, capture=False)
+        comp = StaticDecoder(lm, 2, 32, torch.device("cpu"), torch.float32, capture=False, compile=True)
+        assert_close(comp.prefill(lm.embed(ids), mask, pos), ref.prefill(lm.embed(ids), mask, pos), rtol=1e-4, atol=1e-4)
+        nxt = pos[:, -1:] + 1
+        tok = torch.tensor([[5], [9]])
+        for _ in range(3):
+            assert_close(comp.step(tok, nxt), ref.step(tok, nxt), rtol=1e-4, atol=1e-4)
+            nxt = nxt + 1
+
+
+def test_compile_where_the_static_decoder_cannot_apply_says_so(lms, caplog):
+    lm = lms["llama"]
+    ids, mask, pos = _prompts([5], seed=23)
+    tova = build_pipeline({"llm": [{"name": "tova", "cache_max_size": 4}]}, dim=lm.hidden_size).llm
+    with caplog.at_level(logging.WARNING, logger="llava_deft.generate"), torch.no_grad():
+        out = _gen(lm, ids, mask, pos, stages=tova, compile=True)
+    assert out.shape == (1, 10)
+    assert "compile=True applies to the static decoder only" in caplog.text
+    assert "LLM stages keep their own cache" in caplog.text

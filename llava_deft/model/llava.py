@@ -643,6 +643,7 @@ class LlavaDeftForCausalLM(nn.Module):
         streamer=None,
         return_info: bool = False,
         cuda_graph: bool | None = None,
+        compile: bool | str = False,
         **media,
     ) -> Tensor | tuple:
         """Left-padded prompts (with images, videos, audio clips and/or text passages, as the collator
@@ -658,7 +659,9 @@ class LlavaDeftForCausalLM(nn.Module):
         with ``return_info``, whose trace needs eager calls), and, without LLM stages, the LLM's prefill
         (per prompt length) and decoding step replay from CUDA graphs captured at their second call and
         kept for later calls (``release_graphs()`` frees them); with cache policies, their steady decoding
-        steps. A part that cannot be captured is logged and runs eagerly. ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
+        steps. A part that cannot be captured is logged and runs eagerly. ``compile``: the LLM's prefill and
+        decoding step also go through ``torch.compile`` (see ``generate_from_embeds``; the first call of a
+        batch size compiles). ``max_new_tokens`` must be >= 1 and fit the LLM's context after the prompt
         (``ContextLengthError`` names both numbers); ``config.max_length`` bounds the prompt alone (the
         collator refuses longer samples).
         """
@@ -677,6 +680,7 @@ class LlavaDeftForCausalLM(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                 streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, return_cache=True, cuda_graph=cuda_graph,
+                compile=compile,
             )
         result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)
         if return_info:

@@ -249,18 +249,18 @@ class DecoderLM(nn.Module):
             self._stages = previous
 
     def static_decoder(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                       capture: bool) -> StaticDecoder:
+                       capture: bool, compile: bool | str = False) -> StaticDecoder:
         """A :class:`StaticDecoder` for this batch size, device and dtype with at least ``max_len`` slots, kept
         between calls (its buffers and CUDA graphs are reused) while the weights stay where they are: a call
         that needs more slots replaces it (it only grows; ``release_static()`` frees it); one is kept at a time."""
         fam = self.family
         weights = tuple(p.data_ptr() for p in (fam.embed_tokens.weight, fam.head.weight,
                                                next(fam.layers[0].parameters())))
-        key = (batch_size, torch.device(device), dtype, bool(capture), weights, self.training)
+        key = (batch_size, torch.device(device), dtype, bool(capture), compile, weights, self.training)
         if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len:
             return self._static[1]  # a larger cache serves a shorter call (its graphs stay; more masked slots read)
         self.release_static()  # free the old buffers before allocating new ones
-        decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture)
+        decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture, compile=compile)
         self._static = (key, decoder)
         return decoder
 
@@ -445,6 +445,7 @@ def generate_from_embeds(
     cuda_graph: bool | None = None,
     eos_check_every: int | None = None,
     static_cache: bool | None = None,
+    compile: bool | str = False,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -495,6 +496,13 @@ def generate_from_embeds(
             not False, full-attention layers under 'sdpa' or 'eager'); True: also on CPU or uncaptured
             (``cuda_graph=False``), ``ValueError`` where it cannot apply; False: never.
             With ``return_cache`` the cache returned is then the static one (a :class:`SlotCache`).
+        compile: run the static decoder's prefill and step through ``torch.compile`` (inductor fuses each
+            layer's norms, RoPE, activation and residual adds, which at batch 1 cost more than the matrix
+            products), captured in CUDA graphs as above. Turns ``static_cache`` on where it applies, CPU
+            included; where it cannot apply (LLM stages, sliding windows) a warning says why and the plain
+            path runs. The first call of a batch size compiles (tens of seconds for a 7B model); the
+            compiled code is kept with the static decoder. A string names another ``torch.compile`` backend
+            (``"aot_eager"`` traces without generating kernels: a quick check that a model compiles).
 
     The prompt occupies positions up to ``position_ids.max()`` (original, unreduced positions) and new
     tokens follow it, so ``position_ids.max() + 1 + max_new_tokens`` may not exceed the LLM's
@@ -538,16 +546,19 @@ def generate_from_embeds(
     runner = lm.bind_stages(stages) if stages is not None else lm._stages
     why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
     if static_cache is None:
-        static_cache = cuda_graph is not False and device.type == "cuda" and why_not is None
+        static_cache = (compile or cuda_graph is not False and device.type == "cuda") and why_not is None
         if cuda_graph is not False and device.type == "cuda" and why_not is not None:
             _log_uncaptured(why_not, runner)
     elif static_cache and why_not is not None:
         raise ValueError(f"static_cache=True cannot apply: {why_not}; pass static_cache=None or False")
+    if compile and not static_cache:
+        logger.warning("generate: compile=True applies to the static decoder only, which is off (%s); "
+                       "decoding uncompiled", why_not or "static_cache=False")
     static = None
     if static_cache:
         slots = -(-(prompt_len + max_new_tokens + 1) // BUCKET) * BUCKET
         dtype = next(lm.family.layers[0].parameters()).dtype
-        static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False)
+        static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False, compile=compile)
         logits, cache = static.prefill(inputs_embeds, attention_mask, position_ids), static.cache
     else:
         cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)

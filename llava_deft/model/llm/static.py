@@ -49,6 +49,12 @@ MAX_PREFILL_GRAPHS = 8  # captured prefills kept per decoder (one per prompt len
 KEEP_BYTES = 4 * 2**30  # a decoder whose cache holds more is freed after its call instead of kept for the next
 
 
+def _compiled(fn, dynamic: bool | None, backend: bool | str):
+    """``torch.compile(fn)``: inductor's default mode (``backend`` True) -- kernels fused, no CUDA graphs of its
+    own (the static decoder captures its graphs itself, so the two never nest) -- or the named backend."""
+    return torch.compile(fn, dynamic=dynamic, backend="inductor" if backend is True else backend)
+
+
 def static_unsupported(lm: Any) -> str | None:
     """Why ``lm`` cannot decode through a :class:`StaticDecoder`, or None when it can."""
     impl = getattr(lm.config, "_attn_implementation", "sdpa")
@@ -97,7 +103,7 @@ class StaticDecoder:
     docstring). Built by ``DecoderLM.static_decoder``; driven by ``generate_from_embeds``."""
 
     def __init__(self, lm: Any, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 capture: bool):
+                 capture: bool, compile: bool | str = False):
         cfg = lm.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -124,6 +130,11 @@ class StaticDecoder:
         self.graph_failed: str | None = None  # set when the step's capture failed (logged)
         self._prefills: OrderedDict[int, Any] = OrderedDict()  # prompt length -> "warm" | "eager" | graph
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for all graphs
+        self.compiled = compile
+        # torch.compile (inductor) fuses each layer's norms, RoPE, activation and residual adds into a few
+        # kernels; the CUDA graphs below then capture the compiled kernels. The first call of each compiles.
+        self._step_fn = _compiled(self._step, False, compile) if compile else self._step
+        self._prefill_fn = _compiled(self._prefill, None, compile) if compile else self._prefill
 
     def nbytes(self) -> int:
         """Bytes held by the key/value slots."""
@@ -141,24 +152,27 @@ class StaticDecoder:
         self.length = prompt_len
         for layer in self.cache.layers:
             layer.length = prompt_len
+        prefill = self._prefill_fn
         if not self.capture:
-            return self._prefill(embeds, attention_mask, position_ids)
+            return prefill(embeds, attention_mask, position_ids)
         state = self._prefills.pop(prompt_len, None)
         if state is None:  # first prompt of this length: warm up eagerly on a side stream (finds host syncs)
+            if self.compiled:  # compile first: compiling may wait for the device, which the warm-up refuses
+                prefill(embeds, attention_mask, position_ids)
             try:
-                out = warm_up(self.device, lambda: self._prefill(embeds, attention_mask, position_ids))
+                out = warm_up(self.device, lambda: prefill(embeds, attention_mask, position_ids))
                 state = "warm"
             except HostSyncError as e:
                 logger.warning("static decoding: the prefill of %d tokens cannot be captured in a CUDA graph (%s); "
                                "running it eagerly with the static cache instead", prompt_len, e)
-                state, out = "eager", self._prefill(embeds, attention_mask, position_ids)
+                state, out = "eager", prefill(embeds, attention_mask, position_ids)
         elif state == "eager":
-            out = self._prefill(embeds, attention_mask, position_ids)
+            out = prefill(embeds, attention_mask, position_ids)
         elif state == "warm":
             buffers = (embeds.clone(), attention_mask.clone(), position_ids.clone())
-            graph = self._capture(lambda: self._prefill(*buffers), f"the prefill of {prompt_len} tokens")
+            graph = self._capture(lambda: prefill(*buffers), f"the prefill of {prompt_len} tokens")
             if graph is None:
-                state, out = "eager", self._prefill(embeds, attention_mask, position_ids)
+                state, out = "eager", prefill(embeds, attention_mask, position_ids)
             else:
                 state = (graph[0], buffers, graph[1])
                 graph[0].replay()
@@ -220,25 +234,27 @@ class StaticDecoder:
             self.graph.replay()
             logits = self.logits
         elif self.capture and self._warmed and self.graph_failed is None:
-            captured = self._capture(self._step, "the decoding step")
+            captured = self._capture(self._step_fn, "the decoding step")
             if captured is None:
                 self.graph_failed = "see the log"
-                logits = self._step()
+                logits = self._step_fn()
             else:
                 self.graph, self.logits = captured
                 self.graph.replay()
                 logits = self.logits
         elif self.capture and self.graph_failed is None:  # warm-up (cuBLAS handles, autotuning) on a side stream
+            if self.compiled:  # compile first (see prefill); the step rewrites the same slot, so it may run twice
+                self._step_fn()
             try:
-                logits = warm_up(self.device, self._step)
+                logits = warm_up(self.device, self._step_fn)
                 self._warmed = True
             except HostSyncError as e:
                 self.graph_failed = str(e)
                 logger.warning("static decoding: the decoding step cannot be captured in a CUDA graph (%s); "
                                "decoding eagerly with the static cache instead", e)
-                logits = self._step()
+                logits = self._step_fn()
         else:
-            logits = self._step()
+            logits = self._step_fn()
         self.length += 1
         for layer in self.cache.layers:
             layer.length = self.length
