@@ -197,7 +197,6 @@ def copy_bandwidth_gbs(device: torch.device, gib: float = 1.0, repeats: int = 5)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     best = min(timed_ms(lambda: dst.copy_(src), device) for _ in range(repeats + 1))
-    del src, dst
     return 2 * n / (best / 1000) / 1e9
 
 
