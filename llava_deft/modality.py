@@ -289,6 +289,8 @@ class VideoKind(FileKind):
     def validate(self, batch):
         values, frames = batch.get("video_values"), batch.get("video_frames")
         n_frames = 0 if values is None else int(values.shape[0])
+        if values is None and (frames is None or not frames.numel()):
+            return  # no video: nothing to read from the device
         if n_frames != (0 if frames is None else int(frames.sum())) or (frames is not None and bool((frames < 1).any())):
             raise ValueError(
                 f"video_values has {n_frames} frames but video_frames {None if frames is None else frames.tolist()} "

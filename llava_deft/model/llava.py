@@ -530,19 +530,31 @@ class LlavaDeftForCausalLM(nn.Module):
 
     def _check_counts(self, input_ids: Tensor, attention_mask: Tensor, media: dict, n_items: dict[str, int], ids=None):
         """Per sample and kind, placeholders == media (``media[kind.counts_key]`` items per sample,
-        ``n_items[kind]`` in the batch)."""
+        ``n_items[kind]`` in the batch). Every kind is checked on the device and read back in one transfer
+        (each read waits for the queued kernels); the first mismatch, in kind then sample order, is raised."""
         am = attention_mask.bool()
+        keys = list(MODALITIES)
+        found, given = [], []
         for key, kind in MODALITIES.items():
-            per_sample = ((input_ids == self.media_token_ids[key]) & am).sum(1)
+            per_sample = ((input_ids == self.media_token_ids[key]) & am).sum(1)  # (B,)
             counts = media.get(kind.counts_key)
-            counts = counts if counts is not None else torch.zeros_like(per_sample)
-            bad = (per_sample != counts.to(per_sample.device)).nonzero().flatten().tolist()
+            found.append(per_sample)
+            given.append(per_sample.new_zeros(per_sample.shape) if counts is None else counts.to(per_sample))
+        found_t, given_t = torch.stack(found), torch.stack(given)  # (K, B)
+        if not found_t.numel():
+            return
+        table = torch.cat([found_t, given_t, given_t.sum(1, keepdim=True)], dim=1).tolist()  # one read
+        b = found_t.shape[1]
+        for key, row in zip(keys, table):
+            per_sample, counts, total = row[:b], row[b:2 * b], row[2 * b]
+            placeholder = MODALITIES[key].placeholder
+            bad = [i for i in range(b) if per_sample[i] != counts[i]]
             if bad:
                 i = bad[0]
                 name = ids[i] if ids is not None else f"#{i} of the batch"
-                raise MediaCountMismatchError(str(name), kind.placeholder, int(per_sample[i]), int(counts[i]))
-            if int(counts.sum()) != n_items[key]:
-                raise MediaCountMismatchError("<batch>", kind.placeholder, int(counts.sum()), n_items[key])
+                raise MediaCountMismatchError(str(name), placeholder, per_sample[i], counts[i])
+            if total != n_items[key]:
+                raise MediaCountMismatchError("<batch>", placeholder, total, n_items[key])
 
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
                        padding_side: str = "right", ids: list[str] | None = None, **media):
