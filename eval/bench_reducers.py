@@ -246,9 +246,10 @@ def time_to_first_token(model, batch: dict, pipes: list, device, repeats: int, w
     return [quartiles(t) for t in times]
 
 
-def profile_ttft(model, batch: dict, pipe, device, calls: int = 3, **gen) -> str:
-    """torch.profiler table (host and device time per ``record_function`` range and op, top 45 by host time)
-    of ``calls`` time-to-first-token calls with ``pipe``, after two warm-up calls (and captures)."""
+def profile_ttft(model, batch: dict, pipe, device, calls: int = 3, trace: Path | None = None, **gen) -> str:
+    """torch.profiler tables (host and device time per ``record_function`` range and op, top 45 by host time,
+    then top 30 by device time) of ``calls`` time-to-first-token calls with ``pipe``, after two warm-up calls
+    (and captures); ``trace``: also the timeline, gzipped Chrome trace JSON (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     model.pipeline = pipe
@@ -260,7 +261,22 @@ def profile_ttft(model, batch: dict, pipe, device, calls: int = 3, **gen) -> str
         for _ in range(calls):
             model.generate(**batch, max_new_tokens=1, **gen)
         _sync(device)
-    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60)
+    if trace is not None:
+        import gzip
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    table = prof.key_averages()
+    by_host = table.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60)
+    if device.type != "cuda":
+        return by_host
+    return by_host + "\n\nBy device time:\n\n" + table.table(sort_by="self_cuda_time_total", row_limit=30,
+                                                              max_name_column_width=60)
 
 
 def run(args) -> list[dict]:
@@ -295,8 +311,10 @@ def run(args) -> list[dict]:
                 want = args.profile.split("@")
                 pipe = next(p for r, p in done if r["reducer"] == want[0] and
                             (len(want) == 1 or r["ratio"] == float(want[1])))
+                trace = Path(args.out) / f"{args.name or 'bench_reducers'}_{shape}_b{b}_trace.json.gz"
+                trace.parent.mkdir(parents=True, exist_ok=True)
                 args.profiles.append(f"## {shape}, batch {b}, {args.profile}\n\n"
-                                     + profile_ttft(model, batch, pipe, device, **gen))
+                                     + profile_ttft(model, batch, pipe, device, trace=trace, **gen))
             for (row, _), (median, iqr) in zip(done, ttfts):
                 row["ttft_ms"], row["ttft_iqr_ms"] = median, iqr
         del model
