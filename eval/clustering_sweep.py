@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N test questions")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6])
     p.add_argument("--reducers", nargs="*", default=["random", "pool", "tome"])
-    p.add_argument("--target", type=float, default=99.0, help="% of the base accuracy clustering must keep")
+    p.add_argument("--target", type=float, default=99.0, help="%% of the base accuracy clustering must keep")
     p.add_argument("--max-share", type=float, default=0.5, help="... with at most this share of the tokens")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
