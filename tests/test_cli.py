@@ -66,3 +66,23 @@ def test_generate_with_a_text_passage_and_a_missing_audio_file(tmp_path, tiny_mo
     assert capsys.readouterr().out == expected + "\n"
     assert main(["generate", "--model", str(tmp_path / "m"), "--audio", str(tmp_path / "x.wav"), "q"]) == 2
     assert "audio file '" in (err := capsys.readouterr().err) and "x.wav': does not exist" in err
+
+
+def test_generate_compile_flag_reaches_the_model(tmp_path, tiny_model, capsys, monkeypatch):
+    """``--compile`` loads the model with ``compile=True``; the answer equals the uncompiled one (aot_eager here:
+    inductor's CPU kernels take a minute to build; tests/test_static_decode.py runs inductor itself)."""
+    import llava_deft.inference as inference
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    seen = []
+
+    def load(path, device=None, pipeline=None, compile=False):
+        seen.append(compile)
+        return real(path, device=device, pipeline=pipeline, compile="aot_eager" if compile else False)
+
+    real = inference.load_model
+    monkeypatch.setattr(inference, "load_model", load)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--compile", "--max-new-tokens", "3", "hello"]) == 0
+    expected = real(tmp_path / "m", device="cpu").generate("hello", max_new_tokens=3)
+    assert seen == [True] and capsys.readouterr().out == expected + "\n"
