@@ -356,15 +356,19 @@ class LlavaDeft:
     # ------------------------------------------------------------------ generation
     def _answer(self, batch: dict, *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, pipeline=None,
-                retention: float | None = None, streamer=None) -> tuple[list[str], GenerationInfo]:
-        """Generate for a collated batch under ``reduction(pipeline, retention)``: (texts, info)."""
+                retention: float | None = None, streamer=None,
+                with_info: bool = True) -> tuple[list[str], GenerationInfo | None]:
+        """Generate for a collated batch under ``reduction(pipeline, retention)``: (texts, info). Without
+        ``with_info`` info is None and the pipeline may replay from a CUDA graph (recording what each stage
+        kept needs its eager calls)."""
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         with torch.no_grad(), self.reduction(pipeline, retention):
-            out, info = self.model.generate(
+            out = self.model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                top_k=top_k, top_p=top_p, generator=gen, streamer=streamer, return_info=True,
+                top_k=top_k, top_p=top_p, generator=gen, streamer=streamer, return_info=with_info,
                 compile=self.compile,
             )
+        out, info = out if with_info else (out, None)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], info
 
     def generate(
@@ -401,7 +405,8 @@ class LlavaDeft:
         batch = self._collate([[{"role": "user", "content": p}] for p in prompts],
                               self._media_lists(given, len(prompts), single), system)
         answers, info = self._answer(batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed, pipeline=pipeline, retention=retention)
+                                     top_k=top_k, top_p=top_p, seed=seed, pipeline=pipeline, retention=retention,
+                                     with_info=return_stats)
         out = answers[0] if single else answers
         return (out, info) if return_stats else out
 
@@ -424,7 +429,7 @@ class LlavaDeft:
         conversation = check_messages(messages, system)
         given = {"image": images, "video": videos, "audio": audios, "text": texts}
         batch = self._collate([conversation], self._media_lists(given, 1, True), system)
-        answers, info = self._answer(batch, **options)
+        answers, info = self._answer(batch, with_info=return_stats, **options)
         return (answers[0], info) if return_stats else answers[0]
 
     def stream(
