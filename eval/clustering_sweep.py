@@ -12,6 +12,13 @@ some threshold keeps >= ``--target`` % of the base at <= ``--max-share`` of the 
 
     python eval/clustering_sweep.py --model runs/easyvqa_tiny/final --task easyvqa --limit 2000
     python eval/clustering_sweep.py --model M --task video_shapes --thresholds 0.9 0.8
+    python eval/clustering_sweep.py --model M --test passkey/test.json --layer 2    # inside the LLM
+
+``--layer N`` runs ``recursive_compression_llm`` after decoder layer ``N - 1`` instead (on the hidden states
+of the media tokens, similarity mixed with their attention profiles by ``--attention-weight``); its share
+of tokens is what the layers from ``N`` on see (the stage's own ``tokens_out / tokens_in`` over the test
+set), and the baseline at each achieved share is FastV at the same layer dropping the rest (``--reducers``
+default ``fastv`` there).
 
 Writes ``<out>/<name>.{json,md,png}`` (accuracy against tokens kept, one line per method) with device,
 date and commit.
@@ -43,20 +50,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", default=None, help="or a LLaVA-JSON test file")
     p.add_argument("--limit", type=int, default=None, help="first N test questions")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6])
-    p.add_argument("--reducers", nargs="*", default=["random", "pool", "tome"])
+    p.add_argument("--reducers", nargs="*", default=None,
+                   help="baselines at the achieved shares (default random pool tome; with --layer: fastv)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="cluster inside the LLM, after decoder layer LAYER-1 (recursive_compression_llm), not before it")
+    p.add_argument("--attention-weight", type=float, default=0.3,
+                   help="with --layer: share of the attention-profile similarity (0: hidden states alone)")
     p.add_argument("--target", type=float, default=99.0, help="%% of the base accuracy clustering must keep")
     p.add_argument("--max-share", type=float, default=0.5, help="... with at most this share of the tokens")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None, help="output stem (default clustering_<task>_<device>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reducers is None:
+        args.reducers = ["fastv"] if args.layer is not None else ["random", "pool", "tome"]
+    if args.layer is not None and args.layer < 1:
+        p.error(f"--layer must be >= 1 (the stage runs after decoder layer LAYER-1), got {args.layer}")
+    return args
 
 
-def _pipeline_file(folder: Path, name: str, stages: list[dict]) -> str:
+def _pipeline_file(folder: Path, name: str, stages: list[dict], llm: list[dict] | None = None) -> str:
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"stages": stages}))
+    path.write_text(yaml.safe_dump({"stages": stages, **({"llm": llm} if llm else {})}))
     return str(path)
+
+
+def _clustering(args, folder: Path, t: float) -> str:
+    options = {"similarity_threshold": t, "adaptive_threshold": False, "use_residuals": False}
+    if args.layer is None:
+        return _pipeline_file(folder, f"rc_{t:g}", [{"name": "recursive_compression", **options}])
+    stage = {"name": "recursive_compression_llm", "layer": args.layer, "attention_weight": args.attention_weight, **options}
+    return _pipeline_file(folder, f"rc_{t:g}", [], [stage])
+
+
+def _share(args, result: dict, full_tokens: float) -> float:
+    """The share of media tokens the clustering row let through (before the LLM, or past its layer)."""
+    if args.layer is None:
+        return result["tokens_per_item"] / full_tokens
+    share = result.get("llm_token_share", {}).get(f"recursive_compression_llm@{args.layer}")
+    if share is None:
+        raise RuntimeError("recursive_compression_llm recorded no token counts; is the model's LLM deep enough "
+                           f"for --layer {args.layer}?")
+    return share
 
 
 def main(argv=None) -> dict:
@@ -68,31 +104,35 @@ def main(argv=None) -> dict:
     full_tokens = base["tokens_per_item"]
     rows = [{"method": "none", "setting": None, "accuracy": base["accuracy"]["all"], "tokens_per_item": full_tokens}]
     print(f"none: {100 * rows[0]['accuracy']:.2f} % at {full_tokens:.1f} tokens/item", flush=True)
+    method = "recursive_compression" if args.layer is None else f"recursive_compression_llm@{args.layer}"
     for t in args.thresholds:
-        stage = {"name": "recursive_compression", "similarity_threshold": t, "adaptive_threshold": False,
-                 "use_residuals": False}
-        r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, f"rc_{t:g}", [stage]), **common)[0]
-        rows.append({"method": "recursive_compression", "setting": t, "accuracy": r["accuracy"]["all"],
-                     "tokens_per_item": r["tokens_per_item"]})
-        print(f"recursive_compression @ {t:g}: {100 * r['accuracy']['all']:.2f} % at {r['tokens_per_item']:.1f} tokens/item",
-              flush=True)
+        r = evaluate_model(args.model, data, pipeline=_clustering(args, tmp, t), **common)[0]
+        share = _share(args, r, full_tokens)
+        rows.append({"method": method, "setting": t, "accuracy": r["accuracy"]["all"],
+                     "tokens_per_item": share * full_tokens})
+        print(f"{method} @ {t:g}: {100 * r['accuracy']['all']:.2f} % at {share * full_tokens:.1f} tokens/item", flush=True)
     achieved = sorted({round(row["tokens_per_item"] / full_tokens, 4) for row in rows if row["method"] != "none"})
     for name in args.reducers:
         for share in achieved:
             if not 0 < share < 1:
                 continue
-            r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, name, [{"name": name}]), ratios=[share],
-                               **common)[0]
-            rows.append({"method": name, "setting": share, "accuracy": r["accuracy"]["all"],
-                         "tokens_per_item": r["tokens_per_item"]})
-            print(f"{name} @ {share:g}: {100 * r['accuracy']['all']:.2f} % at {r['tokens_per_item']:.1f} tokens/item", flush=True)
+            if args.layer is None:
+                r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, name, [{"name": name}]), ratios=[share],
+                                   **common)[0]
+                tokens = r["tokens_per_item"]
+            else:  # an LLM stage dropping the rest at the same layer (fastv's drop_ratio); its share is nominal
+                stage = {"name": name, "layer": args.layer, "drop_ratio": round(1 - share, 4)}
+                r = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, name, [], [stage]), **common)[0]
+                tokens = share * full_tokens
+            rows.append({"method": name, "setting": share, "accuracy": r["accuracy"]["all"], "tokens_per_item": tokens})
+            print(f"{name} @ {share:g}: {100 * r['accuracy']['all']:.2f} % at {tokens:.1f} tokens/item", flush=True)
     for row in rows:
         row["share_of_tokens"] = row["tokens_per_item"] / full_tokens
         row["percent_of_base"] = 100 * row["accuracy"] / rows[0]["accuracy"] if rows[0]["accuracy"] else None
-    passing = [r for r in rows if r["method"] == "recursive_compression" and r["share_of_tokens"] <= args.max_share
+    passing = [r for r in rows if r["method"] == method and r["share_of_tokens"] <= args.max_share
                and r["percent_of_base"] is not None and r["percent_of_base"] >= args.target]
     check = {"target_percent": args.target, "max_share": args.max_share, "passed": bool(passing),
-             "best": max((r for r in rows if r["method"] == "recursive_compression" and r["share_of_tokens"] <= args.max_share),
+             "best": max((r for r in rows if r["method"] == method and r["share_of_tokens"] <= args.max_share),
                          key=lambda r: r["accuracy"], default=None)}
     meta = run_metadata(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = {**meta, "script": "eval/clustering_sweep.py", "argv": sys.argv[1:] if argv is None else list(argv),
@@ -111,7 +151,10 @@ def markdown(r: dict, args) -> str:
     lines = [f"# Clustering at its achieved token ratios, training-free ({r['data']}; eval/clustering_sweep.py)", "",
              f"{r['date']}, {r['device']}, commit {r['commit']}, model `{r['model']}`; command "
              f"`python eval/clustering_sweep.py {' '.join(r['argv'])}`", "",
-             "recursive_compression: fixed floor (adaptive_threshold false), no residual gate; the other reducers at "
+             ("recursive_compression before the LLM" if args.layer is None else
+              f"recursive_compression_llm after decoder layer {args.layer - 1} (attention_weight {args.attention_weight:g}; "
+              f"tokens per item: media tokens the layers from {args.layer} on see)")
+             + ": fixed floor (adaptive_threshold false), no residual gate; the other reducers at "
              "the token shares clustering reached.", "",
              "| method | threshold / retention | tokens per item | share of tokens | accuracy (%) | % of none |",
              "|---|---|---|---|---|---|"]
@@ -125,8 +168,12 @@ def markdown(r: dict, args) -> str:
     lines += ["", f"Check: clustering keeps >= {c['target_percent']:g} % of the no-reduction accuracy with <= "
               f"{c['max_share']:g} of the tokens: **{'PASS' if c['passed'] else 'FAIL'}**"
               + (f" (best at <= {c['max_share']:g}: threshold {best['setting']:g}, {best['share_of_tokens']:.3f} of the "
-                 f"tokens, {best['percent_of_base']:.1f} % of none)" if best else " (no threshold reached that share)"), ""]
+                 f"tokens, {_pct(best['percent_of_base'])} of none)" if best else " (no threshold reached that share)"), ""]
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (the base scored 0)" if value is None else f"{value:.1f} %"
 
 
 def plot(r: dict, path: Path) -> None:

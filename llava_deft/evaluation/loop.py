@@ -42,7 +42,10 @@ def predict(model, dataset: Dataset, batch_size: int, max_new_tokens: int, devic
             workers: int = 0, progress: bool = True, **generate_kwargs) -> list[dict]:
     """Greedy answers: one ``{"id", "question_type", "prediction", "reference", "media_tokens", "media_items"}``
     per item in dataset order; ``media_tokens`` is what the sample's media gave the LLM after reduction,
-    ``media_items`` how many media items the sample has. ``generate_kwargs`` go to ``model.generate``."""
+    ``media_items`` how many media items the sample has. With LLM stages that count what they keep
+    (``last_stats`` ``tokens_in`` / ``tokens_out``: recursive_compression_llm, progressive_compression,
+    pair_compress) each item also gets ``llm_tokens``: ``{"<stage>@<layer>": (in, out)}``, its batch's mean
+    tokens per row going into and out of the stage's prefill. ``generate_kwargs`` go to ``model.generate``."""
     collate = build_collator(model.processors, generation=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=lambda s: (collate(s), [x.get("question_type", "all") for x in s]))
@@ -52,10 +55,22 @@ def predict(model, dataset: Dataset, batch_size: int, max_new_tokens: int, devic
         ids, n_media = model.generate(**batch, max_new_tokens=max_new_tokens, return_media_tokens=True, **generate_kwargs)
         preds = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
         items = _media_items(batch, len(preds))
+        llm = _llm_tokens(model)
         for sid, qtype, pred, ref, n, k in zip(batch["ids"], qtypes, preds, batch["references"], n_media.tolist(), items):
             out.append({"id": sid, "question_type": qtype, "prediction": pred.strip(), "reference": ref,
-                        "media_tokens": int(n), "media_items": int(k)})
+                        "media_tokens": int(n), "media_items": int(k), **({"llm_tokens": llm} if llm else {})})
     return out
+
+
+def _llm_tokens(model) -> dict[str, tuple[float, float]]:
+    """``{"<stage>@<layer>": (tokens_in, tokens_out)}`` of the LLM stages whose last prefill counted them."""
+    found = {}
+    for stage in getattr(getattr(model, "pipeline", None), "llm", None) or ():
+        stats = getattr(stage, "last_stats", None) or {}
+        if "tokens_in" in stats and "tokens_out" in stats:
+            name = f"{getattr(stage, 'stage_name', type(stage).__name__)}@{getattr(stage, 'layer', '?')}"
+            found[name] = (float(stats["tokens_in"]), float(stats["tokens_out"]))
+    return found
 
 
 def _media_items(batch: dict, n: int) -> list[int]:
@@ -76,7 +91,9 @@ def ids_digest(ids: list[str]) -> str:
 
 def score(predictions: list[dict]) -> dict:
     """Exact match overall ("all") and per question type, counts, media tokens per sample and per media
-    item, and the per-question record ``correct`` ("0"/"1" per question in order) with ``ids_digest``."""
+    item, the per-question record ``correct`` ("0"/"1" per question in order) with ``ids_digest``, and,
+    where items carry ``llm_tokens``, ``llm_token_share``: per LLM stage, the tokens it let through over
+    those it got (summed over items)."""
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     bits = []
@@ -88,6 +105,12 @@ def score(predictions: list[dict]) -> dict:
             total[key] += 1
     n = max(1, len(predictions))
     items = sum(p.get("media_items", 1) for p in predictions)
+    flows: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for p in predictions:
+        for name, (t_in, t_out) in p.get("llm_tokens", {}).items():
+            flows[name][0] += t_in
+            flows[name][1] += t_out
+    share = {name: (t_out / t_in if t_in else None) for name, (t_in, t_out) in flows.items()}
     return {
         "accuracy": {k: correct[k] / total[k] for k in sorted(total)},
         "counts": dict(sorted(total.items())),
@@ -95,6 +118,7 @@ def score(predictions: list[dict]) -> dict:
         "tokens_per_item": sum(p["media_tokens"] for p in predictions) / max(1, items),
         "correct": "".join(bits),
         "ids_digest": ids_digest([p["id"] for p in predictions]),
+        **({"llm_token_share": share} if share else {}),
     }
 
 
