@@ -18,6 +18,12 @@ Shapes (``B`` rows, ``N`` padded length, ``D`` width, ``S`` semantic width)::
                                 token of the feature layer, or the mean over all queries without one),
                                 set by the image tower when a stage asks for it (``visionzip``);
                                 None otherwise. Follows the kept tokens like ``scores``.
+    sizes     (B, N)     float  optional: how many input tokens each token stands for, set by a stage that
+                                merges and asks the LLM for proportional attention (``recursive_compression``
+                                with ``proportional_attention``); None = every token is itself (size 1).
+                                Follows the kept tokens; a later merge adds the sizes it merges; tokens
+                                that RTD recovers come back with size 1. The LLM adds ``log(size)`` to the
+                                attention logits of each key (ToMe's proportional attention).
     query     (B, Q, D)  float  optional: the embeddings of the text that asks about each row (the
                                 row's own sample's PROMPT tokens, at the LLM's input-embedding width,
                                 D) for stages that score tokens by their relevance to it (``fgcs`` with
@@ -128,6 +134,7 @@ class TokenBatch:
     encoder_attention: Tensor | None = None
     query: Tensor | None = None
     query_mask: Tensor | None = None
+    sizes: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     kinds: frozenset[int] | None = None
@@ -299,7 +306,7 @@ class TokenBatch:
         return self.replace(query=query, query_mask=query_mask)
 
     def _require_fresh(self, what: str) -> None:
-        set_fields = [k for k in ("scores", "features", "pruned") if getattr(self, k) is not None]
+        set_fields = [k for k in ("scores", "features", "pruned", "sizes") if getattr(self, k) is not None]
         set_fields += [k for k in ("losses", "stats") if getattr(self, k)]
         if set_fields:
             raise ValueError(

@@ -67,7 +67,7 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str, width: int | None
     tokens, so a caller must only pass true bounds.
     ``None``: the largest number kept in any row (and dropped, for ``pruned``), read from the device (a
     host synchronisation; for callers without a bound). Shorter rows are padded and masked.
-    Row-aligned tensors (``scores``, ``features``, ``encoder_attention``) follow the kept tokens; the dropped tokens'
+    Row-aligned tensors (``scores``, ``features``, ``encoder_attention``, ``sizes``) follow the kept tokens; the dropped tokens'
     ``scores`` go to ``pruned.scores`` (None when the batch has no scores). ``stats[stage]``: ``tokens_in``,
     ``tokens_out`` (means per row) and ``kept_fraction``, 0-dim tensors.
     """
@@ -101,6 +101,7 @@ def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str, width: int | None
         scores=None if batch.scores is None else batch.scores.gather(1, k_idx),
         features=None if batch.features is None else gather_rows(batch.features, k_idx),
         encoder_attention=None if batch.encoder_attention is None else batch.encoder_attention.gather(1, k_idx),
+        sizes=None if batch.sizes is None else batch.sizes.gather(1, k_idx) * k_mask,
         pruned=pruned,
     )
     before = batch.mask.sum(1).float()
@@ -226,7 +227,8 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
     its window (tokens an earlier reducer removed are simply absent); its ``index`` is the
     smallest original index in the window, and outputs are in ascending ``index``. The
     window's other tokens go to ``pruned`` unchanged, so kept ∪ pruned covers every input
-    token by index. ``features``, ``scores`` and ``encoder_attention`` are pooled like the tokens.
+    token by index. ``features``, ``scores`` and ``encoder_attention`` are pooled like the tokens; ``sizes``
+    (when an earlier stage set them) are summed over the window.
 
     Windows are counted on the full original grid, so after an earlier reducer a row may end
     up with fewer tokens than the budget (never more).
@@ -251,8 +253,12 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
             return None
         return gather_rows(window_mean(x, batch.mask, cell, n), out_cell)
 
+    sizes = None
+    if batch.sizes is not None:  # a window stands for every input token its members stood for
+        total = torch.zeros_like(batch.sizes).scatter_add(1, cell, torch.where(batch.mask, batch.sizes, 0))
+        sizes = total.gather(1, out_cell) * out.mask
     out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores),
-                      encoder_attention=pooled(batch.encoder_attention))
+                      encoder_attention=pooled(batch.encoder_attention), sizes=sizes)
     out.stats[stage]["kernel"] = k.float().mean()
     out.stats[stage]["time_kernel"] = kt.float().mean()
     return out

@@ -599,7 +599,7 @@ class LlavaDeftForCausalLM(nn.Module):
             spliced = splice_media(
                 input_ids, attention_mask, text, is_placeholder,
                 media.tokens, media.mask, media.index, media.layout.prod(1), labels, padding_side,
-                media_modality=media.modality,
+                media_modality=media.modality, media_sizes=media.sizes,
             )
         return spliced, losses, stats
 
@@ -619,7 +619,7 @@ class LlavaDeftForCausalLM(nn.Module):
         sp, aux, stats = self.prepare_inputs(input_ids, attention_mask, labels, ids=ids, **_media_inputs(media))
         runner = self.llm.bind_stages(self.pipeline.llm)  # None without LLM stages
         logits, _ = self.llm(sp.embeds, sp.attention_mask, sp.position_ids, stages=runner or self.pipeline.llm,
-                             token_kinds=sp.kinds)
+                             token_kinds=sp.kinds, token_sizes=sp.sizes)
         aux = {**aux, **collect_losses(self.pipeline.llm)}  # LLM stages' auxiliary losses (recursive_compression_llm)
         loss = lm_loss = None
         if sp.labels is not None and self.loss_window is not None:
@@ -691,7 +691,8 @@ class LlavaDeftForCausalLM(nn.Module):
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, return_cache=True, cuda_graph=cuda_graph,
+                streamer=streamer, stages=llm_stages, token_kinds=sp.kinds, token_sizes=sp.sizes, return_cache=True,
+                cuda_graph=cuda_graph,
                 compile=compile,
             )
         result = (out, sp.media_positions.sum(1)) if return_media_tokens else (out,)

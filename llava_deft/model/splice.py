@@ -28,6 +28,7 @@ class Spliced:
     labels: Tensor | None  # (B, L') long, IGNORE_INDEX on media, prompt and padding
     media_positions: Tensor  # (B, L') bool, True where a media token sits
     kinds: Tensor | None = None  # (B, L') long: pipeline.llm.TEXT_KIND (-1) for text, else the Modality code
+    sizes: Tensor | None = None  # (B, L') float: input tokens each token stands for (1 for text); None: all 1
 
 
 def splice_media(
@@ -42,6 +43,7 @@ def splice_media(
     labels: Tensor | None = None,
     padding_side: str = "right",
     media_modality: Tensor | None = None,
+    media_sizes: Tensor | None = None,
 ) -> Spliced:
     """Vectorised splice.
 
@@ -49,6 +51,8 @@ def splice_media(
     media_tokens: (M, K, D); media_mask, media_index: (M, K); media_orig_len: (M,)
     ``M`` must equal ``is_placeholder.sum()`` (checked by the caller, which can name the sample).
     ``media_modality`` (M,) long: each media row's ``Modality`` code, written into ``Spliced.kinds``.
+    ``media_sizes`` (M, K) float: ``TokenBatch.sizes`` of the media rows, written into ``Spliced.sizes``
+    (text and padding 1); None leaves ``Spliced.sizes`` None.
     """
     b, l, d = text_embeds.shape
     dev = text_embeds.device
@@ -85,6 +89,7 @@ def splice_media(
         1, col, torch.where(am, pos_start, torch.zeros_like(pos_start)))
     is_media = torch.zeros(b, out_len + 1, dtype=torch.bool, device=dev)
     kinds = torch.full((b, out_len + 1), -1, dtype=torch.long, device=dev)  # pipeline.llm.TEXT_KIND
+    sizes = None if media_sizes is None else torch.ones(b, out_len + 1, dtype=media_sizes.dtype, device=dev)
     out_labels = None
     if labels is not None:
         out_labels = torch.full((b, out_len + 1), IGNORE_INDEX, dtype=torch.long, device=dev).scatter(1, col, labels)
@@ -109,9 +114,12 @@ def splice_media(
         is_media = put(is_media, sel)
         if media_modality is not None:
             kinds = put(kinds, media_modality.to(dev).unsqueeze(1).expand_as(rank))
+        if sizes is not None:
+            sizes = put(sizes, media_sizes.to(dev))
     embeds, out_mask, pos, is_media, kinds = (t[:, :out_len] for t in (embeds, out_mask, pos, is_media, kinds))
     out_labels = None if out_labels is None else out_labels[:, :out_len]
-    return Spliced(embeds, out_mask, pos, out_labels, is_media, kinds)
+    sizes = None if sizes is None else sizes[:, :out_len]
+    return Spliced(embeds, out_mask, pos, out_labels, is_media, kinds, sizes)
 
 
 def window_labels(labels: Tensor, attention_mask: Tensor, window: int) -> Tensor:

@@ -8,7 +8,11 @@ math and its guarantees are in :mod:`pipeline.recursive`'s docstring):
   threshold merge into their size-weighted mean, kept at the anchor's (first member's) ``index``. The
   number kept depends on the data: the output is as wide as the input (no host read), real tokens first;
   merged-away tokens go to ``pruned`` with their own values. Similarity: the tokens' (no attention before
-  the LLM). ``batch.losses["recursive_compression_contrastive"]`` in training.
+  the LLM). ``batch.losses["recursive_compression_contrastive"]`` in training. ``proportional_attention``
+  (default on): the output's ``TokenBatch.sizes`` say how many input tokens each cluster stands for, and
+  the LLM adds ``log(size)`` to the attention logits of each merged key in every layer and while decoding
+  (ToMe's proportional attention): a cluster of s identical tokens then draws the attention the s tokens
+  drew. Off: a cluster weighs as one token.
 - ``recursive_compression_llm`` (a layer stage, after decoder layer ``layer - 1``): the same on the
   hidden states of MEDIA tokens (text is never merged; a cluster never spans two media items or a text
   token), similarity mixed with the tokens' attention profiles from the probe of the last ``num_queries``
@@ -84,8 +88,9 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
                  threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1, modulator_dim: PosInt = 64,
                  use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
-                 max_cluster_size: PosInt | None = None):
+                 max_cluster_size: PosInt | None = None, proportional_attention: bool = True):
         super().__init__()
+        self.proportional_attention = proportional_attention
         self.core = RecursiveCompressionLayer(
             dim, similarity_threshold=similarity_threshold, attention_weight=0.0, adaptive_threshold=adaptive_threshold,
             use_residuals=use_residuals, contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
@@ -95,9 +100,10 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
         self.last_assignment: Tensor | None = None
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
-        comp = self.core.compress(batch.tokens, batch.mask)
+        comp = self.core.compress(batch.tokens, batch.mask, size=batch.sizes)  # earlier merges weigh by their sizes
         owner = comp.owner.clamp(min=0)
-        weight = comp.size.new_ones(comp.size.shape) * batch.mask.to(comp.size.dtype)  # every input token: size 1
+        weight = (comp.size.new_ones(comp.size.shape) if batch.sizes is None else batch.sizes.to(comp.size.dtype)) \
+            * batch.mask.to(comp.size.dtype)
 
         def averaged(x: Tensor | None) -> Tensor | None:  # features / scores follow the clusters
             if x is None:
@@ -108,7 +114,11 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
             return mean.squeeze(-1) if x.dim() == 2 else mean
 
         n = batch.mask.shape[1]
-        merged = batch.replace(tokens=comp.merged, features=averaged(batch.features), scores=averaged(batch.scores))
+        sizes = batch.sizes
+        if self.proportional_attention or sizes is not None:  # each kept cluster stands for its members' sizes
+            sizes = torch.where(comp.keep, comp.size, weight)
+        merged = batch.replace(tokens=comp.merged, features=averaged(batch.features), scores=averaged(batch.scores),
+                               sizes=sizes)
         out = split_by_mask(merged, comp.keep, self.stage_name, width=n, drop_width=n)  # widths from shapes
         stats = comp.stats(batch.mask)
         out.stats[self.stage_name].update({k: stats[k] for k in ("compression_ratio", "threshold", "mean_cluster_size")})

@@ -68,7 +68,7 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
     ``batch.pruned``; rec_mask (B, R) bool: which of the R are real. Recovered tokens leave
     ``pruned`` (compacted, padding last); their ``scores`` are their pruned scores (output
     ``scores`` is None when ``batch.scores`` is). ``features`` becomes None (pruned tokens
-    have no stored features).
+    have no stored features); ``sizes``, when set, give each recovered token size 1.
     """
     pruned = batch.pruned
     index = torch.cat([batch.index, pruned.index.gather(1, rec_idx)], dim=1)  # (B, N + R)
@@ -78,6 +78,9 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
     scores = None
     if batch.scores is not None and pruned.scores is not None:
         scores = torch.cat([batch.scores, pruned.scores.gather(1, rec_idx)], dim=1).gather(1, order)
+    sizes = None
+    if batch.sizes is not None:  # a recovered token stands for itself
+        sizes = torch.cat([batch.sizes, rec_mask.to(batch.sizes.dtype)], dim=1).gather(1, order)
 
     # what stays pruned, compacted in original order (padding last)
     recovered = torch.zeros_like(pruned.mask).scatter(1, rec_idx, rec_mask)  # (B, P)
@@ -96,6 +99,7 @@ def merge_recovered(batch: TokenBatch, values: Tensor, rec_idx: Tensor, rec_mask
         scores=scores,
         features=None,
         encoder_attention=None,  # the recovered tokens have none
+        sizes=sizes,
         pruned=remaining,
     )
 

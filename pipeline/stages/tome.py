@@ -134,6 +134,16 @@ def group_mean(x: Tensor, mask: Tensor, dest: Tensor) -> tuple[Tensor, Tensor]:
     return mean.to(x.dtype), sizes
 
 
+def group_sizes(sizes: Tensor | None, mask: Tensor, dest: Tensor, merged: Tensor) -> Tensor | None:
+    """``TokenBatch.sizes`` after a merge: where ``merged`` (B, N), the sum of the sizes of the real tokens
+    sharing that ``dest`` slot; elsewhere a token's own. None stays None (no stage asked for sizes)."""
+    if sizes is None:
+        return None
+    total = torch.zeros_like(sizes).scatter_add(1, dest, torch.where(mask, sizes, torch.zeros((), dtype=sizes.dtype,
+                                                                                              device=sizes.device)))
+    return torch.where(merged, total, sizes)
+
+
 @register("tome")
 class TokenMerging(nn.Module):
     """Merge each row to ``ceil(retention_ratio * n)`` tokens by ToMe's size-weighted bipartite matching.
@@ -176,7 +186,8 @@ class TokenMerging(nn.Module):
         features, _ = merged(batch.features)
         scores, _ = merged(batch.scores)
         attention, _ = merged(batch.encoder_attention)
-        out = split_by_mask(batch.replace(tokens=tokens, features=features, scores=scores, encoder_attention=attention),
+        out = split_by_mask(batch.replace(tokens=tokens, features=features, scores=scores, encoder_attention=attention,
+                                          sizes=group_sizes(batch.sizes, batch.mask, dest, alive)),
                             alive, self.stage_name, *budget_widths(batch.mask.shape[1], self.retention_ratio))
         # split_by_mask keeps the alive slots in ascending index: the same order gives their sizes
         k = out.mask.shape[1]

@@ -42,7 +42,7 @@ from ..batch import TokenBatch
 from ..ops import budget, keep_mask_topk, split_by_mask, static_budget
 from ..registry import register
 from ..types import Ratio
-from .tome import group_mean
+from .tome import group_mean, group_sizes
 
 
 def visionzip_groups(
@@ -134,6 +134,7 @@ class VisionZip(nn.Module):
             batch.replace(
                 tokens=merged(batch.tokens), features=merged(batch.features), scores=score,
                 encoder_attention=merged(batch.encoder_attention),
+                sizes=group_sizes(batch.sizes, batch.mask, dest, centre),
             ),
             dominant | centre,
             self.stage_name,

@@ -234,7 +234,7 @@ class DecoderLM(nn.Module):
     def bind_stages(self, stages: "LLMStages | Sequence[nn.Module] | None") -> LLMStages | None:
         """LLM stages (``pipeline.llm``; e.g. ``build_pipeline(cfg, dim).llm``) bound to this model, or None."""
         if stages is None or isinstance(stages, LLMStages):
-            return stages or None
+            return stages  # an LLMStages of no stage is kept: it still adds token_sizes' log-size bias
         stages = list(stages)
         return LLMStages(self, stages) if stages else None
 
@@ -284,6 +284,7 @@ class DecoderLM(nn.Module):
         layer_hooks: Mapping[int, LayerHook] | None = None,
         stages: "LLMStages | Sequence[nn.Module] | None" = None,
         token_kinds: torch.Tensor | None = None,
+        token_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DynamicCache | None]:
         """Run the decoder on embeddings.
 
@@ -306,6 +307,10 @@ class DecoderLM(nn.Module):
                 per-slot validity).
             token_kinds: (B, L) long, ``pipeline.llm.TEXT_KIND`` for text, else the medium's
                 ``pipeline.Modality`` code (prefill with stages only; default all text).
+            token_sizes: (B, L) float, how many input tokens each prompt token stands for (a merge before
+                the LLM with proportional attention, ``TokenBatch.sizes``): every layer adds ``log(size)``
+                to the attention logits of each key, in the prefill and, through the cache, while decoding.
+                Runs through the LLM-stage runtime (with no stage when none is given; prefill only).
 
         Returns:
             logits (B, L', V) with L' = L or ``logits_to_keep``; the cache (None if not used).
@@ -316,11 +321,13 @@ class DecoderLM(nn.Module):
                 f"position_ids must have shape (B, L) = {(bsz, q_len)}, got {tuple(position_ids.shape)}"
             )
         runner = self.bind_stages(stages) if stages is not None else self._stages
+        if token_sizes is not None and runner is None:  # the runtime adds the log-size bias
+            runner = LLMStages(self, [])
         if runner is not None:
             if layer_hooks:
                 raise ValueError("layer_hooks and LLM stages cannot run together; express the hook as an LLM stage")
             return self._forward_staged(runner, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                        use_cache, logits_to_keep, token_kinds)
+                                        use_cache, logits_to_keep, token_kinds, token_sizes)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.hf.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -362,7 +369,7 @@ class DecoderLM(nn.Module):
         return logits, (past_key_values if use_cache else None)
 
     def _forward_staged(self, runner: LLMStages, inputs_embeds, attention_mask, position_ids, cache, use_cache,
-                        logits_to_keep, token_kinds):
+                        logits_to_keep, token_kinds, token_sizes=None):
         if cache is not None and not isinstance(cache, StagedCache):
             if cache.get_seq_length() > 0:
                 raise ValueError("with LLM stages the cache must be the StagedCache of their prefill; got a "
@@ -373,8 +380,10 @@ class DecoderLM(nn.Module):
             if use_cache and cache is None:
                 cache = runner.new_cache()
             logits = runner.prefill(inputs_embeds, attention_mask, position_ids, cache if use_cache else None,
-                                    token_kinds, logits_to_keep)
+                                    token_kinds, logits_to_keep, token_sizes)
             return logits, (cache if use_cache else None)
+        if token_sizes is not None:
+            raise ValueError("token_sizes are for the prefill; a decoding step's new token stands for itself")
         if inputs_embeds.shape[1] != 1:
             raise ValueError(f"with LLM stages a call after the prefill is one decoding step (L = 1), got L = "
                              f"{inputs_embeds.shape[1]}")
@@ -446,6 +455,7 @@ def generate_from_embeds(
     eos_check_every: int | None = None,
     static_cache: bool | None = None,
     compile: bool | str = False,
+    token_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Generate from left-padded prompt embeddings with a KV cache.
 
@@ -468,6 +478,8 @@ def generate_from_embeds(
             cache policies) run in the prefill and in every decoding step (default: ``lm.use_stages``'s).
         token_kinds: (B, P) long kinds of the prompt tokens (``pipeline.llm.TEXT_KIND`` or a
             ``pipeline.Modality`` code), for stages that act on media tokens.
+        token_sizes: (B, P) float, input tokens each prompt token stands for (``DecoderLM.forward``): the
+            log-size key bias in the prefill and in every step (the staged runtime, never the static decoder).
         return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
             gives per-layer slots, tokens, evictions and bytes).
         cuda_graph: without LLM stages, on CUDA: prefill and decode through a :class:`StaticDecoder` (keys
@@ -544,7 +556,10 @@ def generate_from_embeds(
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     next_pos = position_ids[:, -1:].to(device=device, dtype=torch.long) + 1  # (B, 1)
     runner = lm.bind_stages(stages) if stages is not None else lm._stages
-    why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
+    if token_sizes is not None and runner is None:  # merged prompt tokens: the runtime adds the log-size bias
+        runner = LLMStages(lm, [])
+    why_not = (static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
+               if runner.stages else "merged prompt tokens (token_sizes) need the staged runtime's log-size bias")
     if static_cache is None:
         static_cache = (compile or cuda_graph is not False and device.type == "cuda") and why_not is None
         if cuda_graph is not False and device.type == "cuda" and why_not is not None:
@@ -563,7 +578,7 @@ def generate_from_embeds(
     else:
         cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
         logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,
-                           stages=runner, token_kinds=token_kinds)
+                           stages=runner, token_kinds=token_kinds, token_sizes=token_sizes)
 
     tokens = torch.empty(bsz, 0, dtype=torch.long, device=device)
     graphed = None  # a GraphedStep once the cache is steady (cuda_graph=True)

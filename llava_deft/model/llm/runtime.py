@@ -368,7 +368,8 @@ class LLMStages:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
-                cache: StagedCache | None, token_kinds: Tensor | None, logits_to_keep: int) -> Tensor:
+                cache: StagedCache | None, token_kinds: Tensor | None, logits_to_keep: int,
+                token_sizes: Tensor | None = None) -> Tensor:
         lm, fam = self.lm, self.lm.family
         cfg = lm.config
         bsz, length, _ = inputs_embeds.shape
@@ -378,9 +379,13 @@ class LLMStages:
             self.trace.clear()
         mask = torch.ones(bsz, length, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         kinds = torch.full((bsz, length), TEXT_KIND, dtype=torch.long, device=dev) if token_kinds is None else token_kinds.to(dev)
+        size = None if token_sizes is None else token_sizes.to(device=dev, dtype=torch.float32)
         state = LayerState(hidden=fam.inputs(inputs_embeds, position_ids), mask=mask, positions=position_ids,
-                           index=torch.arange(length, device=dev).expand(bsz, length), kind=kinds)
-        attn_mask = create_causal_mask(cfg, inputs_embeds, attention_mask, None, position_ids=None)
+                           index=torch.arange(length, device=dev).expand(bsz, length), kind=kinds, size=size)
+        if size is not None:  # tokens merged before the LLM: proportional attention from the first layer on
+            attn_mask = self._size_mask(mask, size, state.hidden.dtype)
+        else:
+            attn_mask = create_causal_mask(cfg, inputs_embeds, attention_mask, None, position_ids=None)
         pe = fam.position_embeddings(state.hidden, position_ids)  # RoPE (cos, sin); GPT-2 ()
         use_cache = cache is not None
         reduced = False  # a layer stage dropped or moved tokens: columns are no longer the prompt's

@@ -1,0 +1,142 @@
+"""Proportional attention for tokens merged before the LLM (``TokenBatch.sizes`` -> ``Spliced.sizes`` ->
+``token_sizes``): a token of size s draws the attention s copies of it would. Exact against duplicated
+prompts where duplicates are indistinguishable (one layer, the copies at one position), and the sizes
+follow every stage that keeps, pools, merges or recovers tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from llava_deft.model.llm import generate_from_embeds
+from llava_deft.model.splice import splice_media
+from pipeline import TokenBatch, build_pipeline
+from pipeline.ops import split_by_mask
+from pipeline.stages.rtd import merge_recovered
+from tests.test_llm import _build
+
+
+def _prompts(lm, copies: list[int], seed: int = 0):
+    """The same prompt twice: token j repeated copies[j] times at one position, and once with size copies[j]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (1, len(copies)), generator=g)
+    embeds = lm.embed(ids).detach()
+    reps = torch.tensor(copies)
+    dup = embeds.repeat_interleave(reps, dim=1)
+    dup_pos = torch.arange(len(copies)).repeat_interleave(reps)[None]
+    return (dup, torch.ones(1, dup.shape[1], dtype=torch.long), dup_pos), \
+        (embeds, torch.ones(1, len(copies), dtype=torch.long), torch.arange(len(copies))[None], reps.float()[None])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_a_size_weighs_like_its_copies(model_type):
+    lm = _build(model_type, num_hidden_layers=1)
+    (dup, dup_mask, dup_pos), (emb, mask, pos, sizes) = _prompts(lm, [1, 3, 1, 2, 1])
+    with torch.no_grad():
+        ref, _ = lm(dup, dup_mask, dup_pos, logits_to_keep=1)
+        ours, _ = lm(emb, mask, pos, logits_to_keep=1, token_sizes=sizes)
+        plain, _ = lm(emb, mask, pos, logits_to_keep=1)
+    assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, ref, rtol=1e-4, atol=1e-4)  # without the sizes the copies weigh less
+
+
+def test_decoding_keeps_the_sizes_in_the_cache():
+    """Greedy generation after a sized prompt equals generation after the duplicated prompt (one layer):
+    every step's new token attends to the merged keys with their log-size bias."""
+    lm = _build("llama", num_hidden_layers=1)
+    (dup, dup_mask, dup_pos), (emb, mask, pos, sizes) = _prompts(lm, [2, 1, 4, 1], seed=3)
+    with torch.no_grad():
+        ref = generate_from_embeds(lm, dup, dup_mask, dup_pos, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+        ours = generate_from_embeds(lm, emb, mask, pos, max_new_tokens=6, eos_token_id=[], pad_token_id=0,
+                                    token_sizes=sizes)
+    assert ours.tolist() == ref.tolist()
+    with pytest.raises(ValueError, match="token_sizes are for the prefill"):
+        from llava_deft.model.llm.runtime import LLMStages
+
+        runner = LLMStages(lm, [])
+        cache = runner.new_cache()
+        lm(emb, mask, pos, cache, use_cache=True, stages=runner, token_sizes=sizes)
+        lm(emb[:, :1], None, pos[:, -1:] + 1, cache, use_cache=True, stages=runner, token_sizes=sizes[:, :1])
+
+
+def _batch(n: int = 12, b: int = 2, seed: int = 0) -> TokenBatch:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(b, 4, 8, generator=g)
+    tokens = base.repeat_interleave(n // 4, dim=1) + 1e-4 * torch.randn(b, n, 8, generator=g)  # runs of alike tokens
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, -2:] = False
+    return TokenBatch.from_tokens(tokens, mask, layout=torch.tensor([[1, 3, 4], [1, 2, 5]]))
+
+
+def test_clustering_sizes_sum_to_the_input_and_follow_later_stages():
+    batch = _batch()
+    pipe = build_pipeline([{"name": "recursive_compression", "similarity_threshold": 0.99, "adaptive_threshold": False,
+                            "use_residuals": False}], dim=8).eval()
+    out = pipe(batch)
+    assert out.sizes is not None and out.lengths.tolist() == [4, 4]
+    assert (out.sizes * out.mask).sum(1).tolist() == batch.lengths.float().tolist()
+    assert (out.sizes[out.mask] >= 1).all()
+    off = build_pipeline([{"name": "recursive_compression", "similarity_threshold": 0.99, "adaptive_threshold": False,
+                           "use_residuals": False, "proportional_attention": False}], dim=8).eval()
+    assert off(batch).sizes is None
+    # a second merge adds sizes; pooling sums them; ToMe merges them; every stage keeps the total
+    for stage in ({"name": "recursive_compression", "similarity_threshold": -1.0, "adaptive_threshold": False,
+                   "use_residuals": False}, {"name": "pool", "retention_ratio": 0.5}, {"name": "tome", "retention_ratio": 0.5}):
+        again = build_pipeline([stage], dim=8).eval()(out)
+        assert_close((again.sizes * again.mask).sum(1), batch.lengths.float()), stage["name"]
+
+
+def test_selection_and_recovery_move_the_sizes():
+    batch = _batch().replace(sizes=torch.arange(1, 13, dtype=torch.float32).expand(2, 12).clone())
+    keep = torch.zeros(2, 12, dtype=torch.bool)
+    keep[:, ::3] = True
+    out = split_by_mask(batch, keep, "s", width=4, drop_width=8)
+    assert out.sizes.tolist() == [[1.0, 4.0, 7.0, 10.0], [1.0, 4.0, 7.0, 10.0]]
+    rec_idx = torch.tensor([[0, 1], [0, 1]])
+    back = merge_recovered(out, out.pruned.tokens.gather(1, rec_idx[..., None].expand(-1, -1, 8)), rec_idx,
+                           torch.ones(2, 2, dtype=torch.bool))
+    assert back.index[0].tolist()[:4] == [0, 1, 2, 3] and back.sizes[0].tolist()[:4] == [1.0, 1.0, 1.0, 4.0]
+
+
+def test_splice_writes_media_sizes_and_ones_elsewhere():
+    ids = torch.tensor([[5, 99, 6, 7]])
+    text = torch.randn(1, 4, 8)
+    media = torch.randn(1, 3, 8)
+    out = splice_media(ids, torch.ones(1, 4, dtype=torch.long), text, ids == 99, media, torch.ones(1, 3, dtype=torch.bool),
+                       torch.tensor([[0, 2, 5]]), torch.tensor([6]), media_sizes=torch.tensor([[2.0, 3.0, 1.0]]))
+    assert out.sizes.tolist() == [[1.0, 2.0, 3.0, 1.0, 1.0, 1.0]]
+    plain = splice_media(ids, torch.ones(1, 4, dtype=torch.long), text, ids == 99, media, torch.ones(1, 3, dtype=torch.bool),
+                         torch.tensor([[0, 2, 5]]), torch.tensor([6]))
+    assert plain.sizes is None and torch.equal(plain.embeds, out.embeds)
+
+
+def test_the_model_passes_the_clusters_sizes_to_its_llm(tiny_model, monkeypatch):
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from llava_deft.data import build_collator
+
+    model = copy.deepcopy(tiny_model).eval()
+    model.pipeline = build_pipeline([{"name": "recursive_compression", "similarity_threshold": -1.0,
+                                      "adaptive_threshold": False, "use_residuals": False}], dim=model.llm.hidden_size)
+    items = [{"id": "a", "messages": [{"role": "user", "content": "<image>\nWhat?"}],
+              "images": [Image.fromarray(np.full((32, 32, 3), 90, np.uint8))]}]
+    batch = build_collator(model.processors, generation=True)(items)
+    seen = {}
+    real = type(model.llm).forward
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("token_sizes") is not None:  # the prefill (decoding steps stand for themselves)
+            seen["sizes"] = kwargs["token_sizes"]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.llm), "forward", spy)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=2)
+    sizes = seen["sizes"]
+    n_media = model.vision.grid[0] * model.vision.grid[1]
+    assert sizes.shape[0] == 1 and (sizes >= 1).all()
+    assert sizes.max() == n_media and (sizes == 1).sum() == sizes.shape[1] - 1  # one cluster holds the image
