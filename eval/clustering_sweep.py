@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="baselines at the achieved shares (default random pool tome; with --layer: fastv)")
     p.add_argument("--layer", type=int, default=None,
                    help="cluster inside the LLM, after decoder layer LAYER-1 (recursive_compression_llm), not before it")
+    p.add_argument("--stage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another option of the clustering stage (YAML value), e.g. within_frames=true; repeatable")
     p.add_argument("--attention-weight", type=float, default=0.3,
                    help="with --layer: share of the attention-profile similarity (0: hidden states alone)")
     p.add_argument("--target", type=float, default=99.0, help="%% of the base accuracy clustering must keep")
@@ -78,6 +80,11 @@ def _pipeline_file(folder: Path, name: str, stages: list[dict], llm: list[dict] 
 
 def _clustering(args, folder: Path, t: float) -> str:
     options = {"similarity_threshold": t, "adaptive_threshold": False, "use_residuals": False}
+    for item in args.stage_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--stage-option {item!r}: write KEY=VALUE")
+        options[key] = yaml.safe_load(value)
     if args.layer is None:
         return _pipeline_file(folder, f"rc_{t:g}", [{"name": "recursive_compression", **options}])
     stage = {"name": "recursive_compression_llm", "layer": args.layer, "attention_weight": args.attention_weight, **options}

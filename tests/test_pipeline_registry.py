@@ -72,7 +72,7 @@ SEED_DEFAULTS = {
     "recursive_compression": {
         "similarity_threshold": 0.85, "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1,
         "modulator_dim": 64, "use_residuals": True, "contrastive_margin": 0.2, "contrastive_weight": 0.1,
-        "projection_dim": 128, "max_cluster_size": None, "proportional_attention": True},
+        "projection_dim": 128, "max_cluster_size": None, "proportional_attention": True, "within_frames": False},
     "recursive_compression_llm": {
         "layer": 2, "similarity_threshold": 0.85, "attention_weight": 0.3, "num_queries": 8,
         "adaptive_threshold": True, "threshold_std": 1.0, "max_offset": 0.1, "modulator_dim": 64,

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from llava_deft.model.llm import generate_from_embeds
 from llava_deft.model.splice import splice_media
-from pipeline import TokenBatch, build_pipeline
+from pipeline import Modality, TokenBatch, build_pipeline
 from pipeline.ops import split_by_mask
 from pipeline.stages.rtd import merge_recovered
 from tests.test_llm import _build
@@ -140,3 +140,14 @@ def test_the_model_passes_the_clusters_sizes_to_its_llm(tiny_model, monkeypatch)
     n_media = model.vision.grid[0] * model.vision.grid[1]
     assert sizes.shape[0] == 1 and (sizes >= 1).all()
     assert sizes.max() == n_media and (sizes == 1).sum() == sizes.shape[1] - 1  # one cluster holds the image
+
+
+def test_within_frames_keeps_one_cluster_per_frame_at_least():
+    tokens = torch.ones(1, 8, 4)  # two 2x2 frames of one identical token
+    batch = TokenBatch.from_tokens(tokens, modality=Modality.VIDEO, layout=(2, 2, 2))
+    options = {"name": "recursive_compression", "similarity_threshold": 0.5, "adaptive_threshold": False,
+               "use_residuals": False}
+    across = build_pipeline([options], dim=4).eval()(batch)
+    within = build_pipeline([{**options, "within_frames": True}], dim=4).eval()(batch)
+    assert across.index[across.mask].tolist() == [0] and across.sizes[across.mask].tolist() == [8.0]
+    assert within.index[within.mask].tolist() == [0, 4] and within.sizes[within.mask].tolist() == [4.0, 4.0]

@@ -88,9 +88,11 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
                  threshold_std: NonNegFloat = 1.0, max_offset: NonNegFloat = 0.1, modulator_dim: PosInt = 64,
                  use_residuals: bool = True, contrastive_margin: NonNegFloat = 0.2,
                  contrastive_weight: NonNegFloat = 0.1, projection_dim: PosInt = 128,
-                 max_cluster_size: PosInt | None = None, proportional_attention: bool = True):
+                 max_cluster_size: PosInt | None = None, proportional_attention: bool = True,
+                 within_frames: bool = False):
         super().__init__()
         self.proportional_attention = proportional_attention
+        self.within_frames = within_frames
         self.core = RecursiveCompressionLayer(
             dim, similarity_threshold=similarity_threshold, attention_weight=0.0, adaptive_threshold=adaptive_threshold,
             use_residuals=use_residuals, contrastive_margin=contrastive_margin, contrastive_weight=contrastive_weight,
@@ -100,7 +102,10 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
         self.last_assignment: Tensor | None = None
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
-        comp = self.core.compress(batch.tokens, batch.mask, size=batch.sizes)  # earlier merges weigh by their sizes
+        frame = None
+        if self.within_frames:  # a cluster never spans two frames: each frame keeps a token at its own positions
+            frame = batch.index // batch.layout[:, 1:].prod(1, keepdim=True).clamp(min=1)
+        comp = self.core.compress(batch.tokens, batch.mask, size=batch.sizes, kind=frame)  # earlier merges: by size
         owner = comp.owner.clamp(min=0)
         weight = (comp.size.new_ones(comp.size.shape) if batch.sizes is None else batch.sizes.to(comp.size.dtype)) \
             * batch.mask.to(comp.size.dtype)
