@@ -225,6 +225,9 @@ class LlavaDeft:
 
     def __init__(self, model: LlavaDeftForCausalLM, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  compile: bool | str = False):
+        from .model.llm.decoder import check_compile
+
+        check_compile(compile)  # before the model moves anywhere
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except (RuntimeError, TypeError) as err:

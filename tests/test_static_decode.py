@@ -232,3 +232,15 @@ def test_compile_where_the_static_decoder_cannot_apply_says_so(lms, caplog):
     assert out.shape == (1, 10)
     assert "compile=True applies to the static decoder only" in caplog.text
     assert "LLM stages keep their own cache" in caplog.text
+
+
+def test_an_unknown_compile_backend_is_named(lms, tiny_model):
+    from llava_deft import LlavaDeft
+    from llava_deft.errors import InvalidArgumentError
+
+    ids, mask, pos = _prompts([4], seed=24)
+    with pytest.raises(InvalidArgumentError, match=r"compile='inductr': give True \(inductor\), False, or a torch.compile "
+                                                   r"backend name, one of \[.*'aot_eager'.*'inductor'"):
+        _gen(lms["llama"], ids, mask, pos, compile="inductr")
+    with pytest.raises(InvalidArgumentError, match="compile=3"):
+        LlavaDeft(tiny_model, device="cpu", compile=3)

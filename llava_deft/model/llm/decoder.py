@@ -47,7 +47,7 @@ from transformers.generation.logits_process import (
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ...encoders.weights import require_safetensors
-from ...errors import CheckpointError, ContextLengthError, VocabularyMismatchError
+from ...errors import CheckpointError, ContextLengthError, InvalidArgumentError, VocabularyMismatchError
 from .families import FAMILIES, Family, family_of
 from .runtime import GraphedStep, LLMStages, StagedCache, cache_kwarg
 from . import static as static_module
@@ -390,6 +390,18 @@ class DecoderLM(nn.Module):
         return runner.decode(inputs_embeds, position_ids, cache), cache
 
 
+def check_compile(compile: Any) -> None:
+    """``compile`` is False, True (inductor) or the name of a registered ``torch.compile`` backend."""
+    if isinstance(compile, bool):
+        return
+    import torch._dynamo
+
+    names = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(compile, str) or compile not in names:
+        raise InvalidArgumentError(f"compile={compile!r}: give True (inductor), False, or a torch.compile backend "
+                                   f"name, one of {sorted(names)}")
+
+
 _SAID: set[str] = set()
 
 
@@ -547,6 +559,7 @@ def generate_from_embeds(
     device = inputs_embeds.device
     if eos_check_every is None:
         eos_check_every = 8 if device.type == "cuda" else 1
+    check_compile(compile)
     if isinstance(eos_check_every, bool) or not isinstance(eos_check_every, int) or eos_check_every < 1:
         raise ValueError(f"eos_check_every must be an integer >= 1, got {eos_check_every!r}")
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
