@@ -151,3 +151,26 @@ def test_within_frames_keeps_one_cluster_per_frame_at_least():
     within = build_pipeline([{**options, "within_frames": True}], dim=4).eval()(batch)
     assert across.index[across.mask].tolist() == [0] and across.sizes[across.mask].tolist() == [8.0]
     assert within.index[within.mask].tolist() == [0, 4] and within.sizes[within.mask].tolist() == [4.0, 4.0]
+
+
+def test_training_through_sized_tokens_gives_finite_gradients(tiny_model):
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from llava_deft.data import build_collator
+
+    model = copy.deepcopy(tiny_model).train()
+    model.pipeline = build_pipeline([{"name": "recursive_compression", "similarity_threshold": 0.5}],
+                                    dim=model.llm.hidden_size).train()
+    items = [{"id": f"t{i}", "messages": [{"role": "user", "content": "<image>\nWhat colour?"},
+                                          {"role": "assistant", "content": "red"}],
+              "images": [Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8))]} for i in range(2)]
+    batch = build_collator(model.processors)(items)
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in model.llm.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pipeline.parameters())
