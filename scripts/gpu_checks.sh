@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU runs the open issues wait for, one group per call (each fits a 10-minute limit on one H100/H200):
+#
+#   bash scripts/gpu_checks.sh WHEELDIR OUT speed    # issue 16: CUDA tests (captured, compiled, no host sync),
+#                                                    #   batch 1/8 TTFT + decoding, then the compiled path
+#   bash scripts/gpu_checks.sh WHEELDIR OUT long     # issue 17: the long-context curriculum, the pair recipe,
+#                                                    #   eval/long_context.py (full vs the model's own stages)
+#   bash scripts/gpu_checks.sh WHEELDIR OUT pair     # issue 17: eval/bench_pair_compress.py at 8K / 32K
+#   bash scripts/gpu_checks.sh WHEELDIR OUT reducers # issue 16: the full eval/bench_reducers.py run
+#
+# WHEELDIR: wheels for the node's Python (see scripts/offline_gpu_env.sh); OUT: a folder for logs and results
+# (a device's $OUT). Run from the repository root; LLAVA_DEFT_COMMIT names the commit when the copy has no
+# git metadata. Each group writes <OUT>/<group>.log and its results (JSON, markdown, PNG) under <OUT>,
+# packed as <OUT>/<group>.tgz.
+set -uo pipefail
+if [ $# -ne 3 ]; then
+  echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers" >&2
+  exit 2
+fi
+WHEELS=$1 OUT=$2 GROUP=$3
+mkdir -p "$OUT"
+source scripts/offline_gpu_env.sh "$WHEELS" >/dev/null 2>&1 || { echo "gpu_checks: the wheels of $WHEELS did not install" >&2; exit 1; }
+export PYTHONWARNINGS=ignore
+log=$OUT/$GROUP.log
+res=$(mktemp -d)
+step() { echo "=== $(date -u +%T) $*" | tee -a "$log"; }
+quiet() { grep -v "it/s\]\|s/it\]"; }
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$log"
+case "$GROUP" in
+  speed)
+    step tests
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_static_decode_cuda.py tests/test_llm_stages_cuda.py \
+      tests/test_graphs.py -k "not whole_model or deft" 2>&1 | tail -15 >> "$log"
+    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_contract.py -k synchronise 2>&1 | tail -4 >> "$log"
+    step "bench (CUDA graphs)"
+    timeout 140 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers deft --ratios 0.11 \
+      --repeats 5 --steps 32 --out "$res" --name bench_graph 2>&1 | quiet | tail -25 >> "$log"
+    step "bench (CUDA graphs + torch.compile)"
+    timeout 270 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 --reducers deft --ratios 0.11 \
+      --repeats 5 --steps 32 --compile --profile deft@0.11 --out "$res" --name bench_compile 2>&1 | quiet | tail -30 >> "$log"
+    ;;
+  long)
+    step "train: short passages"
+    timeout 180 python3 -m llava_deft.train --config configs/train/passkey_long_a.yaml log_steps=100 >> "$log" 2>&1
+    step "train: 2K-8K passages"
+    timeout 190 python3 -m llava_deft.train --config configs/train/passkey_long.yaml log_steps=100 >> "$log" 2>&1
+    step "train: pair compression (base frozen)"
+    timeout 120 python3 -m llava_deft.train --config configs/train/passkey_long_pair.yaml log_steps=100 >> "$log" 2>&1
+    step eval
+    timeout 60 python3 eval/long_context.py --model runs/passkey_long_pair/final --policies full model \
+      --lengths 4096 8192 --n 100 --batch-size 25 --out "$res" --name pair_compress_long_context >> "$log" 2>&1
+    ;;
+  pair)
+    step bench_pair_compress
+    timeout 560 python3 eval/bench_pair_compress.py --iters 2 --repeats 1 --out "$res" --name bench_pair_compress 2>&1 \
+      | quiet | tail -30 >> "$log"
+    ;;
+  reducers)
+    step bench_reducers
+    timeout 570 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --repeats 5 --out "$res" \
+      --name bench_reducers 2>&1 | quiet | tail -60 >> "$log"
+    ;;
+  *)
+    echo "gpu_checks: unknown group '$GROUP' (speed, long, pair, reducers)" >&2
+    exit 2
+    ;;
+esac
+step done
+tar czf "$OUT/$GROUP.tgz" -C "$res" . 2>> "$log"
+tail -80 "$log"
