@@ -174,3 +174,24 @@ def test_training_through_sized_tokens_gives_finite_gradients(tiny_model):
     grads = [p.grad for p in model.llm.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pipeline.parameters())
+
+
+def test_the_probe_weighs_a_merged_key_like_its_copies():
+    """attention_probe with a log-size bias equals the probe over the duplicated keys, each key's copies
+    summed (GQA: 4 query heads over 2 KV heads)."""
+    from llava_deft.model.llm.probe import attention_probe
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    keys = torch.randn(2, 2, 5, 8, generator=g)
+    sizes = torch.tensor([[1, 3, 2, 1, 4], [2, 1, 1, 5, 1]])
+    allowed = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    allowed[1, :, :, 0] = False
+    ours = attention_probe(q, keys, allowed, 0.35, torch.log(sizes.float()).unsqueeze(1))
+    for row in range(2):
+        reps = sizes[row]
+        dup = keys[row:row + 1].repeat_interleave(reps, dim=2)
+        ref = attention_probe(q[row:row + 1], dup, allowed[row:row + 1].repeat_interleave(reps, dim=-1), 0.35)
+        owner = torch.arange(5).repeat_interleave(reps)
+        summed = torch.zeros(1, 4, 3, 5).index_add_(3, owner, ref)
+        assert_close(ours[row:row + 1], summed, rtol=1e-5, atol=1e-6)

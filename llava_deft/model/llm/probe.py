@@ -47,19 +47,23 @@ def project_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> 
     return _project(layer, hidden, cos, sin, "k_proj", "k_norm")
 
 
-def attention_probe(queries: Tensor, keys: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+def attention_probe(queries: Tensor, keys: Tensor, allowed: Tensor, scaling: float,
+                    bias: Tensor | None = None) -> Tensor:
     """Softmax attention probabilities (B, H, Q, T), float32.
 
     queries (B, H, Q, d); keys (B, H_kv, T, d) with H a multiple of H_kv (query head h reads KV head
     h // (H / H_kv), transformers' ``repeat_kv`` order); ``allowed`` bool, broadcastable to
     (B, H_kv, 1 or Q, T) (or (B, H, Q, T)): which keys each query may attend to. A query with no allowed
-    key (a padding position) gets all-zero probabilities.
+    key (a padding position) gets all-zero probabilities. ``bias`` (B, H_kv or 1, T): added to every
+    query's logits of that key, as the model's attention adds it (merged keys' ``log(size)``).
     """
     b, h, q, d = queries.shape
     hkv, t = keys.shape[1], keys.shape[2]
     g = h // hkv
     logits = torch.matmul(queries.reshape(b, hkv, g * q, d), keys.transpose(-1, -2))  # (B, H_kv, G*Q, T)
     logits = logits.view(b, hkv, g, q, t).float() * scaling
+    if bias is not None:
+        logits = logits + bias.float()[:, :, None, None, :]
     if allowed.dim() == 4 and allowed.shape[1] == h and h != hkv:
         allowed = allowed.view(b, hkv, g, *allowed.shape[2:])
     else:

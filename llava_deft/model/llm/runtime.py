@@ -279,7 +279,7 @@ class LLMStages:
         qcols = torch.arange(start, stop, device=keys.device)
         allowed = (cols.view(1, 1, -1) <= qcols.view(1, -1, 1)) & state.mask[:, None, :]  # (B, Q, L)
         allowed = allowed & state.mask[:, start:stop, None]  # padding queries attend to nothing
-        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer))
+        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer), _size_bias(state))
 
     def _stage_probe(self, layer: nn.Module, h_in: Tensor, pe: tuple[Tensor, Tensor], state: LayerState,
                      keys: Tensor, queries: "int | str | Tensor") -> Tensor:
@@ -310,7 +310,7 @@ class LLMStages:
         q = fam.queries(layer, rows(h_in), tuple(rows(x) for x in pe))  # pe: the family's per-position tensors
         cols = torch.arange(keys.shape[2], device=keys.device)
         allowed = (cols.view(1, 1, -1) <= qcols.unsqueeze(-1)) & mask[:, None, :] & qvalid.unsqueeze(-1)
-        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer))
+        return attention_probe(q, keys, allowed.unsqueeze(1), fam.scaling(layer), _size_bias(state))
 
     def _layer_keys(self, i: int, layer: nn.Module, h_in: Tensor, pe, cache: StagedCache | None) -> Tensor:
         if cache is not None:
@@ -337,7 +337,7 @@ class LLMStages:
             fam = self.lm.family
             q = fam.queries(layer, h_in, pe)
             allowed = tl.valid.unsqueeze(2)  # (B, H_kv, 1, T)
-            v = view(attention_probe(q, tl.keys, allowed, fam.scaling(layer)))
+            v = view(attention_probe(q, tl.keys, allowed, fam.scaling(layer), tl.extras.get(LOG_SIZE)))
             policy.update(v)
         else:
             length = state.hidden.shape[1]
@@ -556,6 +556,11 @@ class GraphedStep:
 LOG_SIZE = "log_size"
 """``TrackedLayer.extras`` key of the log-size of each cached key after a merging layer stage (``LayerState.size``);
 gathered with every eviction like a policy's extras, 0 (size 1) for tokens decoded later."""
+
+
+def _size_bias(state: LayerState) -> Tensor | None:
+    """(B, 1, L) log-size key bias of a state whose tokens carry sizes, for the probe; None otherwise."""
+    return None if state.size is None else _log_size(state.size).unsqueeze(1)
 
 
 def _log_size(size: Tensor) -> Tensor:
