@@ -87,6 +87,20 @@ def test_compiled_replay_gives_the_uncompiled_tokens(model_type):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_sized_prompts_replay_like_the_uncaptured_sized_decoder():
+    """token_sizes on CUDA: a sized static decoder (additive masks with the prompt's log-sizes) is captured and
+    replayed, with the uncaptured sized decoder's tokens."""
+    lm = tiny_lm()
+    embeds, mask, pos = prompts(lm, 3)
+    sizes = (torch.arange(40, device="cuda") % 3 + 1).float().expand(3, 40).contiguous()
+    outs = [gen(lm, embeds, mask, pos, token_sizes=sizes) for _ in range(3)]
+    dec = lm._static[1]
+    assert dec.sized and dec.graph is not None and isinstance(dec._prefills[40], tuple)
+    uncaptured = gen(lm, embeds, mask, pos, token_sizes=sizes, static_cache=True, cuda_graph=False)
+    for out in outs:
+        assert out.tolist() == uncaptured.tolist()
+
+
 def test_graph_is_reused_and_replays_without_host_syncs():
     lm = tiny_lm()
     embeds, mask, pos = prompts(lm, 2)

@@ -195,3 +195,38 @@ def test_the_probe_weighs_a_merged_key_like_its_copies():
         owner = torch.arange(5).repeat_interleave(reps)
         summed = torch.zeros(1, 4, 3, 5).index_add_(3, owner, ref)
         assert_close(ours[row:row + 1], summed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_the_static_decoder_carries_the_sizes(model_type):
+    """static_cache=True with token_sizes: a ``sized`` static decoder (additive masks, the prompt's log-sizes in
+    its slots) gives the duplicated prompt's tokens (one layer) and the staged runtime's (two layers)."""
+    one = _build(model_type, num_hidden_layers=1)
+    (dup, dup_mask, dup_pos), (emb, mask, pos, sizes) = _prompts(one, [2, 1, 3, 1], seed=7)
+    kw = {"max_new_tokens": 6, "eos_token_id": [], "pad_token_id": 0}
+    with torch.no_grad():
+        ref = generate_from_embeds(one, dup, dup_mask, dup_pos, **kw)
+        static = generate_from_embeds(one, emb, mask, pos, token_sizes=sizes, static_cache=True, **kw)
+        assert one._static[1].sized and static.tolist() == ref.tolist()
+        two = _build(model_type, num_hidden_layers=2)
+        staged = generate_from_embeds(two, emb, mask, pos, token_sizes=sizes, **kw)  # CPU default: the runtime
+        assert two._static is None
+        static2 = generate_from_embeds(two, emb, mask, pos, token_sizes=sizes, static_cache=True, **kw)
+        plain = generate_from_embeds(two, emb, mask, pos, static_cache=True, **kw)  # another, unsized decoder
+        assert not two._static[1].sized
+    assert static2.tolist() == staged.tolist()
+    assert plain.shape == staged.shape
+
+
+def test_a_sized_static_decoder_refuses_a_prompt_without_sizes():
+    from llava_deft.model.llm.static import StaticDecoder
+
+    lm = _build("llama", num_hidden_layers=1)
+    emb = lm.embed(torch.tensor([[3, 4]])).detach()
+    mask, pos = torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None]
+    sized = StaticDecoder(lm, 1, 16, torch.device("cpu"), torch.float32, capture=False, sized=True)
+    with pytest.raises(ValueError, match="takes the prompt's sizes"):
+        sized.prefill(emb, mask, pos)
+    plain = StaticDecoder(lm, 1, 16, torch.device("cpu"), torch.float32, capture=False)
+    with pytest.raises(ValueError, match="token sizes need sized=True"):
+        plain.prefill(emb, mask, pos, torch.ones(1, 2))

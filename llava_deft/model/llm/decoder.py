@@ -249,18 +249,18 @@ class DecoderLM(nn.Module):
             self._stages = previous
 
     def static_decoder(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                       capture: bool, compile: bool | str = False) -> StaticDecoder:
+                       capture: bool, compile: bool | str = False, sized: bool = False) -> StaticDecoder:
         """A :class:`StaticDecoder` for this batch size, device and dtype with at least ``max_len`` slots, kept
         between calls (its buffers and CUDA graphs are reused) while the weights stay where they are: a call
         that needs more slots replaces it (it only grows; ``release_static()`` frees it); one is kept at a time."""
         fam = self.family
         weights = tuple(p.data_ptr() for p in (fam.embed_tokens.weight, fam.head.weight,
                                                next(fam.layers[0].parameters())))
-        key = (batch_size, torch.device(device), dtype, bool(capture), compile, weights, self.training)
+        key = (batch_size, torch.device(device), dtype, bool(capture), compile, bool(sized), weights, self.training)
         if self._static is not None and self._static[0] == key and max_len <= self._static[1].max_len:
             return self._static[1]  # a larger cache serves a shorter call (its graphs stay; more masked slots read)
         self.release_static()  # free the old buffers before allocating new ones
-        decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture, compile=compile)
+        decoder = StaticDecoder(self, batch_size, max_len, device, dtype, capture, compile=compile, sized=sized)
         self._static = (key, decoder)
         return decoder
 
@@ -491,7 +491,8 @@ def generate_from_embeds(
         token_kinds: (B, P) long kinds of the prompt tokens (``pipeline.llm.TEXT_KIND`` or a
             ``pipeline.Modality`` code), for stages that act on media tokens.
         token_sizes: (B, P) float, input tokens each prompt token stands for (``DecoderLM.forward``): the
-            log-size key bias in the prefill and in every step (the staged runtime, never the static decoder).
+            log-size key bias in the prefill and in every step, through a static decoder built ``sized`` (its
+            masks additive) where the static path applies, else through the staged runtime.
         return_cache: also return the cache (a :class:`StagedCache` with stages: ``cache.stats()``
             gives per-layer slots, tokens, evictions and bytes).
         cuda_graph: without LLM stages, on CUDA: prefill and decode through a :class:`StaticDecoder` (keys
@@ -569,10 +570,7 @@ def generate_from_embeds(
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     next_pos = position_ids[:, -1:].to(device=device, dtype=torch.long) + 1  # (B, 1)
     runner = lm.bind_stages(stages) if stages is not None else lm._stages
-    if token_sizes is not None and runner is None:  # merged prompt tokens: the runtime adds the log-size bias
-        runner = LLMStages(lm, [])
-    why_not = (static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
-               if runner.stages else "merged prompt tokens (token_sizes) need the staged runtime's log-size bias")
+    why_not = static_unsupported(lm) if runner is None else "LLM stages keep their own cache (StagedCache)"
     if static_cache is None:
         static_cache = (compile or cuda_graph is not False and device.type == "cuda") and why_not is None
         if cuda_graph is not False and device.type == "cuda" and why_not is not None:
@@ -582,12 +580,15 @@ def generate_from_embeds(
     if compile and not static_cache:
         logger.warning("generate: compile=True applies to the static decoder only, which is off (%s); "
                        "decoding uncompiled", why_not or "static_cache=False")
+    if token_sizes is not None and runner is None and not static_cache:  # the runtime adds the log-size bias
+        runner = LLMStages(lm, [])
     static = None
     if static_cache:
         slots = -(-(prompt_len + max_new_tokens + 1) // BUCKET) * BUCKET
         dtype = next(lm.family.layers[0].parameters()).dtype
-        static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False, compile=compile)
-        logits, cache = static.prefill(inputs_embeds, attention_mask, position_ids), static.cache
+        static = lm.static_decoder(bsz, slots, device, dtype, capture=cuda_graph is not False, compile=compile,
+                                   sized=token_sizes is not None)
+        logits, cache = static.prefill(inputs_embeds, attention_mask, position_ids, token_sizes), static.cache
     else:
         cache = runner.new_cache() if runner is not None else DynamicCache(config=lm.config)
         logits, cache = lm(inputs_embeds, attention_mask, position_ids, cache, use_cache=True, logits_to_keep=1,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .probe import project_keys, project_queries
 
-__all__ = ["FAMILIES", "Family", "GPT2Family", "RopeFamily", "family_of", "register_family"]
+__all__ = ["FAMILIES", "Family", "GPT2Family", "RopeFamily", "family_of", "kv_heads_of", "register_family"]
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -45,6 +45,15 @@ def register_family(*model_types: str):
         return cls
 
     return add
+
+
+def kv_heads_of(config) -> int:
+    """Key/value heads per layer: ``num_key_value_heads`` (GQA) where the architecture has them; GPT-2 has
+    none (every head has its own keys), whatever stray attribute its config carries."""
+    heads = config.num_attention_heads
+    if getattr(config, "model_type", None) == "gpt2":
+        return heads
+    return getattr(config, "num_key_value_heads", None) or heads
 
 
 def family_of(hf_model: nn.Module, where: str) -> "Family":

@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 
 from pipeline.llm import TEXT_KIND, CachePolicy, CacheView, LayerStage, LayerState, keep_topk
 
+from .families import kv_heads_of
 from .probe import attention_probe
 
 __all__ = ["LLMStages", "StageTrace", "StagedCache", "TrackedLayer", "cache_kwarg"]
@@ -224,7 +225,7 @@ class LLMStages:
     def __init__(self, lm: nn.Module, stages: Sequence[nn.Module], record: bool = False):
         cfg = lm.config
         num_layers = lm.num_layers
-        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        heads, kv_heads = cfg.num_attention_heads, kv_heads_of(cfg)
         self.lm = lm
         self.stages = list(stages)
         self.trace: list[StageTrace] | None = [] if record else None

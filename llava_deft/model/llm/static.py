@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..graphs import HostSyncError, warm_up
+from .families import kv_heads_of
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["BUCKET", "SlotLayer", "SlotCache", "StaticDecoder", "static_unsupported"]
@@ -103,10 +104,10 @@ class StaticDecoder:
     docstring). Built by ``DecoderLM.static_decoder``; driven by ``generate_from_embeds``."""
 
     def __init__(self, lm: Any, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 capture: bool, compile: bool | str = False):
+                 capture: bool, compile: bool | str = False, sized: bool = False):
         cfg = lm.config
         heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        kv_heads = kv_heads_of(cfg)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.lm, self.batch_size, self.max_len = lm, batch_size, max_len
         self.device, self.dtype = torch.device(device), dtype
@@ -121,6 +122,10 @@ class StaticDecoder:
             for _ in range(lm.num_layers)
         ])
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # slots a query may read
+        # sized: prompts whose tokens stand for several (token_sizes); each slot's log(size) is added to its key's
+        # logits (0 for decoded tokens), the masks become additive floats
+        self.sized = bool(sized)
+        self.key_bias = torch.zeros(batch_size, max_len, dtype=torch.float32, device=device) if sized else None
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the step's inputs
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.length = 0  # slots written (prompt + steps), on the host
@@ -141,12 +146,19 @@ class StaticDecoder:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                sizes: Tensor | None = None) -> Tensor:
         """Run the prompt ``(B, P, D)`` (left-padded ``attention_mask`` (B, P), RoPE ``position_ids`` (B, P)) into
         slots ``0..P-1`` -> logits of the last position (B, 1, V). Captured per prompt length ``P`` (the
         last :data:`MAX_PREFILL_GRAPHS` lengths are kept) where ``capture``: one eager warm-up call of a
-        length, then capture and replay."""
+        length, then capture and replay. ``sizes`` (B, P): the prompt tokens' sizes, for a ``sized`` decoder
+        (required there, refused elsewhere)."""
         prompt_len = embeds.shape[1]
+        if (sizes is not None) != self.sized:
+            raise ValueError("a sized static decoder takes the prompt's sizes, and only it" if self.sized else
+                             "this static decoder was built without sizes (sized=False); token sizes need sized=True")
+        if sizes is None:
+            sizes = embeds.new_zeros(0)  # a placeholder input: the unsized prefill never reads it
         if prompt_len >= self.max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens does not fit a static cache of {self.max_len} slots")
         self.length = prompt_len
@@ -154,32 +166,32 @@ class StaticDecoder:
             layer.length = prompt_len
         prefill = self._prefill_fn
         if not self.capture:
-            return prefill(embeds, attention_mask, position_ids)
+            return prefill(embeds, attention_mask, position_ids, sizes)
         state = self._prefills.pop(prompt_len, None)
         if state is None:  # first prompt of this length: warm up eagerly on a side stream (finds host syncs)
             if self.compiled:  # compile first: compiling may wait for the device, which the warm-up refuses
-                prefill(embeds, attention_mask, position_ids)
+                prefill(embeds, attention_mask, position_ids, sizes)
             try:
-                out = warm_up(self.device, lambda: prefill(embeds, attention_mask, position_ids))
+                out = warm_up(self.device, lambda: prefill(embeds, attention_mask, position_ids, sizes))
                 state = "warm"
             except HostSyncError as e:
                 logger.warning("static decoding: the prefill of %d tokens cannot be captured in a CUDA graph (%s); "
                                "running it eagerly with the static cache instead", prompt_len, e)
-                state, out = "eager", prefill(embeds, attention_mask, position_ids)
+                state, out = "eager", prefill(embeds, attention_mask, position_ids, sizes)
         elif state == "eager":
-            out = prefill(embeds, attention_mask, position_ids)
+            out = prefill(embeds, attention_mask, position_ids, sizes)
         elif state == "warm":
-            buffers = (embeds.clone(), attention_mask.clone(), position_ids.clone())
+            buffers = (embeds.clone(), attention_mask.clone(), position_ids.clone(), sizes.clone())
             graph = self._capture(lambda: prefill(*buffers), f"the prefill of {prompt_len} tokens")
             if graph is None:
-                state, out = "eager", prefill(embeds, attention_mask, position_ids)
+                state, out = "eager", prefill(embeds, attention_mask, position_ids, sizes)
             else:
                 state = (graph[0], buffers, graph[1])
                 graph[0].replay()
                 out = graph[1]
         else:
             graph, buffers, out = state
-            for buf, x in zip(buffers, (embeds, attention_mask, position_ids)):
+            for buf, x in zip(buffers, (embeds, attention_mask, position_ids, sizes)):
                 buf.copy_(x)
             graph.replay()
         self._prefills[prompt_len] = state
@@ -187,13 +199,16 @@ class StaticDecoder:
             self._prefills.pop(next(iter(self._prefills)))
         return out
 
-    def _prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def _prefill(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, sizes: Tensor) -> Tensor:
         """The prefill's kernels (what is captured): causal, padding-aware attention over the slots."""
         lm, fam = self.lm, self.lm.family
         prompt_len = embeds.shape[1]
         self.write_at.zero_()
         self.valid.zero_()
         self.valid[:, :prompt_len] = attention_mask.bool()
+        if self.sized:  # the prompt's log-sizes; decoded slots stay 0 (log 1)
+            self.key_bias.zero_()
+            self.key_bias[:, :prompt_len] = torch.log(sizes.float().clamp(min=1e-6))
         slots = torch.arange(self.max_len, device=embeds.device)
         query = torch.arange(prompt_len, device=embeds.device)[:, None]
         # (B, 1, P, S): earlier real tokens and itself (a padding query sees only itself: no empty row)
@@ -206,6 +221,8 @@ class StaticDecoder:
         return fam.head(fam.norm(h[:, -1:]))
 
     def _mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.sized:  # additive: log(size) on every allowed key, the dtype's minimum elsewhere
+            return torch.where(allowed, self.key_bias[:, None, None, :].to(dtype), torch.finfo(dtype).min)
         if not self.eager_attn:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
