@@ -55,6 +55,12 @@ def keep_mask_topk(scores: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
     return (rank < keep.unsqueeze(1)) & mask
 
 
+def sum_by_slot(values: Tensor, mask: Tensor, dest: Tensor) -> Tensor:
+    """(B, N): at each slot, the sum of ``values`` (B, N) of the real tokens (``mask``) whose ``dest`` (B, N)
+    is that slot (a merge's group sizes: ``TokenBatch.sizes`` after pooling or merging)."""
+    return torch.zeros_like(values).scatter_add(1, dest, torch.where(mask, values, torch.zeros_like(values)))
+
+
 def split_by_mask(batch: TokenBatch, keep: Tensor, stage: str, width: int | None = None,
                   drop_width: int | None = None) -> TokenBatch:
     """Keep the tokens where ``keep (B, N)`` is True, in original order; move the rest to ``pruned``.
@@ -255,8 +261,7 @@ def pool_grid(batch: TokenBatch, ratio: float, stage: str) -> TokenBatch:
 
     sizes = None
     if batch.sizes is not None:  # a window stands for every input token its members stood for
-        total = torch.zeros_like(batch.sizes).scatter_add(1, cell, torch.where(batch.mask, batch.sizes, 0))
-        sizes = total.gather(1, out_cell) * out.mask
+        sizes = sum_by_slot(batch.sizes, batch.mask, cell).gather(1, out_cell) * out.mask
     out = out.replace(tokens=pooled(batch.tokens), features=pooled(batch.features), scores=pooled(batch.scores),
                       encoder_attention=pooled(batch.encoder_attention), sizes=sizes)
     out.stats[stage]["kernel"] = k.float().mean()

@@ -533,7 +533,6 @@ class LlavaDeftForCausalLM(nn.Module):
         ``n_items[kind]`` in the batch). Every kind is checked on the device and read back in one transfer
         (each read waits for the queued kernels); the first mismatch, in kind then sample order, is raised."""
         am = attention_mask.bool()
-        keys = list(MODALITIES)
         found, given = [], []
         for key, kind in MODALITIES.items():
             per_sample = ((input_ids == self.media_token_ids[key]) & am).sum(1)  # (B,)
@@ -545,9 +544,9 @@ class LlavaDeftForCausalLM(nn.Module):
             return
         table = torch.cat([found_t, given_t, given_t.sum(1, keepdim=True)], dim=1).tolist()  # one read
         b = found_t.shape[1]
-        for key, row in zip(keys, table):
+        for (key, kind), row in zip(MODALITIES.items(), table):
             per_sample, counts, total = row[:b], row[b:2 * b], row[2 * b]
-            placeholder = MODALITIES[key].placeholder
+            placeholder = kind.placeholder
             bad = [i for i in range(b) if per_sample[i] != counts[i]]
             if bad:
                 i = bad[0]

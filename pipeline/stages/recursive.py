@@ -119,9 +119,8 @@ class RecursiveCompression(_ThresholdAccess, nn.Module):
             return mean.squeeze(-1) if x.dim() == 2 else mean
 
         n = batch.mask.shape[1]
-        sizes = batch.sizes
-        if self.proportional_attention or sizes is not None:  # each kept cluster stands for its members' sizes
-            sizes = torch.where(comp.keep, comp.size, weight)
+        # each kept cluster stands for its members' sizes (comp.size; merged-away tokens leave with the split)
+        sizes = comp.size if self.proportional_attention or batch.sizes is not None else None
         merged = batch.replace(tokens=comp.merged, features=averaged(batch.features), scores=averaged(batch.scores),
                                sizes=sizes)
         out = split_by_mask(merged, comp.keep, self.stage_name, width=n, drop_width=n)  # widths from shapes

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TokenBatch, sort_key
-from ..ops import budget, gather_rows, split_by_mask, static_budget, budget_widths
+from ..ops import budget, budget_widths, gather_rows, split_by_mask, static_budget, sum_by_slot
 from ..registry import register
 from ..types import Ratio
 
@@ -139,9 +139,7 @@ def group_sizes(sizes: Tensor | None, mask: Tensor, dest: Tensor, merged: Tensor
     sharing that ``dest`` slot; elsewhere a token's own. None stays None (no stage asked for sizes)."""
     if sizes is None:
         return None
-    total = torch.zeros_like(sizes).scatter_add(1, dest, torch.where(mask, sizes, torch.zeros((), dtype=sizes.dtype,
-                                                                                              device=sizes.device)))
-    return torch.where(merged, total, sizes)
+    return torch.where(merged, sum_by_slot(sizes, mask, dest), sizes)
 
 
 @register("tome")

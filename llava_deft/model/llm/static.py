@@ -164,34 +164,34 @@ class StaticDecoder:
         self.length = prompt_len
         for layer in self.cache.layers:
             layer.length = prompt_len
-        prefill = self._prefill_fn
+        prefill, args = self._prefill_fn, (embeds, attention_mask, position_ids, sizes)
         if not self.capture:
-            return prefill(embeds, attention_mask, position_ids, sizes)
+            return prefill(*args)
         state = self._prefills.pop(prompt_len, None)
         if state is None:  # first prompt of this length: warm up eagerly on a side stream (finds host syncs)
             if self.compiled:  # compile first: compiling may wait for the device, which the warm-up refuses
-                prefill(embeds, attention_mask, position_ids, sizes)
+                prefill(*args)
             try:
-                out = warm_up(self.device, lambda: prefill(embeds, attention_mask, position_ids, sizes))
+                out = warm_up(self.device, lambda: prefill(*args))
                 state = "warm"
             except HostSyncError as e:
                 logger.warning("static decoding: the prefill of %d tokens cannot be captured in a CUDA graph (%s); "
                                "running it eagerly with the static cache instead", prompt_len, e)
-                state, out = "eager", prefill(embeds, attention_mask, position_ids, sizes)
+                state, out = "eager", prefill(*args)
         elif state == "eager":
-            out = prefill(embeds, attention_mask, position_ids, sizes)
+            out = prefill(*args)
         elif state == "warm":
-            buffers = (embeds.clone(), attention_mask.clone(), position_ids.clone(), sizes.clone())
+            buffers = tuple(x.clone() for x in args)
             graph = self._capture(lambda: prefill(*buffers), f"the prefill of {prompt_len} tokens")
             if graph is None:
-                state, out = "eager", prefill(embeds, attention_mask, position_ids, sizes)
+                state, out = "eager", prefill(*args)
             else:
                 state = (graph[0], buffers, graph[1])
                 graph[0].replay()
                 out = graph[1]
         else:
             graph, buffers, out = state
-            for buf, x in zip(buffers, (embeds, attention_mask, position_ids, sizes)):
+            for buf, x in zip(buffers, args):
                 buf.copy_(x)
             graph.replay()
         self._prefills[prompt_len] = state
