@@ -21,11 +21,16 @@ from llava_deft.tasks.scenes import (
     RELATION_MARGIN,
     SHAPES,
     SIZES,
+    CAPTION_PROMPT,
+    SceneObject,
+    SceneSpec,
     main,
     make_scene,
     make_scenes_task,
     render_scene,
     sample_scene,
+    scene_caption,
+    where,
 )
 
 N = 200  # scenes checked by the statistical tests (about 0.2 s to draw)
@@ -66,6 +71,40 @@ def test_same_arguments_same_files(tmp_path):
     # another seed, other images
     make_scenes_task(tmp_path / "c", n_train=2, n_test=0, seed=1, progress=False)
     assert files(tmp_path / "c")["train/images/000000.png"] != fa["train/images/000000.png"]
+
+
+def test_captions_name_every_object_in_reading_order(tmp_path):
+    make_scenes_task(tmp_path, n_train=4, n_test=2, progress=False)
+    for split, n in (("train", 4), ("test", 2)):
+        caps = json.loads((tmp_path / f"{split}_captions.json").read_text())
+        assert [c["image"] for c in caps] == [f"{split}/images/{i:06d}.png" for i in range(n)]
+        for i, c in enumerate(caps):
+            assert c["id"] == f"scenes-{split}-{i:06d}-caption" and c["question_type"] == "caption"
+            assert c["conversations"][0]["value"] == f"<image>\n{CAPTION_PROMPT}"
+            spec, _ = make_scene(0, split, i)
+            parts = c["conversations"][1]["value"].removesuffix(".").split(", ")
+            # one part per object, each "<size> <colour> <shape> at <cell>", every object once
+            parsed = [re.fullmatch(r"(small|large) (\w+) (circle|square|triangle) at ([a-z ]+)", p).groups() for p in parts]
+            assert Counter(p[:3] for p in parsed) == Counter((o.size, o.color, o.shape) for o in spec.objects)
+            # reading order: rows top -> bottom, then left to right inside a row
+            rows = [0 if p[3].startswith("top") else 2 if p[3].startswith("bottom") else 1 for p in parsed]
+            assert rows == sorted(rows)
+    assert json.loads((tmp_path / "meta.json").read_text())["captions"] is True
+    make_scenes_task(tmp_path / "none", n_train=2, n_test=1, progress=False, captions=False)
+    assert not list((tmp_path / "none").glob("*_captions.json"))
+    assert json.loads((tmp_path / "none" / "train.json").read_text()) == json.loads(
+        (tmp_path / "train.json").read_text())[:len(json.loads((tmp_path / "none" / "train.json").read_text()))]
+
+
+def test_caption_cells_and_order():
+    obj = lambda shape, color, size, x, y: SceneObject(shape, color, size, 9.0, (x, y))
+    assert [where(obj("circle", "red", "small", x, y), 96) for x, y in
+            ((5, 5), (50, 5), (90, 5), (5, 50), (50, 50), (90, 50), (5, 90), (50, 90), (95.9, 95.9))] == [
+        "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+    spec = SceneSpec(96, 220, 0, 0, (obj("square", "blue", "large", 80, 80), obj("circle", "red", "small", 70, 10),
+                                     obj("triangle", "green", "small", 10, 20)))
+    assert scene_caption(spec) == ("small green triangle at top left, small red circle at top right, "
+                                   "large blue square at bottom right.")
 
 
 def test_train_and_test_images_are_disjoint():

@@ -52,7 +52,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "passkey": {"n_train": 2000, "n_test": 500, "min_tokens": 128, "max_tokens": 512},
         # 6,000 train / 600 test images with up to 5 questions each (one per type): about 29,000 / 2,900
         # questions, easy-VQA's order of magnitude; configs/train/scenes_deft.yaml trains on them.
-        "scenes": {"n_train": 6000, "n_test": 600, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4},
+        "scenes": {"n_train": 6000, "n_test": 600, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4,
+                   "captions": True},
         "video_small": {"n_train": 2000, "n_test": 500, "frames": 16, "fps": 8, "size": 64, "object_scale": 0.5},
     },
     # A few dozen samples per task: the CPU smoke run of the mixed recipe, and quick eval checks.
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "video_shapes": {"n_train": 16, "n_test": 8, "frames": 16, "fps": 8, "size": 64},
         "audio_words": {"n_train": 24, "n_test": 8},
         "passkey": {"n_train": 32, "n_test": 8, "min_tokens": 96, "max_tokens": 192},
-        "scenes": {"n_train": 32, "n_test": 8, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4},
+        "scenes": {"n_train": 32, "n_test": 8, "size": 96, "min_objects": 3, "max_objects": 6, "noise": 4, "captions": True},
         "video_small": {"n_train": 16, "n_test": 8, "frames": 16, "fps": 8, "size": 64, "object_scale": 0.5},
     },
 }
@@ -84,7 +85,8 @@ def espeak_available() -> bool:
 
 def _outputs(folder: Path) -> list[Path]:
     """What a generator wrote into a task folder (removed before regenerating it)."""
-    names = ["meta.json", "train.json", "test.json", "train_clips.json", "test_clips.json", "train", "test"]
+    names = ["meta.json", "train.json", "test.json", "train_clips.json", "test_clips.json", "train_captions.json",
+             "test_captions.json", "train", "test"]
     return [folder / n for n in names if (folder / n).exists()]
 
 

@@ -32,12 +32,20 @@ Output (LLaVA conversation JSON; image paths relative to the JSON's folder)::
 
     <out>/meta.json                        the generator's arguments and library versions
     <out>/train.json, <out>/test.json
+    <out>/train_captions.json, <out>/test_captions.json   one caption record per image (below)
     <out>/train/images/000000.png ...      <out>/test/images/000000.png ...
 
     {"id": "scenes-train-000000-relation_color", "image": "train/images/000000.png",
      "question_type": "relation_color",
      "conversations": [{"from": "human", "value": "<image>\\nwhat color is the small triangle left of the circle?"},
                        {"from": "gpt", "value": "blue"}]}
+
+A caption record asks "describe the scene." and answers with every object as "<size> <colour> <shape>
+at <where>" (``where``: the cell of a 3x3 grid its centre falls in: "top left", "top", ..., "center"),
+in reading order: "small red circle at top left, large blue square at center, small green triangle at
+bottom." It is the dense, question-free supervision of LLaVA's alignment stage: mixed into training
+(configs/train/scenes_captions.yaml) it teaches the encoder every object's attributes and place, which
+each question type reads. ``--no-captions`` leaves the caption files out.
 
 Everything is a function of ``seed``: image ``i`` of a split draws its scene and its questions from
 its own generator seeded by ``(seed, split, i)`` (train and test are different streams), so it does not
@@ -278,6 +286,29 @@ _ASK = {"relation_color": _relation_question, "shape": _shape_question, "color":
         "count": _count_question, "presence": _presence_question}
 
 
+_ROWS = ("top", "", "bottom")
+_COLS = ("left", "", "right")
+CAPTION_PROMPT = "describe the scene."
+"""The question of every caption record (``<split>_captions.json``)."""
+
+
+def where(obj: SceneObject, size: int) -> str:
+    """The cell of a 3x3 grid that ``obj``'s centre falls in: "top left", "top", ..., "center", ..., "bottom right"."""
+    col, row = (min(int(3 * v / size), 2) for v in obj.center)
+    return " ".join(w for w in (_ROWS[row], _COLS[col]) if w) or "center"
+
+
+def scene_caption(spec: SceneSpec) -> str:
+    """Every object of ``spec`` as "<size> <colour> <shape> at <where>", in reading order (by the 3x3 row of
+    its centre, then left to right), e.g. "small red circle at top left, large blue square at center."
+    Dense supervision of what each question type needs (an alignment stage, as LLaVA's captions)."""
+    def key(o: SceneObject) -> tuple[int, float]:
+        return min(int(3 * o.center[1] / spec.size), 2), o.center[0]
+
+    parts = [f"{o.size} {o.color} {o.shape} at {where(o, spec.size)}" for o in sorted(spec.objects, key=key)]
+    return ", ".join(parts) + "."
+
+
 def scene_questions(spec: SceneSpec, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """``(question_type, question, answer)`` for each type of :data:`QUESTION_TYPES` that ``spec`` can
     answer unambiguously, in that order."""
@@ -303,31 +334,37 @@ def make_scene(seed: int, split: str, index: int, size: int = 96, min_objects: i
 
 def generate_split(
     out: str | Path, split: str, n: int, size: int = 96, min_objects: int = 3, max_objects: int = 6, noise: int = 4,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, captions: bool = True,
 ) -> Path:
-    """Render and write ``n`` images of ``split`` under ``out/split/images/`` and their questions to
-    ``out/split.json``; returns the JSON path."""
+    """Render and write ``n`` images of ``split`` under ``out/split/images/``, their questions to
+    ``out/split.json`` and (``captions``) one caption per image (:func:`scene_caption`) to
+    ``out/split_captions.json``; returns the questions' JSON path."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     check_args(size, min_objects, max_objects, noise)
     out = Path(out)
     image_dir = out / split / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, caption_records = [], []
     for i in tqdm(range(n), desc=f"scenes {split}", unit="image", disable=not progress):
         spec, questions = make_scene(seed, split, i, size, min_objects, max_objects, noise)
         rel = f"{split}/images/{i:06d}.png"
         Image.fromarray(render_scene(spec)).save(out / rel, format="PNG")
         for qtype, question, answer in questions:
             records.append(qa_record(f"scenes-{split}-{i:06d}-{qtype}", "image", rel, qtype, question, answer, PLACEHOLDERS["image"]))
+        if captions:
+            caption_records.append(qa_record(f"scenes-{split}-{i:06d}-caption", "image", rel, "caption", CAPTION_PROMPT,
+                                             scene_caption(spec), PLACEHOLDERS["image"]))
     json_path = out / f"{split}.json"
     json_path.write_text(json.dumps(records, ensure_ascii=False))
+    if captions:
+        (out / f"{split}_captions.json").write_text(json.dumps(caption_records, ensure_ascii=False))
     return json_path
 
 
 def make_scenes_task(
     out: str | Path, n_train: int = 6000, n_test: int = 600, size: int = 96, min_objects: int = 3,
-    max_objects: int = 6, noise: int = 4, seed: int = 0, progress: bool = True,
+    max_objects: int = 6, noise: int = 4, seed: int = 0, progress: bool = True, captions: bool = True,
 ) -> dict[str, Path]:
     """Generate both splits and ``meta.json``; returns ``{"train": json_path, "test": json_path}``."""
     for name, value in (("n_train", n_train), ("n_test", n_test)):
@@ -337,11 +374,11 @@ def make_scenes_task(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kw = {"size": size, "min_objects": min_objects, "max_objects": max_objects, "noise": noise, "seed": seed,
-          "progress": progress}
+          "progress": progress, "captions": captions}
     paths = {split: generate_split(out, split, n, **kw) for split, n in (("train", n_train), ("test", n_test))}
     meta = {
         "generator": "llava_deft.tasks.scenes", "version": GENERATOR_VERSION, "seed": seed, "n_train": n_train,
-        "n_test": n_test, "size": size, "min_objects": min_objects, "max_objects": max_objects, "noise": noise,
+        "n_test": n_test, "captions": captions, "size": size, "min_objects": min_objects, "max_objects": max_objects, "noise": noise,
         "question_types": list(QUESTION_TYPES), "colors": list(COLORS), "shapes": list(SHAPES),
         "sizes": {k: list(v) for k, v in SIZES.items()}, "relation_margin": RELATION_MARGIN,
         "numpy": np.__version__, "pillow": PIL.__version__,
@@ -359,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                                 ("max-objects", 6, f"most objects per image (<= {MAX_OBJECTS})"),
                                 ("noise", 4, "largest per-pixel noise, in gray levels (0: none)")):
         parser.add_argument(f"--{flag}", type=int, default=default, help=what)
+    parser.add_argument("--no-captions", dest="captions", action="store_false",
+                        help="do not write {train,test}_captions.json (one 'describe the scene.' record per image)")
     args = parser.parse_args(argv)
     try:
         check_args(args.size, args.min_objects, args.max_objects, args.noise)
@@ -367,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     t0 = time.perf_counter()
     paths = make_scenes_task(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
                              min_objects=args.min_objects, max_objects=args.max_objects, noise=args.noise,
-                             seed=args.seed)
+                             seed=args.seed, captions=args.captions)
     n_q = {s: len(json.loads(p.read_text())) for s, p in paths.items()}
     print(f"wrote {args.n_train} train / {args.n_test} test images ({n_q['train']} / {n_q['test']} questions) "
           f"to {args.out} in {time.perf_counter() - t0:.1f}s")
