@@ -701,7 +701,9 @@ class LlavaDeftForCausalLM(nn.Module):
                                   sp.attention_mask.sum(1).tolist())
             if llm_stages is not None:
                 info.cache = cache.stats()
-                info.llm_stats = {s.stage_name: dict(getattr(s, "stats", None) or getattr(s, "last_stats", None) or {})
+                info.llm_stats = {s.stage_name: {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                                                 for k, v in (getattr(s, "stats", None) or getattr(s, "last_stats", None)
+                                                              or {}).items()}
                                   for s in llm_stages}
             result = (*result, info)
         return result if len(result) > 1 else out

@@ -491,6 +491,8 @@ def _plain(stats: dict) -> dict:
     """The JSON-friendly part of a stage's statistics (numbers; per-layer dicts of numbers)."""
     out = {}
     for k, v in stats.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:  # statistics kept on the device until read
+            v = v.item()
         if _number(v):
             out[str(k)] = v
         elif isinstance(v, dict):

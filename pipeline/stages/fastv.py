@@ -37,7 +37,7 @@ class FastV(LayerStage):
 
     def reduce(self, state: LayerState, attention: AttentionProbe) -> LayerState:
         media = state.media  # (B, L)
-        if self.drop_ratio == 0 or not bool(media.any()):
+        if self.drop_ratio == 0:
             return state
         if self.scoring == "random":
             gen = torch.Generator(device=media.device).manual_seed(self.seed)  # on the device: no host copy
@@ -50,7 +50,8 @@ class FastV(LayerStage):
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         keep = (state.mask & ~media) | (media & (rank < n_keep.unsqueeze(1)))
-        self.last_stats = {"media_in": float(n_media.float().mean()), "media_kept": float(n_keep.float().mean())}
+        # 0-dim tensors: read (and synchronised) only by whoever asks for them
+        self.last_stats = {"media_in": n_media.float().mean(), "media_kept": n_keep.float().mean()}
         out = state.take(keep)
         if self.record_assignment:  # tracing only (pipeline.llm.LayerStage): where each input column went
             keep = keep & state.mask
