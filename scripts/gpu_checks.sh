@@ -7,6 +7,8 @@
 #                                                    #   eval/long_context.py (full vs the model's own stages)
 #   bash scripts/gpu_checks.sh WHEELDIR OUT pair     # issue 17: eval/bench_pair_compress.py at 8K / 32K
 #   bash scripts/gpu_checks.sh WHEELDIR OUT reducers # issue 16: the full eval/bench_reducers.py run
+#   bash scripts/gpu_checks.sh WHEELDIR OUT scenes   # issue 15: the scenes base with and without captions
+#                                                    #   (configs/train/scenes_{deft,captions}.yaml side by side)
 #
 # WHEELDIR: wheels for the node's Python (see scripts/offline_gpu_env.sh); OUT: a folder for logs and results
 # (a device's $OUT). Run from the repository root; LLAVA_DEFT_COMMIT names the commit when the copy has no
@@ -14,7 +16,7 @@
 # packed as <OUT>/<group>.tgz.
 set -uo pipefail
 if [ $# -ne 3 ]; then
-  echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers" >&2
+  echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers|scenes" >&2
   exit 2
 fi
 WHEELS=$1 OUT=$2 GROUP=$3
@@ -60,8 +62,28 @@ case "$GROUP" in
     timeout 570 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --repeats 5 --out "$res" \
       --name bench_reducers 2>&1 | quiet | tail -60 >> "$log"
     ;;
+  scenes)
+    step data
+    python3 -m llava_deft.tasks --out data/tasks --only scenes 2>&1 | tail -2 >> "$log"
+    step "train: scenes_deft (questions only) and scenes_captions (questions + captions), at once"
+    for r in scenes_deft scenes_captions; do
+      timeout 420 python3 -m llava_deft.train --config configs/train/$r.yaml log_steps=100 save_steps=100000 \
+        output_dir=runs/$r > "$OUT/train_$r.log" 2>&1 &
+    done
+    wait
+    for r in scenes_deft scenes_captions; do
+      grep -a "\[train\]" "$OUT/train_$r.log" | tail -3 >> "$log"
+      cp runs/$r/train_log.jsonl "$res/train_log_$r.jsonl" 2>> "$log"
+      tail -1 runs/$r/train_log.jsonl >> "$log"
+    done
+    step eval
+    for r in scenes_deft scenes_captions; do
+      timeout 60 python3 eval/tasks.py --model runs/$r/final --tasks scenes --out "$res" --name scenes_recipe_$r 2>&1 \
+        | quiet | tail -12 >> "$log"
+    done
+    ;;
   *)
-    echo "gpu_checks: unknown group '$GROUP' (speed, long, pair, reducers)" >&2
+    echo "gpu_checks: unknown group '$GROUP' (speed, long, pair, reducers, scenes)" >&2
     exit 2
     ;;
 esac

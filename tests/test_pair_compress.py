@@ -277,6 +277,31 @@ def test_stage_rows_alone_equal_rows_in_a_padded_batch():
                 assert torch.equal(getattr(out, f)[r, -width:], getattr(one, f)[0]), f
 
 
+def test_sizes_of_an_earlier_merge_follow_the_pairs():
+    """After a merging stage (LayerState.size), a merged pair stands for its halves' sizes, every other token
+    keeps its own: the sizes still sum to the prompt's tokens, and the layout is the sizeless stage's."""
+    torch.manual_seed(2)
+    stage = _stage(ratio=0.3)
+    st = _state([14, 9, 4], 14)
+    size = torch.where(st.mask, torch.randint(1, 5, st.mask.shape).float(), 1.0)
+    with torch.no_grad():
+        plain = stage.reduce(st, attention=None)
+        sized = stage.reduce(LayerState(st.hidden, st.mask, st.positions, st.index, st.kind, size=size), attention=None)
+    assert plain.size is None
+    for f in ("hidden", "mask", "positions", "index", "kind"):
+        assert torch.equal(getattr(sized, f), getattr(plain, f)), f
+    assert torch.equal((sized.size * sized.mask).sum(1), (size * st.mask).sum(1))
+    assert (sized.size[~sized.mask] == 1).all()
+    # by hand, row 0: each output token's size is the sum over the input columns it holds (the assignment)
+    stage.record_assignment = True
+    with torch.no_grad():
+        out = stage.reduce(LayerState(st.hidden, st.mask, st.positions, st.index, st.kind, size=size), attention=None)
+    assign = stage.last_assignment  # (B, L) input column -> output column
+    for r in range(3):
+        expect = torch.zeros(out.hidden.shape[1]).index_add_(0, assign[r][st.mask[r]], size[r][st.mask[r]])
+        assert torch.equal(torch.where(out.mask[r], out.size[r], 0), expect)
+
+
 def test_ratio_one_hands_the_state_on_and_a_short_context_is_untouched():
     stage = _stage(ratio=1.0)
     st = _state([12, 7], 12)

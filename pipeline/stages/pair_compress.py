@@ -15,7 +15,10 @@ fewer than the batch's most is left-padded, so a row gives the same tokens in a 
 ``layer..`` compute and cache the result: one token fewer per merged pair, one more per expanded pair.
 
 RoPE positions, original indices and kinds of a merged token are those of its first real token (the
-earlier of the two, or the only real one); an expanded pair keeps its two tokens' own. With ``ratio: 1``
+earlier of the two, or the only real one); an expanded pair keeps its two tokens' own. After a merging
+stage (``LayerState.size`` set, e.g. ``recursive_compression_llm`` at an earlier layer) a merged pair
+stands for the sum of its halves' sizes (the layers after add ``log(size)`` to its key) and every other
+token keeps its own. With ``ratio: 1``
 every merged token is expanded again and the layers after see exactly the tokens (and hidden states)
 they would without the stage (the stage hands the state on untouched): the model is the base model.
 
@@ -94,6 +97,11 @@ class PairCompress(LayerStage):
         merged_meta = torch.stack([merge(state.positions, first_real(state.positions)),
                                    merge(state.index, first_real(state.index)),
                                    merge(state.kind, first_real(state.kind)), merged_mask.long()], -1).double()
+        size = None
+        if state.size is not None:  # an earlier merging stage's sizes: a merged pair stands for both halves'
+            sz = torch.where(mask, state.size, 0).double()
+            pair_size = sz[:, lead:memory:2] + sz[:, lead + 1:memory:2]
+            size = expand(sz.unsqueeze(-1), merge(sz, pair_size).unsqueeze(-1)).squeeze(-1)  # (B, L')
         out = expand(meta, merged_meta).round().long()  # (B, L', 4)
         valid = out[..., 3].bool()
         self.last_stats = {"tokens_in": length, "tokens_out": hidden.shape[1], "pairs": n, "expanded_max": k}
@@ -104,7 +112,8 @@ class PairCompress(LayerStage):
             self.last_assignment = assignment_of(src, valid, mask)
         return LayerState(hidden=hidden * valid.unsqueeze(-1).to(hidden.dtype), mask=valid,
                           positions=torch.where(valid, out[..., 0], 0), index=torch.where(valid, out[..., 1], -1),
-                          kind=torch.where(valid, out[..., 2], TEXT_KIND))
+                          kind=torch.where(valid, out[..., 2], TEXT_KIND),
+                          size=None if size is None else torch.where(valid, size, 1.0).to(state.size.dtype))
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, window={self.window}, ratio={self.ratio}, memory_floor={self.memory_floor}, "
