@@ -32,11 +32,14 @@ case "$GROUP" in
   speed)
     step tests
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_static_decode_cuda.py tests/test_llm_stages_cuda.py \
-      tests/test_graphs.py -k "not whole_model or deft" 2>&1 | tail -15 >> "$log"
+      tests/test_graphs.py tests/test_divprune_triton.py -k "not whole_model or deft" 2>&1 | tail -15 >> "$log"
     timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_contract.py -k synchronise 2>&1 | tail -4 >> "$log"
     step "bench (CUDA graphs)"
     timeout 140 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers deft --ratios 0.11 \
       --repeats 5 --steps 32 --out "$res" --name bench_graph 2>&1 | quiet | tail -25 >> "$log"
+    step "bench divprune (the Triton greedy loop)"
+    timeout 100 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers divprune --ratios 0.482 \
+      --repeats 5 --steps 8 --out "$res" --name bench_divprune 2>&1 | quiet | tail -12 >> "$log"
     step "bench (CUDA graphs + torch.compile)"
     timeout 270 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 --reducers deft --ratios 0.11 \
       --repeats 5 --steps 32 --compile --profile deft@0.11 --out "$res" --name bench_compile 2>&1 | quiet | tail -30 >> "$log"
