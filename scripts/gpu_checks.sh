@@ -12,8 +12,8 @@
 #
 # WHEELDIR: wheels for the node's Python (see scripts/offline_gpu_env.sh); OUT: a folder for logs and results
 # (a device's $OUT). Run from the repository root; LLAVA_DEFT_COMMIT names the commit when the copy has no
-# git metadata. Each group writes <OUT>/<group>.log and its results (JSON, markdown, PNG) under <OUT>,
-# packed as <OUT>/<group>.tgz.
+# git metadata. Each group writes <OUT>/<group>.log and its results (JSON, markdown, PNG) under
+# <OUT>/<group>/ as each step finishes (so a call cut short still returns the steps it finished).
 set -uo pipefail
 if [ $# -ne 3 ]; then
   echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers|scenes" >&2
@@ -24,7 +24,8 @@ mkdir -p "$OUT"
 source scripts/offline_gpu_env.sh "$WHEELS" >/dev/null 2>&1 || { echo "gpu_checks: the wheels of $WHEELS did not install" >&2; exit 1; }
 export PYTHONWARNINGS=ignore
 log=$OUT/$GROUP.log
-res=$(mktemp -d)
+res=$OUT/$GROUP
+mkdir -p "$res"
 step() { echo "=== $(date -u +%T) $*" | tee -a "$log"; }
 quiet() { grep -v "it/s\]\|s/it\]"; }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$log"
@@ -38,10 +39,10 @@ case "$GROUP" in
     timeout 140 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers deft --ratios 0.11 \
       --repeats 5 --steps 32 --out "$res" --name bench_graph 2>&1 | quiet | tail -25 >> "$log"
     step "bench divprune (the Triton greedy loop)"
-    timeout 100 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers divprune --ratios 0.482 \
+    timeout 80 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --reducers divprune --ratios 0.482 \
       --repeats 5 --steps 8 --out "$res" --name bench_divprune 2>&1 | quiet | tail -12 >> "$log"
     step "bench (CUDA graphs + torch.compile)"
-    timeout 270 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 --reducers deft --ratios 0.11 \
+    timeout 240 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 --reducers deft --ratios 0.11 \
       --repeats 5 --steps 32 --compile --profile deft@0.11 --out "$res" --name bench_compile 2>&1 | quiet | tail -30 >> "$log"
     ;;
   long)
@@ -91,5 +92,4 @@ case "$GROUP" in
     ;;
 esac
 step done
-tar czf "$OUT/$GROUP.tgz" -C "$res" . 2>> "$log"
 tail -80 "$log"
