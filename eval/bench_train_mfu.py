@@ -17,6 +17,11 @@ last:
     python eval/bench_train_mfu.py                                  # GPU, 60 steps of the ~1B recipe
     python eval/bench_train_mfu.py --steps 200 --skip 20 stages.0.lr=3e-4 per_device_batch_size=16
     python eval/bench_train_mfu.py --smoke --out /tmp/mfu           # CPU, the tiny model, a few steps
+    python eval/bench_train_mfu.py --profile 5                      # then 5 more steps under torch.profiler
+
+``--profile N`` runs N steps after the timed ones under torch.profiler (the training entry's
+``profile_steps``; they are not in the rate) and writes ``<name>_profile.txt`` (ops by device time, then
+by host time) and ``<name>_profile.json.gz`` (the trace): what holds the MFU down.
 
 Extra ``key=value`` arguments are the training entry's overrides. Writes ``<out>/<name>.json`` and
 ``<name>.md`` with device, date, commit, the command, and the run's stage record (parameter counts).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +64,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU for 4 steps: checks the script runs")
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None, help="default train_mfu_<device>")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then N more steps under torch.profiler (not timed): <name>_profile.txt and .json.gz")
     p.add_argument("overrides", nargs="*", help="the training entry's key.path=value overrides")
     args = p.parse_args(argv)
     if args.smoke:
@@ -65,6 +73,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         args.overrides = SMOKE + args.overrides
     if not 0 <= args.skip < args.steps:
         p.error(f"--skip must be in [0, --steps), got {args.skip} with --steps {args.steps}")
+    if args.profile < 0:
+        p.error(f"--profile must be >= 0 steps, got {args.profile}")
     return args, args.overrides
 
 
@@ -84,8 +94,9 @@ def matmul_params(llm: dict, vocab: int) -> int:
 
 
 def train(args, overrides: list[str], run_dir: Path) -> None:
+    extra = [f"profile_steps=[{args.steps},{args.steps + args.profile}]"] if args.profile else []
     cmd = [sys.executable, "-m", "llava_deft.train", "--config", args.config, f"output_dir={run_dir}",
-           f"stages.0.max_steps={args.steps}", *overrides]
+           f"stages.0.max_steps={args.steps + args.profile}", *extra, *overrides]
     print("[mfu] " + " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
@@ -98,8 +109,12 @@ def measure(args, overrides: list[str], run_dir: Path) -> dict:
     data = apply_overrides(cfg.model_dump(), [f"stages.0.max_steps={args.steps}", *overrides])
     model_cfg = load_model_config(data["model"])
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    log = [r for r in log if r["step"] <= args.steps]  # the profiled steps after them are not timed
     first = next((r for r in log if r["step"] >= args.skip), None)
-    last = log[-1]
+    last = log[-1] if log else None
+    if last is not None and last["step"] != args.steps:
+        raise RuntimeError(f"the log has no record at step {args.steps} (its steps: {[r['step'] for r in log]}); "
+                           f"make --steps a multiple of log_steps")
     if first is None or first is last:
         raise RuntimeError(f"the log has no step >= {args.skip} before its last ({[r['step'] for r in log]}); "
                            f"run more --steps or log more often (log_steps)")
@@ -144,7 +159,9 @@ def markdown(res: dict, meta: dict, command: str) -> str:
         f"{f(res['padded_tokens_per_s'], 0)} | {f(res['mean_padded_seq'], 0)} | {res['matmul_params'] / 1e6:,.1f}M | "
         f"{f(res['model_tflops_per_s'])} | {f(res['peak_tflops'])} | {pct(res['mfu'])} | {pct(res['mfu_padded'])} |", "",
         "Model FLOPs per token = 6 N + 12 L d S (N: decoder layers and lm_head; S: mean padded length); MFU = model "
-        "FLOP/s on real tokens / the dense bf16 peak.", ""])
+        "FLOP/s on real tokens / the dense bf16 peak."
+        + (f" Where the time goes: `{res['profile']}` (torch.profiler over the steps after the timed ones)."
+           if res.get("profile") else ""), ""])
 
 
 def main(argv=None) -> dict:
@@ -153,6 +170,14 @@ def main(argv=None) -> dict:
         run_dir = Path(tmp) / "run"
         train(args, overrides, run_dir)
         res = measure(args, overrides, run_dir)
+        profile = run_dir / "profile_stage0.txt"
+        if args.profile:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = args.name or f"train_mfu_{'gpu' if torch.cuda.is_available() else 'cpu'}"
+            shutil.copy(profile, out / f"{stem}_profile.txt")
+            shutil.copy(run_dir / "profile_stage0.json.gz", out / f"{stem}_profile.json.gz")
+            res["profile"] = f"{stem}_profile.txt"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = run_metadata(device)
     name = args.name or f"train_mfu_{'cpu' if device.type == 'cpu' else 'gpu'}"

@@ -7,6 +7,8 @@
 #                                                    #   eval/long_context.py (full vs the model's own stages)
 #   bash scripts/gpu_checks.sh WHEELDIR OUT pair     # issue 17: eval/bench_pair_compress.py at 8K / 32K
 #   bash scripts/gpu_checks.sh WHEELDIR OUT reducers # issue 16: the full eval/bench_reducers.py run
+#   bash scripts/gpu_checks.sh WHEELDIR OUT mfu      # issue 16: training MFU of the ~1B recipe with a profile of
+#                                                    #   its steps, and at batch 32
 #   bash scripts/gpu_checks.sh WHEELDIR OUT scenes   # issue 15: the scenes base with and without captions
 #                                                    #   (configs/train/scenes_{deft,captions}.yaml side by side)
 #
@@ -16,7 +18,7 @@
 # <OUT>/<group>/ as each step finishes (so a call cut short still returns the steps it finished).
 set -uo pipefail
 if [ $# -ne 3 ]; then
-  echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers|scenes" >&2
+  echo "usage: bash scripts/gpu_checks.sh WHEELDIR OUT speed|long|pair|reducers|mfu|scenes" >&2
   exit 2
 fi
 WHEELS=$1 OUT=$2 GROUP=$3
@@ -66,6 +68,14 @@ case "$GROUP" in
     timeout 570 python3 eval/bench_reducers.py --shapes llava15_7b --batch-sizes 1 8 --repeats 5 --out "$res" \
       --name bench_reducers 2>&1 | quiet | tail -60 >> "$log"
     ;;
+  mfu)
+    step "MFU: the ~1B recipe (batch 8), then 5 steps under torch.profiler"
+    timeout 300 python3 eval/bench_train_mfu.py --profile 5 --out "$res" --name train_mfu 2>&1 | quiet | tail -12 >> "$log"
+    step "MFU: batch 32"
+    timeout 240 python3 eval/bench_train_mfu.py --steps 40 --out "$res" --name train_mfu_b32 per_device_batch_size=32 2>&1 \
+      | quiet | tail -8 >> "$log"
+    head -60 "$res/train_mfu_profile.txt" >> "$log" 2>&1
+    ;;
   scenes)
     step data
     python3 -m llava_deft.tasks --out data/tasks --only scenes 2>&1 | tail -2 >> "$log"
@@ -87,7 +97,7 @@ case "$GROUP" in
     done
     ;;
   *)
-    echo "gpu_checks: unknown group '$GROUP' (speed, long, pair, reducers, scenes)" >&2
+    echo "gpu_checks: unknown group '$GROUP' (speed, long, pair, reducers, mfu, scenes)" >&2
     exit 2
     ;;
 esac

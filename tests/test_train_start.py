@@ -125,3 +125,26 @@ def test_init_from_keeps_the_command_lines_model_overrides_and_swaps_the_pipelin
     llm = [k for k in before if k.startswith("llm.")]
     assert llm and all(after[k].equal(before[k]) for k in llm)
     assert not any(k.startswith("pipeline.") for k in after)  # random has no parameters; the base's are gone
+
+
+@pytest.mark.timeout(150)
+def test_profile_steps_writes_the_op_table_and_a_trace(tmp_path):
+    """``profile_steps=[1,3]``: steps 2..3 run under torch.profiler; the table names the ops, the trace loads."""
+    import gzip
+
+    out = tmp_path / "run"
+    res = train(["--config", "configs/train/easyvqa_tiny.yaml", "--output_dir", str(out), "stages.0.max_steps=4",
+                 "data.limit=16", "per_device_batch_size=4", "model=configs/model/tiny.yaml", "profile_steps=[1,3]"],
+                timeout=140)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (out / "profile_stage0.txt").read_text()
+    assert table.startswith("# torch.profiler over optimizer steps 2..3 (2 steps)")
+    assert "## by host time (self)" in table and "aten::mm" in table  # the LLM's and the projector's matmuls
+    trace = json.loads(gzip.decompress((out / "profile_stage0.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert f"[train] profile of 2 steps: {out / 'profile_stage0.txt'}" in res.stdout
+
+
+def test_profile_steps_are_checked():
+    with pytest.raises(ConfigError, match=r"profile_steps must be \[first, last\] with 0 <= first < last, got \[3, 1\]"):
+        load_train_config(None, ["profile_steps=[3,1]"])

@@ -295,6 +295,16 @@ class TrainConfig(Strict):
     loss_window: int | None = Field(None, gt=0)
     # loosen / tighten recursive-compression stages by the LM loss (ParachuteSpec); off by default
     parachute: ParachuteSpec = Field(default_factory=ParachuteSpec)
+    # [first, last]: profile optimizer steps first+1..last of every stage with torch.profiler (CPU and CUDA)
+    # and write <output_dir>/profile_stage<i>.txt (ops by device time, then by host time) and
+    # profile_stage<i>.json.gz (a Chrome / Perfetto trace); None: no profiler
+    profile_steps: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check_profile_steps(self) -> "TrainConfig":
+        if self.profile_steps is not None and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
+            raise ValueError(f"profile_steps must be [first, last] with 0 <= first < last, got {list(self.profile_steps)}")
+        return self
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

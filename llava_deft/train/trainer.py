@@ -51,6 +51,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
 
 import argparse  # noqa: E402
+import gzip  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -322,6 +323,8 @@ def run_stage(
     t0, seen, run_loss, run_n = time.perf_counter(), 0, 0.0, 0
     llm_tokens = torch.zeros(2, dtype=torch.long, device=engine.device)  # real, padded; read when logged
     step_lm_loss, step_n = 0.0, 0  # the parachute's LM loss of the current optimizer step
+    profiler = StepProfiler(cfg.profile_steps, Path(cfg.output_dir) / f"profile_stage{i}", engine.device, rank)
+    profiler.at(step)
     engine.train()
     while step < total:
         epoch, done_micro = divmod(step * accum, max(1, micro_per_epoch))
@@ -349,6 +352,7 @@ def run_stage(
                 continue
             step += 1
             bar.update(1)
+            profiler.at(step)
             if parachute is not None:  # one host read per step (the parachute is off by default)
                 mean = step_lm_loss / max(1, step_n)
                 if world > 1:  # every rank takes the same decision
@@ -383,6 +387,7 @@ def run_stage(
             if step >= total:
                 break
     bar.close()
+    profiler.close(step)
     retention.apply(total)  # the targets: what the exported model runs with
     if parachute is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -394,6 +399,63 @@ def run_stage(
         print(f"[train] stage {i} ({stage.name}) exported to {export_dir}")
     dist.barrier()
     return export_dir
+
+
+class StepProfiler:
+    """``profile_steps: [first, last]``: torch.profiler over optimizer steps ``first+1 .. last`` of a stage.
+
+    :meth:`at` is called with the number of optimizer steps done; the profiler starts when it is ``first``
+    and stops at ``last`` (or at :meth:`close`, a stage shorter than ``last``), then rank 0 writes
+    ``<stem>.txt`` (the ops by device time, then by host time, averaged per profiled step) and
+    ``<stem>.json.gz`` (the trace for chrome://tracing or Perfetto). Host-side checks only: no device read.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, stem: Path, device: torch.device, rank: int):
+        self.steps, self.stem, self.rank = steps, stem, rank
+        self.cuda = device.type == "cuda"
+        self.prof = None
+
+    def at(self, step: int) -> None:
+        if self.steps is None:
+            return
+        first, last = self.steps
+        if step == first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.prof = profile(activities=activities)
+            self.prof.start()
+            self.start_step = step
+        elif step == last and self.prof is not None:
+            self.finish(step)
+
+    def close(self, step: int | None = None) -> None:
+        if self.prof is not None:
+            self.finish(step)
+
+    def finish(self, step: int | None) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.prof.stop()
+        prof, self.prof = self.prof, None
+        if self.rank != 0:
+            return
+        n = (step if step is not None else self.steps[1]) - self.start_step
+        averages = prof.key_averages()
+        device_key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        text = [f"# torch.profiler over optimizer steps {self.start_step + 1}..{self.start_step + n} ({n} steps); "
+                f"totals are over all {n} steps", "", f"## by {'device' if self.cuda else 'host'} time (self)", "",
+                averages.table(sort_by=device_key, row_limit=40)]
+        if self.cuda:
+            text += ["", "## by host time (self)", "", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        self.stem.with_suffix(".txt").write_text("\n".join(text) + "\n")
+        raw = self.stem.with_suffix(".json")
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        print(f"[train] profile of {n} steps: {self.stem.with_suffix('.txt')}, {raw}.gz")
 
 
 PROJECTOR_MODULES = ("projector", "audio_projector", "pipeline")
