@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a model trained without reduction (e.g. the demo's runs/easyvqa_tiny/final)")
     p.add_argument("--task", default="easyvqa", help="a built-in task (easyvqa or a generated one)")
     p.add_argument("--test", default=None, help="or a LLaVA-JSON test file")
-    p.add_argument("--limit", type=int, default=None, help="first N test questions")
+    p.add_argument("--limit", type=int, default=None, help="first N test questions (after --skip)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N test questions (report on a part not used to choose settings)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6])
     p.add_argument("--reducers", nargs="*", default=None,
                    help="baselines at the achieved shares (default random pool tome; with --layer: fastv)")
@@ -104,7 +106,7 @@ def _share(args, result: dict, full_tokens: float) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    data = EvalData(task=None if args.test else args.task, test=args.test, limit=args.limit)
+    data = EvalData(task=None if args.test else args.task, test=args.test, limit=args.limit, skip=args.skip)
     common = dict(batch_size=args.batch_size, device=args.device, ttft_batch=0)
     tmp = Path(tempfile.mkdtemp(prefix="clustering_sweep_"))
     base = evaluate_model(args.model, data, pipeline=_pipeline_file(tmp, "none", []), **common)[0]

@@ -518,6 +518,32 @@ def test_missing_task_data_names_the_command_that_writes_it(tmp_path):
         EvalData(test=str(tmp_path / "t.json")).check("test")
 
 
+def test_skip_and_limit_pick_a_held_out_part_of_the_test_split(tmp_path):
+    from PIL import Image
+
+    from llava_deft.evaluation.data import EvalData, load_dataset
+    from llava_deft.evaluation.loop import first
+    from llava_deft.model import LlavaDeftForCausalLM
+
+    items = list(range(10))
+    assert [first(items, 3, 4)[i] for i in range(3)] == [4, 5, 6]
+    assert list(first(items, None, 8)) == [8, 9] and list(first(items, 5, 8)) == [8, 9]
+    assert len(first(items, None, 12)) == 0 and first(items, None) is items
+    records = []
+    for i in range(6):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        records.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": str(i)}]})
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    from llava_deft.config import load_model_config
+
+    model = LlavaDeftForCausalLM(load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"))
+    ds = load_dataset(EvalData(test=str(tmp_path / "t.json"), skip=2, limit=3), model)
+    assert [ds[i]["id"] for i in range(len(ds))] == ["q2", "q3", "q4"]
+    with pytest.raises(ValueError, match="skip"):
+        EvalData(test="t.json", skip=-1)
+
+
 @pytest.mark.slow
 def test_the_readme_command_runs_the_spec_on_a_users_llava_json_pair(tmp_path, monkeypatch, capsys):
     """configs/sweeps/llava_json.yaml on an exported easy-VQA pair, one command (the README's, with a

@@ -34,7 +34,8 @@ BUILTIN_TASKS = (*TASK_NAMES, "easyvqa")
 class EvalData(Strict):
     """The data of an evaluation: ``task`` (a built-in name) or ``train``/``test`` (LLaVA-JSON files,
     media relative to ``image_folder``, by default each file's folder). ``limit``: first N test
-    questions. ``train`` is what a sweep's training runs learn from (with ``task``: the recipe's data)."""
+    questions, after the first ``skip`` (a held-out part of the test split: choose settings on one part,
+    report on another). ``train`` is what a sweep's training runs learn from (with ``task``: the recipe's data)."""
 
     task: str | None = None
     tasks_dir: str = DEFAULT_TASKS_DIR
@@ -42,6 +43,7 @@ class EvalData(Strict):
     test: str | None = None
     image_folder: str | None = None
     limit: int | None = Field(None, gt=0)
+    skip: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalData:
@@ -123,7 +125,7 @@ def task_json(tasks_dir: Path, task: str, split: str) -> Path:
     return path
 
 
-def load_task(model, task: str, tasks_dir: str | Path, split: str, limit: int | None) -> Dataset:
+def load_task(model, task: str, tasks_dir: str | Path, split: str, limit: int | None, skip: int = 0) -> Dataset:
     """The dataset of a built-in ``task``'s ``split``; videos and audio are read the way the model's config says."""
     if task == "easyvqa":
         ds: Dataset = EasyVQADataset(split)
@@ -131,7 +133,7 @@ def load_task(model, task: str, tasks_dir: str | Path, split: str, limit: int | 
         tasks_dir = Path(tasks_dir)
         ds = TaskSplit(task, LlavaJsonDataset(task_json(tasks_dir, task, split), tasks_dir / task,
                                               options=model.processors.media))
-    return first(ds, limit)
+    return first(ds, limit, skip)
 
 
 def load_dataset(spec: EvalData, model, split: str = "test") -> Dataset:
@@ -139,8 +141,9 @@ def load_dataset(spec: EvalData, model, split: str = "test") -> Dataset:
     model's config says; each carries its ``question_type``."""
     spec.check(split)
     if spec.task is not None:
-        return load_task(model, spec.task, spec.tasks_dir, split, spec.limit if split == "test" else None)
+        test = split == "test"
+        return load_task(model, spec.task, spec.tasks_dir, split, spec.limit if test else None, spec.skip if test else 0)
     path = Path(spec.test if split == "test" else spec.train)
     folder = Path(spec.image_folder) if spec.image_folder is not None else None
     ds = TaskSplit(spec.label, LlavaJsonDataset(path, folder, options=model.processors.media))
-    return first(ds, spec.limit if split == "test" else None)
+    return first(ds, spec.limit if split == "test" else None, spec.skip if split == "test" else 0)

@@ -151,9 +151,12 @@ def time_to_first_token(model, dataset: Dataset, batch_size: int, device, repeat
     return statistics.median(times)
 
 
-def first(dataset: Dataset, limit: int | None) -> Dataset:
-    """The first ``limit`` items (all with None)."""
-    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+def first(dataset: Dataset, limit: int | None, skip: int = 0) -> Dataset:
+    """The first ``limit`` items (all with None) after the first ``skip``."""
+    if not limit and not skip:
+        return dataset
+    stop = len(dataset) if not limit else min(skip + limit, len(dataset))
+    return Subset(dataset, range(min(skip, stop), stop))
 
 
 Sample = dict[str, Any]

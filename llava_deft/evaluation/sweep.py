@@ -520,7 +520,8 @@ def pending_items(items: list[EvalItem], runs: dict[str, Run], rows: list[dict],
         sha = checkpoint_sha(runs[it.run].dir)  # None when the checkpoint is not here: trust the row
         rs = [index.get((it.protocol, it.reducer, round(it.ratio, 9), m, it.seed)) for m in it.modes]
         return all(
-            r is not None and r.get("limit") == spec.data.limit and r.get("steps") == spec.training.steps_for(it.protocol)
+            r is not None and r.get("limit") == spec.data.limit and r.get("skip", 0) == spec.data.skip
+            and r.get("steps") == spec.training.steps_for(it.protocol)
             and r.get("overrides", []) == spec.training.overrides_for(it.protocol)
             and _same_config(r.get("pipeline_config", {}), it.pipeline)
             and (sha is None or r.get("checkpoint_sha") == sha)
@@ -741,6 +742,7 @@ class Evaluator:
                 "ids_digest": res["ids_digest"], "seconds": seconds, "ttft_ms": ttft, "ttft_batch": ev.ttft_batch or None,
                 "ttft_concurrent_trainings": sharing if ttft is not None else None,
                 "questions": res["counts"].get("all", 0), "data": spec.data.label, "limit": spec.data.limit,
+                "skip": spec.data.skip,
                 "steps": spec.training.steps_for(it.protocol), "overrides": spec.training.overrides_for(it.protocol),
                 "pipeline": model.pipeline.names, "pipeline_config": it.pipeline,
                 "checkpoint": str(ckpt), "checkpoint_sha": sha,
