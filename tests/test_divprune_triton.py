@@ -1,4 +1,5 @@
-"""DivPrune's fused greedy loop (a Triton kernel, used on CUDA) picks exactly what the PyTorch loop picks.
+"""DivPrune's fused greedy loop (llava_deft.model.kernels' Triton kernel, used on CUDA) picks exactly what the
+PyTorch loop picks.
 
 The kernel runs here on the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` must be set before
 ``triton.jit`` sees the kernel, so the check runs in a fresh interpreter): random rows with padding,
@@ -7,6 +8,7 @@ row longer than one power of two; then the stage's output through ``backend`` bo
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -20,7 +22,11 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import torch
-from pipeline.stages.divprune import max_min_select
+from llava_deft.model.kernels import register_kernels
+from pipeline.stages.divprune import GREEDY_KERNELS, max_min_select
+
+register_kernels()
+assert "triton" in GREEDY_KERNELS
 
 def case(b, n, s, seed, dup=False):
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +74,7 @@ def test_backend_is_checked():
 
     from pipeline.stages.divprune import max_min_select
 
-    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto', 'torch' or a registered kernel \(.*\), got 'cuda'"):
         max_min_select(torch.randn(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1]), backend="cuda")
 
 
@@ -76,8 +82,10 @@ def test_backend_is_checked():
 def test_auto_backend_on_cuda_uses_the_kernel_and_picks_as_the_loop():
     import torch
 
-    from pipeline.stages.divprune import max_min_select
+    importlib.import_module("llava_deft.model.llava")  # registers the Triton kernel
+    from pipeline.stages.divprune import GREEDY_KERNELS, max_min_select
 
+    assert "triton" in GREEDY_KERNELS
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(8, 576, 64, generator=g).cuda()
     mask = torch.ones(8, 576, dtype=torch.bool, device="cuda")

@@ -51,12 +51,15 @@ from ..modality import MEDIA_INPUTS, MODALITIES
 from .checkpoint import CONFIG_NAME, load_state, read_config_json
 from .graphs import CapturedCall, GraphSlot
 from .hf_llava import is_hf_llava_config, load_hf_llava
+from .kernels import register_kernels
 from .llm import TINY_LLM, DecoderLM, build_llm, generate_from_embeds
 from .llm.decoder import device_ids
 from .processors import Processors, media_options
 from .projector import build_projector
 from .splice import IGNORE_INDEX, splice_media, window_labels
 from .tokenizer import load_model_tokenizer, media_token_ids
+
+register_kernels()  # fused kernels for pipeline/ (DivPrune's greedy loop in Triton) where Triton is installed
 
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"

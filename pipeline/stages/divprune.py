@@ -17,8 +17,9 @@ pick is batched over rows and tokens (a row that has its ``k_b`` stops changing)
 ``(B, N, N)`` distance matrix, computed once. Selection only, no parameters: kept tokens are input
 rows, sorted by original index, and the others go to ``pruned``.
 
-On CUDA (float32 distances, Triton importable) the loop over picks runs inside ONE Triton kernel, a
-program per row holding the row's distances to its picks in registers: each pick is an argmax over
+On CUDA (float32 distances, a kernel in :data:`GREEDY_KERNELS`: ``llava_deft.model.kernels`` registers
+its Triton one, as the model is imported) the loop over picks runs inside ONE kernel, a program per row
+holding the row's distances to its picks in registers: each pick is an argmax over
 the row and a read of one distance row, where the PyTorch loop launches about a dozen kernels per
 pick (278 picks at LLaVA-1.5's 576 tokens and retention 0.482: thousands of launches, the stage's
 whole cost at batch 8). Both give the same picks (the same float32 distances, the first maximum on
@@ -28,15 +29,11 @@ Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_divprune_triton.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-try:  # the fused greedy loop on CUDA (Triton ships with PyTorch's CUDA builds)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs without triton use the PyTorch loop
-    triton = None
 
 from ..batch import TokenBatch
 from ..ops import budget, budget_widths, split_by_mask
@@ -44,40 +41,14 @@ from ..registry import register
 from ..types import Ratio
 
 
-MAX_TRITON_TOKENS = 16384
-"""Rows longer than this use the PyTorch loop (a Triton program keeps a whole row in registers)."""
+GREEDY_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]] = {}
+"""Fused implementations of the greedy loop, by name: ``fn(dist, nearest, mask, keep, picks) -> (B, N) bool``
+(float32 ``dist`` (B, N, N) and ``nearest`` (B, N) as :func:`max_min_select` computes them). This library
+imports only torch; ``llava_deft.model.kernels`` registers ``"triton"`` (one Triton program per row) when
+Triton is installed, and :func:`max_min_select` uses it on CUDA."""
 
-if triton is not None:
-    @triton.jit
-    def _greedy_picks(dist_ptr, nearest_ptr, mask_ptr, keep_ptr, out_ptr, n, picks, BLOCK: tl.constexpr):
-        """Row ``program_id(0)``'s greedy max-min picks (the loop of :func:`max_min_select`), into ``out``."""
-        b = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        inside = offs < n
-        real = tl.load(mask_ptr + b * n + offs, mask=inside, other=0) != 0
-        nearest = tl.load(nearest_ptr + b * n + offs, mask=inside, other=0.0)
-        keep = tl.load(keep_ptr + b)
-        to_selected = tl.full([BLOCK], float("inf"), tl.float32)
-        selected = tl.zeros([BLOCK], dtype=tl.int32)
-        for i in range(0, picks):
-            score = tl.where(i == 0, nearest, to_selected)
-            score = tl.where(real & (selected == 0), score, float("-inf"))
-            pick = tl.argmax(score, axis=0, tie_break_left=True)  # the first maximum, as torch.argmax
-            active = i < keep
-            selected = tl.where((offs == pick) & active, 1, selected)
-            row = tl.load(dist_ptr + (b * n + pick) * n + offs, mask=inside & active, other=float("inf"))
-            to_selected = tl.minimum(to_selected, row)
-        tl.store(out_ptr + b * n + offs, selected.to(tl.int8), mask=inside)
-
-
-def _triton_picks(dist: Tensor, nearest: Tensor, mask: Tensor, keep: Tensor, picks: int) -> Tensor:
-    b, n = mask.shape
-    out = torch.empty((b, n), dtype=torch.int8, device=mask.device)
-    block = triton.next_power_of_2(n)
-    _greedy_picks[(b,)](dist.float().contiguous(), nearest.float().contiguous(), mask.to(torch.int8).contiguous(),
-                        keep.to(torch.int32).contiguous(), out, n, picks, BLOCK=block,
-                        num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
-    return out.bool()
+MAX_FUSED_TOKENS = 16384
+"""Rows longer than this use the PyTorch loop (a fused program keeps a whole row in registers)."""
 
 
 def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor, picks: int | None = None,
@@ -87,14 +58,14 @@ def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor, picks: int | None =
     ``keys (B, N, S)`` (padding ignored, whatever its value), ``mask (B, N)`` bool, ``keep (B,)`` long
     (at most the row's real tokens). ``picks``: how many greedy steps to run, a bound of ``keep`` known
     from shapes (rows with fewer stop picking); None reads ``keep.max()`` (a host synchronisation).
-    ``backend``: ``"auto"`` (the Triton kernel on CUDA for float32 distances and rows of at most
-    :data:`MAX_TRITON_TOKENS`, else the loop), ``"torch"`` or ``"triton"`` (also on the CPU under
-    ``TRITON_INTERPRET=1``).
+    ``backend``: ``"auto"`` (a registered :data:`GREEDY_KERNELS` entry on CUDA for float32 distances and
+    rows of at most :data:`MAX_FUSED_TOKENS`, else the loop), ``"torch"`` (the loop) or a registered
+    kernel's name (e.g. ``"triton"``, also on the CPU under ``TRITON_INTERPRET=1``).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"max_min_select: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise RuntimeError("max_min_select: backend 'triton' asked for, but triton is not installed")
+    if backend not in ("auto", "torch", *GREEDY_KERNELS):
+        raise ValueError(f"max_min_select: backend must be 'auto', 'torch' or a registered kernel "
+                         f"({sorted(GREEDY_KERNELS) or 'none registered; importing llava_deft.model.kernels adds triton'}), "
+                         f"got {backend!r}")
     b, n = mask.shape
     if n == 0:
         return mask.clone()
@@ -112,9 +83,10 @@ def max_min_select(keys: Tensor, mask: Tensor, keep: Tensor, picks: int | None =
     to_selected = torch.full((b, n), float("inf"), dtype=dtype, device=dev)  # distance to the nearest pick
     if picks is None:
         picks = int(keep.max()) if keep.numel() else 0
-    if backend == "triton" or (backend == "auto" and triton is not None and dist.is_cuda
-                               and dist.dtype == torch.float32 and n <= MAX_TRITON_TOKENS):
-        return _triton_picks(dist, nearest, mask, keep, picks) & mask
+    if backend == "auto" and GREEDY_KERNELS and dist.is_cuda and dist.dtype == torch.float32 and n <= MAX_FUSED_TOKENS:
+        backend = next(iter(GREEDY_KERNELS))
+    if backend in GREEDY_KERNELS:
+        return GREEDY_KERNELS[backend](dist.float(), nearest.float(), mask, keep, picks) & mask
     for i in range(picks):  # the greedy picks; rows and tokens batched
         score = nearest if i == 0 else to_selected
         pick = score.masked_fill(~mask | selected, float("-inf")).argmax(1)  # (B,) first maximum on ties
