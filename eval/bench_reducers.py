@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:  # `python eval/bench_reducers.py` from anywhere
 from eval.common import run_metadata, save_figure, write_json  # noqa: E402
 from llava_deft.data import build_collator  # noqa: E402
 from llava_deft.model import LlavaDeftForCausalLM  # noqa: E402
+from llava_deft.provenance import save_gzipped_trace  # noqa: E402
 from pipeline import Pipeline, TokenBatch, build_pipeline, get_stage, list_stages, static_budget  # noqa: E402
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -262,15 +263,7 @@ def profile_ttft(model, batch: dict, pipe, device, calls: int = 3, trace: Path |
             model.generate(**batch, max_new_tokens=1, **gen)
         _sync(device)
     if trace is not None:
-        import gzip
-        import shutil
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(raw))
-            with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        save_gzipped_trace(prof, trace)
     table = prof.key_averages()
     by_host = table.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60)
     if device.type != "cuda":

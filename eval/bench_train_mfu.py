@@ -166,22 +166,19 @@ def markdown(res: dict, meta: dict, command: str) -> str:
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.name or f"train_mfu_{'cpu' if device.type == 'cpu' else 'gpu'}"
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="mfu_") as tmp:
         run_dir = Path(tmp) / "run"
         train(args, overrides, run_dir)
         res = measure(args, overrides, run_dir)
-        profile = run_dir / "profile_stage0.txt"
         if args.profile:
-            out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            stem = args.name or f"train_mfu_{'gpu' if torch.cuda.is_available() else 'cpu'}"
-            shutil.copy(profile, out / f"{stem}_profile.txt")
-            shutil.copy(run_dir / "profile_stage0.json.gz", out / f"{stem}_profile.json.gz")
-            res["profile"] = f"{stem}_profile.txt"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            shutil.copy(run_dir / "profile_stage0.txt", out / f"{name}_profile.txt")
+            shutil.copy(run_dir / "profile_stage0.json.gz", out / f"{name}_profile.json.gz")
+            res["profile"] = f"{name}_profile.txt"
     meta = run_metadata(device)
-    name = args.name or f"train_mfu_{'cpu' if device.type == 'cpu' else 'gpu'}"
-    out = Path(args.out)
     command = "python eval/bench_train_mfu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(out / f"{name}.json", {"meta": meta, "command": command, "config": args.config, "overrides": overrides,
                                       "result": res})

@@ -8,10 +8,13 @@ world size, steps and final loss per stage, and dates. Eval scripts copy that re
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 TRAINING_RECORD = "training.json"
@@ -109,3 +112,16 @@ def describe_training(record: dict | None) -> str | None:
             f"world size {record.get('world_size')}, {steps} steps"
             + (f", final training loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
             + f", finished {record.get('finished')}).")
+
+
+def save_gzipped_trace(prof, path: str | Path) -> Path:
+    """Write a finished ``torch.profiler.profile``'s timeline to ``path`` as gzipped Chrome trace JSON
+    (chrome://tracing, Perfetto); the uncompressed export goes through a temporary folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return path

@@ -292,9 +292,15 @@ CAPTION_PROMPT = "describe the scene."
 """The question of every caption record (``<split>_captions.json``)."""
 
 
+def _cell(obj: SceneObject, size: int) -> tuple[int, int]:
+    """(row, column) of the 3x3 grid cell that ``obj``'s centre falls in."""
+    col, row = (min(int(3 * v / size), 2) for v in obj.center)
+    return row, col
+
+
 def where(obj: SceneObject, size: int) -> str:
     """The cell of a 3x3 grid that ``obj``'s centre falls in: "top left", "top", ..., "center", ..., "bottom right"."""
-    col, row = (min(int(3 * v / size), 2) for v in obj.center)
+    row, col = _cell(obj, size)
     return " ".join(w for w in (_ROWS[row], _COLS[col]) if w) or "center"
 
 
@@ -302,10 +308,8 @@ def scene_caption(spec: SceneSpec) -> str:
     """Every object of ``spec`` as "<size> <colour> <shape> at <where>", in reading order (by the 3x3 row of
     its centre, then left to right), e.g. "small red circle at top left, large blue square at center."
     Dense supervision of what each question type needs (an alignment stage, as LLaVA's captions)."""
-    def key(o: SceneObject) -> tuple[int, float]:
-        return min(int(3 * o.center[1] / spec.size), 2), o.center[0]
-
-    parts = [f"{o.size} {o.color} {o.shape} at {where(o, spec.size)}" for o in sorted(spec.objects, key=key)]
+    order = sorted(spec.objects, key=lambda o: (_cell(o, spec.size)[0], o.center[0]))
+    parts = [f"{o.size} {o.color} {o.shape} at {where(o, spec.size)}" for o in order]
     return ", ".join(parts) + "."
 
 

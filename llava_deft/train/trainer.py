@@ -51,7 +51,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -77,7 +76,7 @@ from ..data.sources import MixedDataset, build_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..model.checkpoint import read_config_json  # noqa: E402
 from ..model.llava import TOKENIZER_DIR, LlavaDeftForCausalLM  # noqa: E402
-from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, training_record, utc_now  # noqa: E402
+from ..provenance import TRAIN_CONFIG, TRAINING_RECORD, save_gzipped_trace, training_record, utc_now  # noqa: E402
 from . import seed_flags  # noqa: E402
 from .lora import add_lora, merged_state_dict, parameter_counts, qlora_problems  # noqa: E402
 
@@ -450,12 +449,8 @@ class StepProfiler:
             text += ["", "## by host time (self)", "", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         self.stem.with_suffix(".txt").write_text("\n".join(text) + "\n")
-        raw = self.stem.with_suffix(".json")
-        prof.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
-        print(f"[train] profile of {n} steps: {self.stem.with_suffix('.txt')}, {raw}.gz")
+        trace = save_gzipped_trace(prof, self.stem.with_suffix(".json.gz"))
+        print(f"[train] profile of {n} steps: {self.stem.with_suffix('.txt')}, {trace}")
 
 
 PROJECTOR_MODULES = ("projector", "audio_projector", "pipeline")
